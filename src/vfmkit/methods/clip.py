@@ -1,0 +1,106 @@
+"""Plain CLIP / SigLIP training on image-text shards: the baseline every other method builds on.
+
+Losses are open_clip's (``ClipLoss`` is exact under ``local_loss`` + ``gather_with_grad``: each rank
+scores its local rows against all gathered columns and DDP averages the gradients, which equals the
+single-process loss on the global batch).
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from vfmkit.config import ConfigError, RunConfig, parse_section
+from vfmkit.engine.distributed import DistInfo
+
+
+@dataclass
+class ClipArgs:
+    loss: str = "clip"  # "clip" or "siglip"
+    caption: str = "random"  # "random": one of the sample's captions each time; "first": the .txt caption
+    max_logit_scale: float = 100.0
+
+
+def make_contrastive_loss(kind: str, cfg: RunConfig, dist_info: DistInfo) -> nn.Module:
+    from open_clip.loss import ClipLoss, SigLipLoss
+
+    if kind == "clip":
+        return ClipLoss(local_loss=cfg.train.local_loss, gather_with_grad=cfg.train.gather_with_grad,
+                        rank=dist_info.rank, world_size=dist_info.world_size)
+    if kind == "siglip":
+        return SigLipLoss(rank=dist_info.rank, world_size=dist_info.world_size)
+    raise ConfigError(f"config key 'method_args.loss': unknown loss {kind!r} (clip, siglip)")
+
+
+def clip_outputs(model: nn.Module, images: torch.Tensor, texts: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Run an open_clip model and return a dict whatever its output style (tuple or dict)."""
+    out = model(images, texts)
+    if isinstance(out, dict):
+        return out
+    keys = ["image_features", "text_features", "logit_scale", "logit_bias"]
+    return dict(zip(keys, out, strict=False))
+
+
+def make_clip_loss_fn(loss: nn.Module) -> Callable:
+    def loss_fn(model: nn.Module, batch: dict, step: int):
+        o = clip_outputs(model, batch["image"], batch["text"])
+        kw = {"logit_bias": o["logit_bias"]} if o.get("logit_bias") is not None else {}
+        value = loss(o["image_features"], o["text_features"], o["logit_scale"], **kw)
+        return value, {"logit_scale": float(o["logit_scale"].detach())}
+
+    return loss_fn
+
+
+def clamp_logit_scale(model: nn.Module, max_scale: float = 100.0) -> None:
+    """open_clip clamps the learnt temperature after each step; so do we."""
+    m = getattr(model, "module", model)
+    if hasattr(m, "logit_scale"):
+        with torch.no_grad():
+            m.logit_scale.clamp_(0, math.log(max_scale))
+
+
+def decode_image(raw: dict, ext: tuple[str, ...] = ("jpg", "jpeg", "png", "webp")) -> Any:
+    from PIL import Image
+
+    for e in ext:
+        if e in raw:
+            img = Image.open(io.BytesIO(raw[e]))
+            img.load()
+            return img.convert("RGB")
+    raise KeyError(f"no image member ({'/'.join(ext)})")
+
+
+def pick_caption(raw: dict, mode: str) -> str:
+    import json
+
+    if mode == "random" and "json" in raw:
+        caps = json.loads(raw["json"]).get("captions") or []
+        if caps:
+            return caps[int(torch.randint(len(caps), (1,)))]
+    if "txt" not in raw:
+        raise KeyError("txt (missing caption)")
+    txt = raw["txt"].decode("utf-8") if isinstance(raw["txt"], bytes) else raw["txt"]
+    if not txt.strip():
+        raise ValueError("empty caption")
+    return txt
+
+
+def make_clip_decoder(transform: Callable, tokenizer: Callable, caption: str = "random") -> Callable:
+    """raw webdataset sample -> {"image": [3,H,W], "text": [L]}; raises on a corrupt image or no caption."""
+
+    def decode(raw: dict) -> dict:
+        img = decode_image(raw)
+        text = pick_caption(raw, caption)
+        return {"image": transform(img), "text": tokenizer([text])[0]}
+
+    return decode
+
+
+def parse_args(cfg: RunConfig) -> ClipArgs:
+    return parse_section(ClipArgs, cfg.method_args, "method_args")
