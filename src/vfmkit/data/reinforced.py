@@ -1,0 +1,540 @@
+"""Reinforced record schemas and storage (MobileCLIP's DataCompDR and ImageNet+-style classification).
+
+Multi-modal sample (DataCompDR layout, one webdataset key per sample):
+- ``paug.json``: ``{"param_aug": [entry per augmentation]}`` (see :mod:`vfmkit.data.augment`);
+- ``syn.json``: ``{"syn_text": [n_syn strings]}``;
+- ``npz`` (float32) or ``pth.gz`` (gzip of a torch dict, bf16): ``image_emb`` ``[n_aug, sum D_k]`` and ``text_emb``
+  ``[1 + n_syn, sum D_k]`` (row 0 the real caption); teacher k's embedding is L2-normalised and occupies its own
+  column slice;
+- ``json``: ``{"uid", "sha256"}`` of the source image bytes; optionally ``jpg`` / ``txt``.
+
+Classification sample: ``paug.json``, ``topk.npz`` (``values`` float16 ``[n_aug, k]``, ``indices`` ``[n_aug, k]``)
+and ``json`` (``uid``, ``sha256``, ``label``); optionally ``jpg``.
+
+Public DataCompDR has no images: :class:`ImageIndex` joins reinforced samples with image shards by uid and checks
+the sha256 of the bytes, reporting (not training on) a mismatch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gzip
+import hashlib
+import io
+import json
+import logging
+import os
+import tarfile
+import tempfile
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from .augment import AugParams, AugRecipe, make_rng, params_to_json, paug_from_json, paug_to_json
+
+log = logging.getLogger(__name__)
+
+FORMAT = "vfmkit-reinforced"
+FORMAT_VERSION = 1
+_STORAGE_DTYPE = {"npz": "float32", "pth.gz": "bfloat16"}
+_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+_CAPTION_BYTES_ESTIMATE = 64  # mean UTF-8 length of a synthetic caption plus JSON quoting (an estimate)
+
+
+class ImageMismatchError(ValueError):
+    """The image bytes found for a uid do not match the sha256 stored in the reinforced record."""
+
+
+# ----------------------------------------------------------------------------------------------- metadata
+@dataclass(frozen=True)
+class TeacherSpec:
+    """One teacher of the ensemble: ``dim`` columns in the concatenated embedding, its own logit scale."""
+
+    name: str
+    dim: int
+    logit_scale: float = 100.0
+    pretrained: str | None = None
+
+
+@dataclass(frozen=True)
+class ReinforcedMeta:
+    """What a reinforced set holds; written next to the shards as ``reinforced.json``.
+
+    ``kind`` is ``"multimodal"`` (embeddings) or ``"classification"`` (top-k probabilities over ``num_classes``).
+    """
+
+    kind: str
+    recipe: AugRecipe
+    n_aug: int
+    teachers: tuple[TeacherSpec, ...] = ()
+    n_syn: int = 0
+    storage: str = "npz"
+    num_classes: int | None = None
+    topk: int | None = None
+    format_version: int = FORMAT_VERSION
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("multimodal", "classification"):
+            raise ValueError(f"kind must be 'multimodal' or 'classification', got {self.kind!r}")
+        if self.storage not in _STORAGE_DTYPE:
+            raise ValueError(f"storage must be one of {sorted(_STORAGE_DTYPE)}, got {self.storage!r}")
+        if self.n_aug < 1:
+            raise ValueError(f"n_aug must be >= 1, got {self.n_aug}")
+        if self.kind == "multimodal" and not self.teachers:
+            raise ValueError("a multimodal reinforced set needs at least one teacher")
+        if self.kind == "classification" and (not self.num_classes or not self.topk):
+            raise ValueError("a classification reinforced set needs num_classes and topk")
+
+    @property
+    def dtype(self) -> str:
+        """Storage dtype of the embeddings: float32 for npz, bfloat16 for pth.gz."""
+        return _STORAGE_DTYPE[self.storage]
+
+    @property
+    def emb_dim(self) -> int:
+        """sum_k D_k: width of the concatenated teacher embeddings."""
+        return sum(t.dim for t in self.teachers)
+
+    def teacher_slices(self) -> list[slice]:
+        """Column slice of each teacher inside the concatenated embedding."""
+        out, start = [], 0
+        for t in self.teachers:
+            out.append(slice(start, start + t.dim))
+            start += t.dim
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["recipe"] = self.recipe.to_dict()
+        d["teachers"] = [dataclasses.asdict(t) for t in self.teachers]
+        return {"format": f"{FORMAT}/{self.format_version}", **d}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ReinforcedMeta:
+        d = dict(d)
+        fmt = d.pop("format", None)
+        if fmt != f"{FORMAT}/{FORMAT_VERSION}":
+            raise ValueError(f"unsupported reinforced metadata format {fmt!r} (expected {FORMAT}/{FORMAT_VERSION})")
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"unknown reinforced metadata keys: {unknown}")
+        d["recipe"] = AugRecipe.from_dict(d["recipe"])
+        d["teachers"] = tuple(TeacherSpec(**t) for t in d.get("teachers", ()))
+        return cls(**d)
+
+
+def _atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """tmp file in the same folder + fsync + os.replace (private helper: shards.py's is not in the tree yet)."""
+    path = os.fspath(path)
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix=".tmp-", suffix=".part")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def write_metadata(path: str | os.PathLike, meta: ReinforcedMeta) -> None:
+    """Write ``meta`` as JSON atomically."""
+    _atomic_write_bytes(path, json.dumps(meta.to_dict(), indent=1, sort_keys=True).encode())
+
+
+def read_metadata(path: str | os.PathLike) -> ReinforcedMeta:
+    """Read and validate metadata written by :func:`write_metadata`; errors name the file."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return ReinforcedMeta.from_dict(json.load(f))
+    except (ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{os.fspath(path)}: bad reinforced metadata: {e}") from e
+
+
+def _mean_param_json_bytes(recipe: AugRecipe, n: int = 32) -> float:
+    """Mean compact-JSON size of one augmentation entry, measured on ``n`` real draws for a 256 px source."""
+    from .augment import ReplayableAugment
+
+    aug = ReplayableAugment(recipe)
+    sizes = [len(json.dumps(params_to_json(aug.sample_for(0, "estimate", k, (256, 256), partner=1, partner_size=(
+        256, 256)), recipe), separators=(",", ":"))) + 1 for k in range(n)]
+    return sum(sizes) / n
+
+
+def storage_breakdown(meta: ReinforcedMeta) -> dict[str, int]:
+    """Bytes per sample by part (``embeddings``/``topk``, ``params``, ``captions``) and ``total``.
+
+    Embeddings are exact (raw array bytes, before the container's small header); params and captions are
+    estimates (measured mean JSON size; ~64 B per caption).
+    """
+    params = int(round(meta.n_aug * _mean_param_json_bytes(meta.recipe)))
+    if meta.kind == "multimodal":
+        parts = {"embeddings": (meta.n_aug + 1 + meta.n_syn) * meta.emb_dim * _BYTES[meta.dtype],
+                 "params": params, "captions": meta.n_syn * _CAPTION_BYTES_ESTIMATE}
+    else:
+        idx_bytes = 2 if (meta.num_classes or 0) <= np.iinfo(np.int16).max else 4
+        parts = {"topk": meta.n_aug * int(meta.topk or 0) * (2 + idx_bytes), "params": params}
+    parts["total"] = sum(parts.values())
+    return parts
+
+
+def storage_bytes_per_sample(meta: ReinforcedMeta) -> int:
+    """Total estimated bytes per sample (what a generator prints up front)."""
+    return storage_breakdown(meta)["total"]
+
+
+# ------------------------------------------------------------------------------------------ embeddings blob
+def encode_embeddings(image_emb: torch.Tensor, text_emb: torch.Tensor, storage: str = "npz") -> bytes:
+    """``npz`` (float32) or ``pth.gz`` (bf16 torch dict, gzip) bytes for ``[n_aug, D]`` and ``[1 + n_syn, D]``."""
+    if storage == "npz":
+        buf = io.BytesIO()
+        np.savez(buf, image_emb=image_emb.detach().float().cpu().numpy(),
+                 text_emb=text_emb.detach().float().cpu().numpy())
+        return buf.getvalue()
+    if storage == "pth.gz":
+        buf = io.BytesIO()
+        torch.save({"image_emb": image_emb.detach().cpu().to(torch.bfloat16).contiguous(),
+                    "text_emb": text_emb.detach().cpu().to(torch.bfloat16).contiguous()}, buf)
+        return gzip.compress(buf.getvalue(), compresslevel=6)
+    raise ValueError(f"unknown embedding storage {storage!r}")
+
+
+def decode_embeddings(data: bytes, storage: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inverse of :func:`encode_embeddings`; returns float32 tensors. Never unpickles (weights_only / no pickle)."""
+    if storage == "npz":
+        with np.load(io.BytesIO(data), allow_pickle=False) as z:
+            return torch.from_numpy(z["image_emb"].astype(np.float32)), torch.from_numpy(
+                z["text_emb"].astype(np.float32))
+    if storage == "pth.gz":
+        d = torch.load(io.BytesIO(gzip.decompress(data)), map_location="cpu", weights_only=True)
+        return d["image_emb"].float(), d["text_emb"].float()
+    raise ValueError(f"unknown embedding storage {storage!r}")
+
+
+def _json_bytes(obj: Any) -> bytes:
+    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def _json_field(raw: dict[str, Any], ext: str) -> Any:
+    """Parsed JSON of ``raw[ext]`` (bytes, str or already a dict); ``KeyError(ext)`` when absent."""
+    v = raw[ext]
+    if isinstance(v, (bytes, bytearray)):
+        return json.loads(v.decode("utf-8"))
+    return json.loads(v) if isinstance(v, str) else v
+
+
+def sha256_hex(data: bytes) -> str:
+    """Hex sha256 of ``data`` (what ``json.sha256`` stores)."""
+    return hashlib.sha256(data).hexdigest()
+
+
+# ------------------------------------------------------------------------------------- multi-modal record
+@dataclass
+class MultimodalRecord:
+    """One decoded DataCompDR-style sample. ``image_emb`` ``[n_aug, D]``, ``text_emb`` ``[1 + n_syn, D]`` float32."""
+
+    key: str
+    uid: str
+    sha256: str | None
+    params: list[AugParams]
+    syn_text: list[str]
+    image_emb: torch.Tensor
+    text_emb: torch.Tensor
+    jpg: bytes | None = None
+    caption: str | None = None
+
+
+def _check_mm_shapes(meta: ReinforcedMeta, n_params: int, n_syn: int, image_emb: torch.Tensor,
+                     text_emb: torch.Tensor, where: str) -> None:
+    want_i, want_t = (meta.n_aug, meta.emb_dim), (1 + meta.n_syn, meta.emb_dim)
+    if tuple(image_emb.shape) != want_i or tuple(text_emb.shape) != want_t:
+        raise ValueError(f"{where}: embeddings {tuple(image_emb.shape)}/{tuple(text_emb.shape)}, "
+                         f"metadata says image {want_i} and text {want_t}")
+    if n_params != meta.n_aug or n_syn != meta.n_syn:
+        raise ValueError(f"{where}: {n_params} augmentations / {n_syn} captions, metadata says "
+                         f"{meta.n_aug} / {meta.n_syn}")
+
+
+def encode_multimodal(key: str, uid: str, params: Sequence[AugParams], syn_text: Sequence[str],
+                      image_emb: torch.Tensor, text_emb: torch.Tensor, meta: ReinforcedMeta, *,
+                      sha256: str | None = None, jpg: bytes | None = None,
+                      caption: str | None = None) -> dict[str, Any]:
+    """A webdataset sample dict (all values bytes, plus ``__key__``) in DataCompDR's layout.
+
+    ``jpg`` is stored only when given; its sha256 is computed when ``sha256`` is not given.
+    """
+    _check_mm_shapes(meta, len(params), len(syn_text), image_emb, text_emb, f"sample {key!r}")
+    if jpg is not None and sha256 is None:
+        sha256 = sha256_hex(jpg)
+    sample: dict[str, Any] = {
+        "__key__": key,
+        "paug.json": _json_bytes(paug_to_json(params, meta.recipe)),
+        "syn.json": _json_bytes({"syn_text": list(syn_text)}),
+        meta.storage: encode_embeddings(image_emb, text_emb, meta.storage),
+        "json": _json_bytes({"uid": uid, "sha256": sha256}),
+    }
+    if jpg is not None:
+        sample["jpg"] = jpg
+    if caption is not None:
+        sample["txt"] = caption.encode("utf-8")
+    return sample
+
+
+def decode_multimodal(raw: dict[str, Any], meta: ReinforcedMeta) -> MultimodalRecord:
+    """Decode one raw webdataset sample. A missing part raises ``KeyError(ext)``, a malformed one ``ValueError``
+    naming the sample, so the loader can report it and skip."""
+    key = str(raw.get("__key__", "?"))
+    info = _json_field(raw, "json")
+    storage = "npz" if "npz" in raw else "pth.gz" if "pth.gz" in raw else None
+    if storage is None:
+        raise KeyError(meta.storage)
+    try:
+        params = paug_from_json(_json_field(raw, "paug.json"), meta.recipe)
+        syn = list(_json_field(raw, "syn.json")["syn_text"])
+        image_emb, text_emb = decode_embeddings(raw[storage], storage)
+    except (ValueError, OSError, RuntimeError) as e:
+        raise ValueError(f"sample {key!r} (uid {info.get('uid')!r}): {e}") from e
+    _check_mm_shapes(meta, len(params), len(syn), image_emb, text_emb, f"sample {key!r}")
+    txt = raw.get("txt")
+    return MultimodalRecord(key, str(info["uid"]), info.get("sha256"), params, syn, image_emb, text_emb,
+                            raw.get("jpg"), txt.decode("utf-8") if isinstance(txt, bytes) else txt)
+
+
+# ----------------------------------------------------------------------------------- classification record
+def topk_encode(probs: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k of teacher probabilities ``[..., C]`` -> (values ``[..., k]`` float32, indices ``[..., k]`` int64),
+    sorted by decreasing value."""
+    values, indices = torch.topk(probs.float(), k, dim=-1)
+    return values, indices
+
+
+def densify(values: torch.Tensor, indices: torch.Tensor, num_classes: int, mode: str = "smooth") -> torch.Tensor:
+    """Top-k ``[..., k]`` -> a dense distribution ``[..., num_classes]`` that sums to 1.
+
+    ``smooth``: the mass the top-k miss (1 - sum) is spread evenly over the other ``C - k`` classes (ImageNet+).
+    ``zeros``: the other classes get 0 and the top-k values are renormalised to sum to 1.
+    """
+    v = values.float().clamp_min(0.0)
+    k = v.shape[-1]
+    if mode == "smooth":
+        if k >= num_classes:
+            return torch.zeros(*v.shape[:-1], num_classes).scatter(-1, indices.long(), v / v.sum(-1, keepdim=True))
+        rest = (1.0 - v.sum(-1, keepdim=True)).clamp_min(0.0) / (num_classes - k)
+        dense = rest.expand(*v.shape[:-1], num_classes).clone()
+        dense = dense.scatter(-1, indices.long(), v)
+        return dense / dense.sum(-1, keepdim=True)  # guards float16 rounding of stored values
+    if mode == "zeros":
+        dense = torch.zeros(*v.shape[:-1], num_classes).scatter(-1, indices.long(), v)
+        return dense / dense.sum(-1, keepdim=True).clamp_min(1e-12)
+    raise ValueError(f"densify mode must be 'smooth' or 'zeros', got {mode!r}")
+
+
+@dataclass
+class ClassificationRecord:
+    """One ImageNet+-style sample: ``values``/``indices`` ``[n_aug, k]`` (float32 / int64)."""
+
+    key: str
+    uid: str
+    sha256: str | None
+    label: int
+    params: list[AugParams]
+    values: torch.Tensor
+    indices: torch.Tensor
+    jpg: bytes | None = None
+
+
+def encode_classification(key: str, uid: str, label: int, params: Sequence[AugParams], values: torch.Tensor,
+                          indices: torch.Tensor, meta: ReinforcedMeta, *, sha256: str | None = None,
+                          jpg: bytes | None = None) -> dict[str, Any]:
+    """A webdataset sample dict: ``paug.json``, ``topk.npz`` (float16 values, int16/int32 indices), ``json``."""
+    want = (meta.n_aug, meta.topk)
+    if tuple(values.shape) != want or tuple(indices.shape) != want or len(params) != meta.n_aug:
+        raise ValueError(f"sample {key!r}: top-k {tuple(values.shape)}, {len(params)} params; metadata says {want}")
+    if jpg is not None and sha256 is None:
+        sha256 = sha256_hex(jpg)
+    idx_dtype = np.int16 if (meta.num_classes or 0) <= np.iinfo(np.int16).max else np.int32
+    buf = io.BytesIO()
+    np.savez(buf, values=values.float().numpy().astype(np.float16), indices=indices.numpy().astype(idx_dtype))
+    sample: dict[str, Any] = {
+        "__key__": key,
+        "paug.json": _json_bytes(paug_to_json(params, meta.recipe)),
+        "topk.npz": buf.getvalue(),
+        "json": _json_bytes({"uid": uid, "sha256": sha256, "label": int(label)}),
+    }
+    if jpg is not None:
+        sample["jpg"] = jpg
+    return sample
+
+
+def decode_classification(raw: dict[str, Any], meta: ReinforcedMeta) -> ClassificationRecord:
+    """Inverse of :func:`encode_classification` (errors name the sample)."""
+    key = str(raw.get("__key__", "?"))
+    info = _json_field(raw, "json")
+    try:
+        params = paug_from_json(_json_field(raw, "paug.json"), meta.recipe)
+        with np.load(io.BytesIO(raw["topk.npz"]), allow_pickle=False) as z:
+            values = torch.from_numpy(z["values"].astype(np.float32))
+            indices = torch.from_numpy(z["indices"].astype(np.int64))
+    except (ValueError, OSError) as e:
+        raise ValueError(f"sample {key!r} (uid {info.get('uid')!r}): {e}") from e
+    if tuple(values.shape) != (meta.n_aug, meta.topk) or len(params) != meta.n_aug:
+        raise ValueError(f"sample {key!r}: top-k {tuple(values.shape)}, metadata says ({meta.n_aug}, {meta.topk})")
+    return ClassificationRecord(key, str(info["uid"]), info.get("sha256"), int(info["label"]), params, values,
+                                indices, raw.get("jpg"))
+
+
+def sample_params(meta: ReinforcedMeta, seed: int, uid: str, image_size: tuple[int, int]) -> list[AugParams]:
+    """The ``n_aug`` deterministic augmentation draws of one sample (no mixing partner)."""
+    from .augment import ReplayableAugment
+
+    aug = ReplayableAugment(meta.recipe)
+    return [aug.sample(make_rng(seed, uid, a), image_size) for a in range(meta.n_aug)]
+
+
+# ------------------------------------------------------------------------------------------- join by uid
+def _split_name(name: str) -> tuple[str, str]:
+    """webdataset's convention: key = path up to the first '.' of the basename, ext = the rest."""
+    d, base = os.path.split(name)
+    stem, _, ext = base.partition(".")
+    return (f"{d}/{stem}" if d else stem), ext
+
+
+def _expand(urls: str | os.PathLike | Sequence[str | os.PathLike]) -> list[str]:
+    """A tar, a directory of ``*.tar`` (sorted) or a list of tars (a private stand-in for ``list_shards``)."""
+    if isinstance(urls, (str, os.PathLike)):
+        p = os.fspath(urls)
+        if os.path.isdir(p):
+            return [os.path.join(p, n) for n in sorted(os.listdir(p)) if n.endswith(".tar")]
+        return [p]
+    return [os.fspath(u) for u in urls]
+
+
+def iter_tar_samples(url: str) -> Iterator[dict[str, Any]]:
+    """Raw webdataset samples (``{"__key__", "__url__", ext: bytes}``) of one local tar, in order."""
+    cur: dict[str, Any] | None = None
+    with tarfile.open(url, "r") as tf:
+        for m in tf:
+            if not m.isfile():
+                continue
+            key, ext = _split_name(m.name)
+            if cur is not None and cur["__key__"] != key:
+                yield cur
+                cur = None
+            if cur is None:
+                cur = {"__key__": key, "__url__": url}
+            f = tf.extractfile(m)
+            cur[ext] = f.read() if f is not None else b""
+    if cur is not None:
+        yield cur
+
+
+@dataclass
+class JoinReport:
+    """Outcome of a join: counts plus the uids that were left out and why."""
+
+    joined: int = 0
+    missing: list[str] = field(default_factory=list)
+    mismatched: list[str] = field(default_factory=list)
+
+    @property
+    def n_mismatch(self) -> int:
+        return len(self.mismatched)
+
+    @property
+    def n_missing(self) -> int:
+        return len(self.missing)
+
+
+class ImageIndex:
+    """uid -> (tar, byte offset, size) of the image member in image shards (img2dataset / vfmkit layout, whose
+    ``json`` carries ``uid``). Only offsets are kept in memory; bytes are read on demand."""
+
+    def __init__(self, urls: str | os.PathLike | Sequence[str | os.PathLike], image_ext: str = "jpg",
+                 uid_field: str = "uid") -> None:
+        self.image_ext, self.uid_field = image_ext, uid_field
+        self._loc: dict[str, tuple[str, int, int]] = {}
+        for url in _expand(urls):
+            self._scan(url)
+
+    def _scan(self, url: str) -> None:
+        pending: dict[str, dict[str, Any]] = {}
+        with tarfile.open(url, "r") as tf:
+            for m in tf:
+                if not m.isfile():
+                    continue
+                key, ext = _split_name(m.name)
+                entry = pending.setdefault(key, {})
+                if ext == self.image_ext:
+                    entry["loc"] = (url, m.offset_data, m.size)
+                elif ext == "json":
+                    f = tf.extractfile(m)
+                    entry["uid"] = json.loads(f.read() if f is not None else b"{}").get(self.uid_field)
+                if "loc" in entry and "uid" in entry:
+                    if entry["uid"] is not None:
+                        self._loc[str(entry["uid"])] = entry["loc"]
+                    del pending[key]
+
+    def __len__(self) -> int:
+        return len(self._loc)
+
+    def __contains__(self, uid: object) -> bool:
+        return str(uid) in self._loc
+
+    def read(self, uid: str) -> bytes | None:
+        """The image bytes stored for ``uid``, or None."""
+        loc = self._loc.get(str(uid))
+        if loc is None:
+            return None
+        url, off, size = loc
+        with open(url, "rb") as f:
+            f.seek(off)
+            return f.read(size)
+
+    def attach(self, raw: dict[str, Any]) -> dict[str, Any]:
+        """``raw`` with ``jpg`` filled from the index. Raises ``KeyError`` (no image for the uid) or
+        :class:`ImageMismatchError` (sha256 differs), both naming the uid: a loader skips and counts them."""
+        info = _json_field(raw, "json")
+        uid = str(info["uid"])
+        data = self.read(uid)
+        if data is None:
+            raise KeyError(f"no image for uid {uid!r}")
+        want = info.get("sha256")
+        if want and sha256_hex(data) != want:
+            raise ImageMismatchError(f"uid {uid!r}: image sha256 {sha256_hex(data)[:12]}... != stored {want[:12]}...")
+        return {**raw, self.image_ext: data}
+
+
+def _uid_of(raw: dict[str, Any]) -> str:
+    """The uid of a raw sample, or its key when its json is absent or unreadable."""
+    try:
+        return str(_json_field(raw, "json")["uid"])
+    except (KeyError, ValueError, TypeError):
+        return f"<key {raw.get('__key__')}>"
+
+
+def join_by_uid(reinforced: str | os.PathLike | Sequence[str | os.PathLike], index: ImageIndex,
+                report: JoinReport | None = None) -> Iterator[dict[str, Any]]:
+    """Yield reinforced raw samples with their image bytes attached; samples whose image is missing or whose
+    sha256 does not match are left out, counted in ``report`` and logged by uid."""
+    report = report if report is not None else JoinReport()
+    for url in _expand(reinforced):
+        for raw in iter_tar_samples(url):
+            try:
+                out = index.attach(raw)
+            except ImageMismatchError as e:
+                report.mismatched.append(_uid_of(raw))
+                log.warning("skipping %s/%s: %s", url, raw["__key__"], e)
+                continue
+            except KeyError as e:
+                report.missing.append(_uid_of(raw))
+                log.warning("skipping %s/%s: %s", url, raw["__key__"], e)
+                continue
+            report.joined += 1
+            yield out
