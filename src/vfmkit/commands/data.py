@@ -1,0 +1,103 @@
+"""``vfmkit data``: import image folders/tars into shards, and inspect shard directories.
+
+    vfmkit data import --captions captions.csv --images images.tar --out shards/ [--shard-size N]
+                       [--split-file splits.json --split train] [--resize 112 --quality 85] [--compress]
+    vfmkit data import --class-folders train.tar --out shards/
+    vfmkit data info shards/ [--verify]          (also builtin:flickr8k/train)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add ``data import`` and ``data info`` to the vfmkit CLI."""
+    p = subparsers.add_parser("data", help="import images into shards; show shard info",
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="data_command", required=True)
+    imp = sub.add_parser("import", help="image folder/tar + captions CSV, or class folders -> shards")
+    src = imp.add_mutually_exclusive_group(required=True)
+    src.add_argument("--captions", type=Path, help="CSV with an 'image,caption' header (several rows per image ok)")
+    src.add_argument("--class-folders", type=Path, help="folder or tar laid out as <class>/<image>")
+    imp.add_argument("--images", type=Path, help="image folder or tar (with --captions)")
+    imp.add_argument("--out", type=Path, required=True)
+    imp.add_argument("--shard-size", type=int, default=1000)
+    imp.add_argument("--split-file", type=Path, help="JSON {split: [image names]} restricting the import")
+    imp.add_argument("--split", help="which split of --split-file to import")
+    imp.add_argument("--resize", type=int, default=None, help="downscale the shorter side to this many pixels")
+    imp.add_argument("--quality", type=int, default=85, help="JPEG quality when re-encoding")
+    imp.add_argument("--compress", action="store_true", help="write .tar.gz shards")
+    imp.set_defaults(func=_import)
+    info = sub.add_parser("info", help="print a shard directory's manifest counts")
+    info.add_argument("path", help="shard directory or builtin:NAME")
+    info.add_argument("--verify", action="store_true", help="check every shard's sha256")
+    info.set_defaults(func=_info)
+
+
+def _split_names(args: argparse.Namespace) -> list[str] | None:
+    if (args.split_file is None) != (args.split is None):
+        raise ValueError("--split-file and --split go together")
+    if args.split_file is None:
+        return None
+    splits = json.loads(args.split_file.read_text(encoding="utf-8"))
+    if args.split not in splits:
+        raise ValueError(f"split {args.split!r} not in {str(args.split_file)!r} (has {sorted(splits)})")
+    return list(splits[args.split])
+
+
+def _import(args: argparse.Namespace) -> int:
+    from vfmkit.data.importer import import_captions, import_class_folders
+
+    kw = dict(max_size=args.resize, quality=args.quality, compress=args.compress)
+    try:
+        names = _split_names(args)
+        if args.captions is not None:
+            if args.images is None:
+                raise ValueError("--captions needs --images")
+            m = import_captions(args.images, args.captions, args.out, args.shard_size, names=names, **kw)
+        else:
+            m = import_class_folders(args.class_folders, args.out, args.shard_size, names=names, **kw)
+    except ValueError as e:
+        print(f"vfmkit data import: error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {m['count']} samples in {len(m['shards'])} shards to {args.out}; skipped {m['n_skipped']}")
+    for s in m["skipped"][:20]:
+        print(f"  skipped {s['uid']} (key {s['key']}): {s['reason']}")
+    if m["n_skipped"] > 20:
+        print(f"  ... and {m['n_skipped'] - 20} more (see manifest.json)")
+    return 0
+
+
+def _info(args: argparse.Namespace) -> int:
+    from vfmkit.data.builtin import builtin_path
+    from vfmkit.data.shards import MANIFEST, ShardError, list_shards, read_manifest, verify_shards
+
+    path = builtin_path(args.path[len("builtin:"):]) if args.path.startswith("builtin:") else Path(args.path)
+    if path.is_dir() and not (path / MANIFEST).exists():
+        urls = list_shards(path)  # plain webdataset / img2dataset shards: no counts to show
+        print(f"{path}: {len(urls)} shards without a vfmkit manifest")
+        for u in urls:
+            print(f"  {Path(u).name}")
+        return 0
+    try:
+        m = read_manifest(path)
+    except ShardError as e:
+        print(f"vfmkit data info: error: {e}", file=sys.stderr)
+        return 2
+    print(f"{path}: {m['count']} samples in {len(m['shards'])} shards ({m.get('kind', 'unknown kind')})")
+    for k in ("n_skipped", "n_ignored"):
+        if k in m:
+            print(f"  {k}: {m[k]}")
+    if "classes" in m:
+        print(f"  classes: {len(m['classes'])}")
+    for s in m["shards"]:
+        print(f"  {s['name']}: {s['count']}")
+    if args.verify:
+        bad = verify_shards(path)
+        print("  sha256: all shards match" if not bad else f"  sha256 MISMATCH: {', '.join(bad)}")
+        return 1 if bad else 0
+    return 0
