@@ -1,0 +1,209 @@
+"""Reinforced records: DataCompDR samples written by hand from the public schema, uid join, top-k targets."""
+
+import dataclasses
+import gzip
+import hashlib
+import io
+import json
+import os
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from vfmkit.data.augment import AugRecipe
+from vfmkit.data.reinforced import (
+    ImageIndex,
+    ImageMismatchError,
+    JoinReport,
+    ReinforcedMeta,
+    TeacherSpec,
+    decode_classification,
+    decode_multimodal,
+    densify,
+    encode_classification,
+    encode_multimodal,
+    iter_tar_samples,
+    join_by_uid,
+    read_metadata,
+    sample_params,
+    storage_breakdown,
+    storage_bytes_per_sample,
+    topk_encode,
+    write_metadata,
+)
+
+DATA = Path(__file__).parent / "data"
+JPGS = [DATA / "flickr8k_1000268201_693b08cb0e_160x120.jpg", DATA / "imagenette_n01440764_ILSVRC2012_val_00000293.JPEG"]
+TEACHERS = (TeacherSpec("teacher-a", 4, 100.0), TeacherSpec("teacher-b", 3, 70.0))
+
+
+def _meta(n_aug=2, n_syn=2, storage="npz") -> ReinforcedMeta:
+    return ReinforcedMeta("multimodal", AugRecipe("rrc_ra"), n_aug, TEACHERS, n_syn=n_syn, storage=storage)
+
+
+def _write_tar(path: Path, members: dict[str, bytes]) -> Path:
+    with tarfile.open(path, "w") as tf:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+    return path
+
+
+def _handwritten_datacompdr(uid: str, sha: str, image_emb: np.ndarray, text_emb: np.ndarray, key: str,
+                            storage: str = "npz") -> dict[str, bytes]:
+    """One sample exactly as DataCompDR's public schema describes it (no jpg)."""
+    paug = ('{"param_aug": [[[10, 4, 90, 120], [[5, -9.0], [11, 0.699999988079071]]], '
+            '[[0, 20, 120, 100], [[0, 0.0], null]]]}')
+    if storage == "npz":
+        buf = io.BytesIO()
+        np.savez(buf, image_emb=image_emb, text_emb=text_emb)
+        emb = buf.getvalue()
+    else:
+        buf = io.BytesIO()
+        torch.save({"image_emb": torch.from_numpy(image_emb).bfloat16(),
+                    "text_emb": torch.from_numpy(text_emb).bfloat16()}, buf)
+        emb = gzip.compress(buf.getvalue())
+    return {f"{key}.url.txt": b"http://example.invalid/x.jpg",
+            f"{key}.syn.json": json.dumps({"syn_text": ["a dog on grass", "a brown dog"]}).encode(),
+            f"{key}.paug.json": paug.encode(), f"{key}.{storage}": emb,
+            f"{key}.json": json.dumps({"uid": uid, "sha256": sha}).encode()}
+
+
+def _embs(seed: int) -> tuple[np.ndarray, np.ndarray]:
+    g = np.random.default_rng(seed)
+    # bf16-representable values so the pth.gz variant compares exactly
+    return (g.integers(-8, 8, (2, 7)) / 8).astype(np.float32), (g.integers(-8, 8, (3, 7)) / 8).astype(np.float32)
+
+
+@pytest.mark.parametrize("storage", ["npz", "pth.gz"])
+def test_handwritten_datacompdr_sample_decodes(tmp_path, storage):
+    img, txt = _embs(0)
+    tar = _write_tar(tmp_path / "dr-000.tar", _handwritten_datacompdr("u-1", "ab" * 32, img, txt, "000000001",
+                                                                       storage))
+    (raw,) = list(iter_tar_samples(str(tar)))
+    rec = decode_multimodal(raw, _meta(storage=storage))
+    assert rec.uid == "u-1" and rec.sha256 == "ab" * 32 and rec.jpg is None
+    assert rec.syn_text == ["a dog on grass", "a brown dog"]
+    assert rec.params[0].crop == (10, 4, 90, 120) and rec.params[0].ra == ((5, -9.0), (11, 0.699999988079071))
+    assert rec.params[1].ra == ((0, 0.0), None)
+    assert torch.equal(rec.image_emb, torch.from_numpy(img)) and torch.equal(rec.text_emb, torch.from_numpy(txt))
+    assert rec.image_emb.dtype == torch.float32
+    with pytest.raises(ValueError, match="metadata says"):
+        decode_multimodal(raw, _meta(n_aug=3, storage=storage))
+    with pytest.raises(KeyError):
+        decode_multimodal({k: v for k, v in raw.items() if k != "syn.json"}, _meta(storage=storage))
+
+
+@pytest.mark.parametrize("storage", ["npz", "pth.gz"])
+def test_encode_decode_round_trip(storage):
+    meta = _meta(storage=storage)
+    jpg = JPGS[0].read_bytes()
+    params = sample_params(meta, 0, "u-7", (120, 160))
+    img = torch.nn.functional.normalize(torch.randn(2, 7), dim=-1)
+    txt = torch.nn.functional.normalize(torch.randn(3, 7), dim=-1)
+    raw = encode_multimodal("k7", "u-7", params, ["x", "y"], img, txt, meta, jpg=jpg, caption="a dog")
+    assert set(raw) == {"__key__", "paug.json", "syn.json", storage, "json", "jpg", "txt"}
+    rec = decode_multimodal(raw, meta)
+    assert rec.params == params and rec.caption == "a dog" and rec.jpg == jpg
+    assert rec.sha256 == hashlib.sha256(jpg).hexdigest()
+    atol = 0 if storage == "npz" else 4e-3  # bf16 keeps ~3 significant digits
+    assert torch.allclose(rec.image_emb, img, atol=atol, rtol=0) and torch.allclose(rec.text_emb, txt, atol=atol)
+    with pytest.raises(ValueError, match="metadata says"):
+        encode_multimodal("k", "u", params, ["x"], img, txt, meta)
+
+
+def test_sample_params_are_deterministic_and_vary():
+    meta = _meta(n_aug=5)
+    a, b = sample_params(meta, 0, "u1", (120, 160)), sample_params(meta, 0, "u2", (120, 160))
+    assert a == sample_params(meta, 0, "u1", (120, 160)) and a != b and len({p.crop for p in a}) == 5
+
+
+def test_join_by_uid_reports_sha256_mismatch(tmp_path, caplog):
+    jpgs = [p.read_bytes() for p in JPGS]
+    shas = [hashlib.sha256(b).hexdigest() for b in jpgs]
+    members = {}
+    for n, (b, s) in enumerate(zip(jpgs, shas, strict=True)):
+        members[f"{n:09d}.jpg"] = b
+        members[f"{n:09d}.json"] = json.dumps({"uid": f"img{n}", "sha256": s}).encode()
+    images = _write_tar(tmp_path / "images-000.tar", members)
+    img, txt = _embs(1)
+    dr = {}
+    dr.update(_handwritten_datacompdr("img0", shas[0], img, txt, "000000000"))
+    dr.update(_handwritten_datacompdr("img1", shas[0], img, txt, "000000001"))  # wrong bytes for img1
+    dr.update(_handwritten_datacompdr("img9", shas[1], img, txt, "000000002"))  # no such image
+    reinforced = _write_tar(tmp_path / "dr-000.tar", dr)
+
+    index = ImageIndex([str(images)])
+    assert len(index) == 2 and "img1" in index and index.read("img1") == jpgs[1]
+    report = JoinReport()
+    joined = list(join_by_uid(str(reinforced), index, report))
+    assert [json.loads(r["json"])["uid"] for r in joined] == ["img0"] and joined[0]["jpg"] == jpgs[0]
+    assert report.joined == 1 and report.mismatched == ["img1"] and report.missing == ["img9"]
+    assert "img1" in caplog.text
+    raw1 = next(r for r in iter_tar_samples(str(reinforced)) if r["__key__"] == "000000001")
+    with pytest.raises(ImageMismatchError, match="img1"):
+        index.attach(raw1)
+    assert decode_multimodal(joined[0], _meta()).jpg == jpgs[0]
+
+
+def test_metadata_round_trip_atomic_and_strict(tmp_path):
+    meta = dataclasses.replace(_meta(), extra={"teacher_note": "real"})
+    path = tmp_path / "reinforced.json"
+    write_metadata(path, meta)
+    assert os.listdir(tmp_path) == ["reinforced.json"]  # no temp file left behind
+    back = read_metadata(path)
+    assert back == meta and back.teacher_slices() == [slice(0, 4), slice(4, 7)] and back.emb_dim == 7
+    d = json.loads(path.read_text())
+    path.write_text(json.dumps({**d, "n_augs": 3}))
+    with pytest.raises(ValueError, match="reinforced.json.*n_augs"):
+        read_metadata(path)
+    path.write_text(json.dumps({**d, "format": "vfmkit-reinforced/99"}))
+    with pytest.raises(ValueError, match="unsupported"):
+        read_metadata(path)
+
+
+def test_storage_cost_matches_datacompdr_figures():
+    vitl = (TeacherSpec("ViT-L-14", 768), TeacherSpec("ViT-L-14", 768))
+    m12 = ReinforcedMeta("multimodal", AugRecipe("rrc_ra"), 30, vitl, n_syn=5)
+    m1b = dataclasses.replace(m12, n_aug=10)
+    assert storage_breakdown(m12)["embeddings"] == 216 * 1024  # METHODS: ~216 KiB/sample (12M, float32)
+    assert storage_breakdown(m1b)["embeddings"] == 96 * 1024
+    assert storage_breakdown(dataclasses.replace(m12, storage="pth.gz"))["embeddings"] == 108 * 1024
+    assert storage_bytes_per_sample(m12) > 216 * 1024  # params and captions on top
+    cls = ReinforcedMeta("classification", AugRecipe("rrc_flip_ra_re"), 10, num_classes=1000, topk=10)
+    assert storage_breakdown(cls)["topk"] == 10 * 10 * 4
+
+
+def test_topk_round_trip_and_densify():
+    probs = torch.softmax(torch.randn(6, 20) * 3, dim=-1)
+    values, indices = topk_encode(probs, 5)
+    assert values.shape == (6, 5) and torch.equal(values, probs.gather(-1, indices))
+    assert torch.all(values[:, :-1] >= values[:, 1:])
+    smooth, zeros = densify(values, indices, 20, "smooth"), densify(values, indices, 20, "zeros")
+    for d in (smooth, zeros):
+        assert torch.allclose(d.sum(-1), torch.ones(6))
+        assert torch.equal(d.topk(5).indices.sort().values, indices.sort().values)
+    assert torch.allclose(smooth.gather(-1, indices), values)
+    rest = (1 - values.sum(-1, keepdim=True)) / 15
+    mask = torch.ones(6, 20, dtype=torch.bool).scatter(-1, indices, False)
+    assert torch.allclose(smooth[mask].view(6, 15), rest.expand(6, 15))
+    assert torch.all(zeros[mask] == 0)
+    assert torch.allclose(densify(*topk_encode(probs, 20), 20), probs, atol=1e-6)
+    with pytest.raises(ValueError):
+        densify(values, indices, 20, "uniform")
+
+
+def test_classification_record_round_trip():
+    meta = ReinforcedMeta("classification", AugRecipe("rrc_flip_ra_re"), 3, num_classes=10, topk=4)
+    probs = torch.softmax(torch.randn(3, 10), dim=-1)
+    v, i = topk_encode(probs, 4)
+    params = sample_params(meta, 0, "n01440764_293", (128, 128))
+    raw = encode_classification("k0", "n01440764_293", 0, params, v, i, meta, jpg=JPGS[1].read_bytes())
+    rec = decode_classification(raw, meta)
+    assert rec.label == 0 and rec.params == params and torch.equal(rec.indices, i)
+    assert torch.allclose(rec.values, v, atol=1e-3) and rec.jpg == JPGS[1].read_bytes()
+    assert torch.allclose(densify(rec.values, rec.indices, 10).sum(-1), torch.ones(3))
