@@ -25,7 +25,6 @@ import json
 import logging
 import os
 import tarfile
-import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -33,7 +32,16 @@ from typing import Any
 import numpy as np
 import torch
 
-from .augment import AugParams, AugRecipe, make_rng, params_to_json, paug_from_json, paug_to_json
+from .augment import (
+    AugParams,
+    AugRecipe,
+    ReplayableAugment,
+    make_rng,
+    params_to_json,
+    paug_from_json,
+    paug_to_json,
+)
+from .shards import atomic_write_bytes, list_shards
 
 log = logging.getLogger(__name__)
 
@@ -128,25 +136,9 @@ class ReinforcedMeta:
         return cls(**d)
 
 
-def _atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """tmp file in the same folder + fsync + os.replace (private helper: shards.py's is not in the tree yet)."""
-    path = os.fspath(path)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix=".tmp-", suffix=".part")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def write_metadata(path: str | os.PathLike, meta: ReinforcedMeta) -> None:
     """Write ``meta`` as JSON atomically."""
-    _atomic_write_bytes(path, json.dumps(meta.to_dict(), indent=1, sort_keys=True).encode())
+    atomic_write_bytes(path, json.dumps(meta.to_dict(), indent=1, sort_keys=True).encode())
 
 
 def read_metadata(path: str | os.PathLike) -> ReinforcedMeta:
@@ -160,8 +152,6 @@ def read_metadata(path: str | os.PathLike) -> ReinforcedMeta:
 
 def _mean_param_json_bytes(recipe: AugRecipe, n: int = 32) -> float:
     """Mean compact-JSON size of one augmentation entry, measured on ``n`` real draws for a 256 px source."""
-    from .augment import ReplayableAugment
-
     aug = ReplayableAugment(recipe)
     sizes = [len(json.dumps(params_to_json(aug.sample_for(0, "estimate", k, (256, 256), partner=1, partner_size=(
         256, 256)), recipe), separators=(",", ":"))) + 1 for k in range(n)]
@@ -392,8 +382,6 @@ def decode_classification(raw: dict[str, Any], meta: ReinforcedMeta) -> Classifi
 
 def sample_params(meta: ReinforcedMeta, seed: int, uid: str, image_size: tuple[int, int]) -> list[AugParams]:
     """The ``n_aug`` deterministic augmentation draws of one sample (no mixing partner)."""
-    from .augment import ReplayableAugment
-
     aug = ReplayableAugment(meta.recipe)
     return [aug.sample(make_rng(seed, uid, a), image_size) for a in range(meta.n_aug)]
 
@@ -404,16 +392,6 @@ def _split_name(name: str) -> tuple[str, str]:
     d, base = os.path.split(name)
     stem, _, ext = base.partition(".")
     return (f"{d}/{stem}" if d else stem), ext
-
-
-def _expand(urls: str | os.PathLike | Sequence[str | os.PathLike]) -> list[str]:
-    """A tar, a directory of ``*.tar`` (sorted) or a list of tars (a private stand-in for ``list_shards``)."""
-    if isinstance(urls, (str, os.PathLike)):
-        p = os.fspath(urls)
-        if os.path.isdir(p):
-            return [os.path.join(p, n) for n in sorted(os.listdir(p)) if n.endswith(".tar")]
-        return [p]
-    return [os.fspath(u) for u in urls]
 
 
 def iter_tar_samples(url: str) -> Iterator[dict[str, Any]]:
@@ -460,10 +438,12 @@ class ImageIndex:
                  uid_field: str = "uid") -> None:
         self.image_ext, self.uid_field = image_ext, uid_field
         self._loc: dict[str, tuple[str, int, int]] = {}
-        for url in _expand(urls):
+        for url in list_shards(urls):
             self._scan(url)
 
     def _scan(self, url: str) -> None:
+        if not url.endswith(".tar"):
+            raise ValueError(f"{url}: ImageIndex reads bytes by offset and needs uncompressed local .tar shards")
         pending: dict[str, dict[str, Any]] = {}
         with tarfile.open(url, "r") as tf:
             for m in tf:
@@ -524,7 +504,7 @@ def join_by_uid(reinforced: str | os.PathLike | Sequence[str | os.PathLike], ind
     """Yield reinforced raw samples with their image bytes attached; samples whose image is missing or whose
     sha256 does not match are left out, counted in ``report`` and logged by uid."""
     report = report if report is not None else JoinReport()
-    for url in _expand(reinforced):
+    for url in list_shards(reinforced):
         for raw in iter_tar_samples(url):
             try:
                 out = index.attach(raw)
