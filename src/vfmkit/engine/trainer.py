@@ -198,7 +198,7 @@ def train(
     o = cfg.optim
     opt = torch.optim.AdamW(
         groups or param_groups(model, o.weight_decay), lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps,
-        fused=device.type == "cuda",
+        fused=True,  # one fused kernel for all parameters, on CPU and GPU alike
     )
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
     if state is not None:
@@ -259,7 +259,8 @@ def train(
     logs: dict[str, float] = {}
     while step < t.steps:
         opt.zero_grad(set_to_none=True)
-        agg: dict[str, float] = {}
+        # Logged values stay tensors until a log step: no host-device sync on the hot path.
+        agg: dict[str, Any] = {}
         n_batch = 0
         for micro in range(t.grad_accum):
             batch = to_device(next_batch(), device, t.channels_last)
@@ -268,12 +269,12 @@ def train(
             ctx = ddp_model.no_sync() if (not sync and hasattr(ddp_model, "no_sync")) else nullcontext()
             with ctx, autocast_ctx(cfg, device):
                 loss, mlogs = loss_fn(run_model, batch, step)
-                loss_scaled = loss / t.grad_accum
-            loss_scaled.backward()
-            for k, v in {"loss": float(loss.detach()), **mlogs}.items():
-                agg[k] = agg.get(k, 0.0) + float(v) / t.grad_accum
+            (loss / t.grad_accum).backward()
+            for k, v in {"loss": loss, **mlogs}.items():
+                v = v.detach().float() if isinstance(v, torch.Tensor) else float(v)
+                agg[k] = agg.get(k, 0.0) + v / t.grad_accum
         if t.grad_clip:
-            agg["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip))
+            agg["grad_norm"] = torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
         opt.step()
         sched.step()
         if after_step is not None:
@@ -283,20 +284,22 @@ def train(
         step += 1
         seen += n_batch * dist_info.world_size
         window_n += n_batch * dist_info.world_size
-        logs = agg
-        if not math.isfinite(agg["loss"]):
-            raise FloatingPointError(f"loss is {agg['loss']} at step {step}")
         if step % t.log_every == 0 or step == t.steps:
+            logs = {k: float(v) for k, v in agg.items()}
+            if not math.isfinite(logs["loss"]):
+                raise FloatingPointError(f"loss is {logs['loss']} at step {step}")
             now = time.perf_counter()
             rec = {"step": step, "epoch": epoch, "lr": sched.get_last_lr()[0],
                    "samples_per_s": window_n / max(now - window_t, 1e-9)}
-            rec.update({k: all_reduce_mean(v, device) for k, v in agg.items()})
+            rec.update({k: all_reduce_mean(v, device) for k, v in logs.items()})
             window_t, window_n = now, 0
             history.append(rec)
             logger.log(rec)
+            if pbar is not None:
+                pbar.set_postfix(loss=f"{logs['loss']:.4f}",
+                                 sps=f"{seen / max(time.perf_counter() - t0, 1e-9):.1f}")
         if pbar is not None:
             pbar.update(1)
-            pbar.set_postfix(loss=f"{agg['loss']:.4f}", sps=f"{seen / max(time.perf_counter() - t0, 1e-9):.1f}")
         if eval_fn is not None and t.eval_every and step % t.eval_every == 0 and step < t.steps:
             _run_eval(eval_fn, model, ema, step, history, logger)
         if (t.ckpt_every and step % t.ckpt_every == 0) or step == t.steps:

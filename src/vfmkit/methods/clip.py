@@ -104,3 +104,32 @@ def make_clip_decoder(transform: Callable, tokenizer: Callable, caption: str = "
 
 def parse_args(cfg: RunConfig) -> ClipArgs:
     return parse_section(ClipArgs, cfg.method_args, "method_args")
+
+
+def make_train_loader(cfg: RunConfig, decode: Callable, dist_info: DistInfo):
+    from vfmkit.data.loader import ShardLoader
+    from vfmkit.data.shards import list_shards
+
+    d = cfg.data
+    if d.on_corrupt not in ("skip", "raise"):
+        raise ConfigError(f"config key 'data.on_corrupt': {d.on_corrupt!r} is not 'skip' or 'raise'")
+    return ShardLoader(
+        list_shards(d.train), decode, d.batch_size, shuffle_buffer=d.shuffle_buffer, seed=cfg.seed,
+        num_workers=d.num_workers, rank=dist_info.rank, world_size=dist_info.world_size,
+        resampled=d.resampled, on_corrupt=d.on_corrupt, drop_last=True,
+    )
+
+
+def build(cfg: RunConfig, dist_info: DistInfo):
+    """The plain CLIP job: open_clip model + its train transform, captions tokenised, ClipLoss/SigLipLoss."""
+    from vfmkit.methods.registry import Job
+    from vfmkit.models.factory import create_clip
+
+    args = parse_args(cfg)
+    torch.manual_seed(cfg.seed)
+    bundle = create_clip(cfg.model.name, cfg.model.pretrained, image_size=cfg.data.image_size, **cfg.model.kwargs)
+    loader = make_train_loader(cfg, make_clip_decoder(bundle.preprocess_train, bundle.tokenizer, args.caption),
+                               dist_info)
+    loss = make_contrastive_loss(args.loss, cfg, dist_info)
+    return Job(bundle.model, make_clip_loss_fn(loss), loader,
+               after_step=lambda m: clamp_logit_scale(m, args.max_logit_scale), extra={"bundle": bundle})

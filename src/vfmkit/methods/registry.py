@@ -1,0 +1,50 @@
+"""Method registry: ``method`` in a recipe names a module whose ``build(cfg, dist_info) -> Job`` sets up a run."""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from torch import nn
+
+from vfmkit.config import ConfigError, RunConfig
+
+METHODS = {
+    "clip": "vfmkit.methods.clip",
+    "mobileclip": "vfmkit.methods.mobileclip",
+    "dr": "vfmkit.methods.dr",
+    "catlip": "vfmkit.methods.catlip",
+}
+
+
+@dataclass
+class Job:
+    """What a method hands the engine."""
+
+    model: nn.Module
+    loss_fn: Callable
+    loader: Iterable
+    after_step: Callable[[nn.Module], None] | None = None
+    eval_fn: Callable[[nn.Module, int], dict] | None = None
+    find_unused_parameters: bool = False
+    extra: dict[str, Any] | None = None
+
+
+def build_job(cfg: RunConfig, dist_info) -> Job:
+    if cfg.method not in METHODS:
+        raise ConfigError(f"config key 'method': unknown method {cfg.method!r} (known: {', '.join(METHODS)})")
+    mod = importlib.import_module(METHODS[cfg.method])
+    return mod.build(cfg, dist_info)
+
+
+def run(cfg: RunConfig, **train_kwargs: Any):
+    """Build the method's job and train it with the one engine."""
+    from vfmkit.engine import init_distributed, train
+
+    dist_info = init_distributed()
+    job = build_job(cfg, dist_info)
+    return train(cfg, job.model, job.loss_fn, job.loader, out_dir=cfg.out_dir, eval_fn=job.eval_fn,
+                 after_step=job.after_step, find_unused_parameters=job.find_unused_parameters,
+                 dist_info=dist_info, **train_kwargs)
