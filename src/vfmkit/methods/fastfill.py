@@ -1,0 +1,768 @@
+"""FastFill (arXiv:2303.04766): compatible model updates with uncertainty-ordered partial backfilling.
+
+A gallery is embedded by an old model; a new model arrives. A transformation ``h`` maps old features into the
+new space, so the gallery stays searchable with new-model queries at once; then the gallery is re-embedded with
+the new model in an order. FCT learns ``h`` by plain alignment; FastFill adds the frozen new classifier's
+loss on ``h(old)`` and a per-sample uncertainty ``s = log sigma^2``:
+
+    L_i  = mu_sim * ||phi_new(x_i) - h(phi_old(x_i))||^2 + mu_disc * CE_ls(W_new h(phi_old(x_i)), y_i)
+    loss = mean_i [ 1/2 exp(-s_i) L_i + mu_unc * s_i ]
+
+and backfills the items with the highest predicted ``sigma`` first. The alignment is the *summed* squared error
+on l2-normalised features (it lies in [0, 4], comparable to CE); the official code's mean over ``d`` is
+``mu_sim = 1/d``. Following the pilot note in METHODS.md, the uncertainty head reads h's last hidden layer
+(optionally through a stop-gradient), never the transformed feature itself. No BatchNorm: batch size 1 works.
+
+Pipeline (``run_backfill``, used by ``vfmkit backfill`` and ``benchmarks/fastfill.py``): cache features
+(safetensors, one file per shard, resumable) -> train h with the engine (TensorLoader) -> simulate curves with
+``vfmkit.eval.backfill`` -> JSON + PNG report.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from vfmkit.config import ConfigError, RunConfig, load_config, parse_section, to_dict
+
+OBJECTIVES = ("fct", "fastfill")
+UNCERTAINTY_INPUTS = ("hidden", "hidden_detached", "output")
+
+
+@dataclass
+class FastFillArgs:
+    """``method_args`` of a backfill run (validated strictly by ``parse_section``)."""
+
+    # Setting: encoders as specs (see ``load_encoder``), data as shard specs.
+    old_encoder: str = "timm:resnet10t:random@64"
+    new_encoder: str = "efficientnet-lite0@224"
+    class_index: list[int] | None = None  # columns of the new model's own classifier, per label (None: all)
+    new_classifier: str = "model"  # "model": the new encoder's head (else a probe), "probe": a linear probe
+    num_classes: int = 10
+    train_set: str = "builtin:imagenette/train"  # where h (and a probe) are fitted
+    gallery: str = "builtin:imagenette/train"
+    query: str = "builtin:imagenette/val"  # "gallery": the gallery itself, with self-matches excluded
+    encode_batch_size: int = 64
+    init_seed: int = 0  # seeds random-init encoders so every step of a run sees the same model
+    normalize: bool = True  # l2-normalise cached features before h and retrieval
+    # Transformation h.
+    objectives: list[str] = field(default_factory=lambda: ["fct", "fastfill"])
+    hidden_dim: int = 512
+    depth: int = 2  # hidden layers
+    uncertainty_input: str = "hidden_detached"
+    mu_sim: float = 1.0
+    mu_disc: float = 1.0
+    mu_unc: float = 0.5
+    label_smoothing: float = 0.1
+    probe_steps: int = 300
+    # Simulation: "<h>/<order>" with h in none|fct|fastfill and order in random|sigma|oracle.
+    curves: list[str] = field(
+        default_factory=lambda: [
+            "none/random",
+            "fct/random",
+            "fastfill/random",
+            "fastfill/sigma",
+            "fastfill/oracle",
+        ]
+    )
+    fraction_steps: int = 21
+    order_seed: int = 0
+    block_size: int = 1024
+
+
+def parse_args(cfg: RunConfig) -> FastFillArgs:
+    """``cfg.method_args`` -> FastFillArgs; unknown keys or bad values raise ConfigError naming them."""
+    a = parse_section(FastFillArgs, cfg.method_args, "method_args")
+    for o in a.objectives:
+        if o not in OBJECTIVES:
+            raise ConfigError(
+                f"method_args.objectives: unknown objective {o!r} (known: {', '.join(OBJECTIVES)})"
+            )
+    if a.uncertainty_input not in UNCERTAINTY_INPUTS:
+        raise ConfigError(f"method_args.uncertainty_input must be one of {UNCERTAINTY_INPUTS}")
+    if a.new_classifier not in ("model", "probe"):
+        raise ConfigError("method_args.new_classifier must be 'model' or 'probe'")
+    for c in a.curves:
+        h, _, order = c.partition("/")
+        if h not in ("none", *a.objectives) or order not in ("random", "sigma", "oracle"):
+            raise ConfigError(
+                f"method_args.curves: bad curve {c!r} (use <none|objective>/<random|sigma|oracle>)"
+            )
+        if order == "sigma" and h != "fastfill":
+            raise ConfigError(f"method_args.curves: {c!r}: only fastfill predicts sigma")
+    return a
+
+
+# ----------------------------------------------------------------------------------------------- transformation
+
+
+class Transformation(nn.Module):
+    """h: old features ``[B, D_old]`` -> (new-space features ``[B, D_new]``, ``s = log sigma^2`` ``[B]`` or None).
+
+    An MLP (Linear-LayerNorm-GELU blocks, no BatchNorm so any batch size works). The uncertainty head is a
+    small MLP on the last hidden layer (``hidden``), the same through a stop-gradient (``hidden_detached``),
+    or on the output (``output``, the variant that collapsed in the pilot; kept for ablations).
+    """
+
+    def __init__(
+        self,
+        d_old: int,
+        d_new: int,
+        hidden: int = 512,
+        depth: int = 2,
+        uncertainty: str | None = "hidden_detached",
+    ) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        d = d_old
+        for _ in range(depth):
+            layers += [nn.Linear(d, hidden), nn.LayerNorm(hidden), nn.GELU()]
+            d = hidden
+        self.body = nn.Sequential(*layers)
+        self.out = nn.Linear(d, d_new)
+        self.uncertainty = uncertainty
+        self.unc_head = None
+        if uncertainty is not None:
+            d_in = d_new if uncertainty == "output" else d
+            self.unc_head = nn.Sequential(nn.Linear(d_in, 128), nn.GELU(), nn.Linear(128, 1))
+        self.dims = {
+            "d_old": d_old,
+            "d_new": d_new,
+            "hidden": hidden,
+            "depth": depth,
+            "uncertainty": uncertainty,
+        }
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor | None]:
+        hid = self.body(x)
+        z = self.out(hid)
+        if self.unc_head is None:
+            return z, None
+        u = {"hidden": hid, "hidden_detached": hid.detach(), "output": z}[self.uncertainty]
+        return z, self.unc_head(u).squeeze(-1)
+
+
+class _TrainWrapper(nn.Module):
+    """h plus the new model's frozen classifier (buffers: they move with the model and never train)."""
+
+    def __init__(self, h: Transformation, cls_w: Tensor | None, cls_b: Tensor | None, normalize: bool = True):
+        super().__init__()
+        self.h, self.normalize = h, normalize
+        self.register_buffer("cls_w", None if cls_w is None else cls_w.detach().clone().float())
+        self.register_buffer("cls_b", None if cls_b is None else cls_b.detach().clone().float())
+
+    def forward(self, old: Tensor) -> tuple[Tensor, Tensor | None, Tensor | None]:
+        z, s = self.h(old)
+        # Retrieval compares l2-normalised features, so the head sees h(old) as retrieval will.
+        zc = F.normalize(z, dim=1) if self.normalize else z
+        logits = None if self.cls_w is None else F.linear(zc, self.cls_w, self.cls_b)
+        return z, s, logits
+
+
+def fastfill_loss(
+    z: Tensor,
+    new: Tensor,
+    s: Tensor | None,
+    logits: Tensor | None,
+    labels: Tensor | None,
+    *,
+    mu_sim: float = 1.0,
+    mu_disc: float = 1.0,
+    mu_unc: float = 0.5,
+    label_smoothing: float = 0.1,
+) -> tuple[Tensor, dict[str, float]]:
+    """Per-sample FastFill loss, uncertainty-weighted when ``s`` is given (FCT: ``s=None``, ``mu_disc=0``).
+
+    z, new: ``[B, D]`` transformed old and new features; s: ``[B]`` log sigma^2; logits: ``[B, C]`` from the
+    frozen new classifier on z; labels: ``[B]``. Returns (scalar loss, logs).
+    """
+    align = (new - z).pow(2).sum(1)
+    per = mu_sim * align
+    logs = {"align": float(align.mean().detach())}
+    if mu_disc and logits is not None:
+        ce = F.cross_entropy(logits, labels, label_smoothing=label_smoothing, reduction="none")
+        per = per + mu_disc * ce
+        logs["ce"] = float(ce.mean().detach())
+        logs["acc"] = float((logits.argmax(1) == labels).float().mean())
+    if s is None:
+        return per.mean(), logs
+    logs["log_sigma2"] = float(s.mean().detach())
+    return (0.5 * torch.exp(-s) * per + mu_unc * s).mean(), logs
+
+
+def _sub_config(cfg: RunConfig, **train_over: object) -> RunConfig:
+    """A copy of ``cfg`` with ``train`` fields overridden (e.g. the probe's own step count)."""
+    d = to_dict(cfg)
+    d["train"].update(train_over)
+    return load_config(d)
+
+
+def train_transformation(
+    cfg: RunConfig,
+    old: Tensor,
+    new: Tensor,
+    labels: Tensor,
+    objective: str,
+    classifier: tuple[Tensor, Tensor] | None,
+    out_dir: str | Path,
+    args: FastFillArgs | None = None,
+) -> Transformation:
+    """Fit h on cached features with the engine; returns h in eval mode (weights also in ``out_dir``).
+
+    old: ``[N, D_old]``, new: ``[N, D_new]``, labels: ``[N]``; classifier: the frozen new head
+    ``(W [C, D_new], b [C])`` used by ``fastfill``. ``cfg.data.batch_size``/``optim``/``train`` apply.
+    """
+    from vfmkit.data.loader import TensorLoader
+    from vfmkit.engine import train
+
+    a = args or parse_args(cfg)
+    if objective not in OBJECTIVES:
+        raise ConfigError(f"unknown objective {objective!r} (known: {', '.join(OBJECTIVES)})")
+    if objective == "fastfill" and classifier is None:
+        raise ValueError("fastfill needs the new model's classifier (W, b)")
+    torch.manual_seed(cfg.seed)  # h's init is part of the run, like the data order
+    unc = a.uncertainty_input if objective == "fastfill" else None
+    h = Transformation(old.shape[1], new.shape[1], a.hidden_dim, a.depth, unc)
+    w, b = classifier if (objective == "fastfill" and classifier is not None) else (None, None)
+    model = _TrainWrapper(h, w, b, a.normalize)
+    mu_disc = a.mu_disc if objective == "fastfill" else 0.0
+
+    def loss_fn(m: nn.Module, batch: dict, step: int) -> tuple[Tensor, dict[str, float]]:
+        z, s, logits = m(batch["old"])
+        return fastfill_loss(
+            z.float(), batch["new"], None if s is None else s.float(), None if logits is None else logits.float(),
+            batch["label"], mu_sim=a.mu_sim, mu_disc=mu_disc, mu_unc=a.mu_unc, label_smoothing=a.label_smoothing,
+        )  # fmt: skip
+
+    bs = min(cfg.data.batch_size, old.shape[0])
+    loader = TensorLoader({"old": old, "new": new, "label": labels}, batch_size=bs, seed=cfg.seed)
+    train(cfg, model, loss_fn, loader, out_dir=out_dir)
+    return h.eval()
+
+
+def fit_probe(
+    cfg: RunConfig, feats: Tensor, labels: Tensor, num_classes: int, steps: int, out_dir: str | Path
+) -> nn.Linear:
+    """A linear classifier ``[C, D]`` on (new) features via the engine: the stand-in for a missing new head."""
+    from vfmkit.data.loader import TensorLoader
+    from vfmkit.engine import train
+
+    torch.manual_seed(cfg.seed)
+    head = nn.Linear(feats.shape[1], num_classes)
+
+    def loss_fn(m: nn.Module, batch: dict, step: int) -> tuple[Tensor, dict[str, float]]:
+        logits = m(batch["x"]).float()
+        return F.cross_entropy(logits, batch["y"]), {
+            "acc": float((logits.argmax(1) == batch["y"]).float().mean())
+        }
+
+    bs = min(cfg.data.batch_size, feats.shape[0])
+    loader = TensorLoader({"x": feats, "y": labels}, batch_size=bs, seed=cfg.seed)
+    pcfg = _sub_config(cfg, steps=steps)
+    pcfg.optim.weight_decay = 0.0
+    train(pcfg, head, loss_fn, loader, out_dir=out_dir)
+    return head.eval()
+
+
+@torch.no_grad()
+def apply_transformation(
+    h: Transformation, old: Tensor, batch_size: int = 4096
+) -> tuple[Tensor, Tensor | None]:
+    """h over ``old [N, D_old]`` in batches -> (``[N, D_new]`` on CPU, ``s [N]`` or None)."""
+    h.eval()
+    dev = next(h.parameters()).device
+    zs, ss = [], []
+    for i in range(0, old.shape[0], batch_size):
+        z, s = h(old[i : i + batch_size].to(dev).float())
+        zs.append(z.float().cpu())
+        if s is not None:
+            ss.append(s.float().cpu())
+    return torch.cat(zs), (torch.cat(ss) if ss else None)
+
+
+def save_transformation(h: Transformation, path: str | Path) -> None:
+    """Weights as safetensors + its dims in the metadata, written atomically."""
+    from safetensors.torch import save_file
+
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    tmp = p.with_name(p.name + ".tmp")
+    sd = {k: v.detach().cpu().contiguous() for k, v in h.state_dict().items()}
+    save_file(sd, str(tmp), metadata={"dims": json.dumps(h.dims)})
+    os.replace(tmp, p)
+
+
+def load_transformation(path: str | Path) -> Transformation:
+    """Inverse of ``save_transformation`` (safetensors only: nothing is unpickled)."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    p = Path(path)
+    try:
+        with safe_open(str(p), "pt") as f:
+            dims = json.loads(f.metadata()["dims"])
+        sd = load_file(str(p))
+    except Exception as e:  # a truncated or foreign file: say which
+        raise ValueError(f"cannot read transformation weights {p}: {e}") from e
+    h = Transformation(dims["d_old"], dims["d_new"], dims["hidden"], dims["depth"], dims["uncertainty"])
+    h.load_state_dict(sd)
+    return h.eval()
+
+
+# ----------------------------------------------------------------------------------------------- encoders
+
+
+class ImageEncoder(nn.Module):
+    """Frozen image encoder: images ``[B, 3, H, W]`` (float in [0, 1] or uint8) -> features ``[B, D]``.
+
+    ``classifier`` (or None) is the model's own linear head on those features, ``(W [C, D], b [C])``.
+    """
+
+    def __init__(
+        self, spec: str, body: nn.Module, fn, size: int, mean, std, classifier=None, interp="bilinear"
+    ):
+        super().__init__()
+        self.spec, self.body, self.fn, self.image_size, self.interpolation = (
+            spec,
+            body.eval(),
+            fn,
+            size,
+            interp,
+        )
+        self.register_buffer(
+            "mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1), persistent=False
+        )
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
+        self.classifier = classifier
+        for p in self.body.parameters():
+            p.requires_grad_(False)
+
+    @torch.no_grad()
+    def forward(self, images: Tensor) -> Tensor:
+        from vfmkit.models.teachers import resize_center_crop
+
+        x = images.to(self.mean.device)
+        x = x.float() / 255.0 if x.dtype == torch.uint8 else x.float()
+        x = (resize_center_crop(x, self.image_size, self.interpolation) - self.mean) / self.std
+        return self.fn(self.body, x).float()
+
+
+def _split_size(spec: str) -> tuple[str, int | None]:
+    base, at, size = spec.rpartition("@")
+    return (base, int(size)) if at and size.isdigit() else (spec, None)
+
+
+def _timm_encoder(spec: str, rest: str, size: int | None, num_classes: int, seed: int) -> ImageEncoder:
+    """``timm:NAME:random`` (seeded init), ``timm:NAME:pretrained`` (timm hub) or ``timm:NAME:CKPT``."""
+    import timm
+
+    from vfmkit.models.factory import load_state_dict
+
+    name, _, src = rest.partition(":")
+    if src in ("", "random"):
+        torch.manual_seed(seed)
+        model = timm.create_model(name, pretrained=False, num_classes=num_classes)
+    elif src == "pretrained":
+        model = timm.create_model(name, pretrained=True)
+    else:
+        if not Path(src).is_file():
+            raise FileNotFoundError(f"encoder checkpoint not found: {src} (in spec {spec!r})")
+        sd = load_state_dict(src)
+        probe = timm.create_model(name, pretrained=False)
+        head = f"{probe.default_cfg.get('classifier', 'fc')}.weight"
+        model = timm.create_model(
+            name, pretrained=False, num_classes=int(sd[head].shape[0]) if head in sd else 0
+        )
+        model.load_state_dict(sd, strict=True)
+    dc = timm.data.resolve_data_config({}, model=model)
+    head_mod = model.get_classifier()
+    cls = (head_mod.weight, head_mod.bias) if isinstance(head_mod, nn.Linear) else None
+    fn = lambda m, x: m.forward_head(m.forward_features(x), pre_logits=True)  # noqa: E731
+    return ImageEncoder(spec, model, fn, size or dc["input_size"][-1], dc["mean"], dc["std"], cls)
+
+
+def _lite0_encoder(spec: str, size: int | None) -> ImageEncoder:
+    from vfmkit.models.teachers import LITE_MEAN, LITE_STD, build_efficientnet_lite0
+
+    s = size or 224
+    model = build_efficientnet_lite0(s)
+    fn = lambda m, x: m.extract_features(x).mean((2, 3))  # noqa: E731  # the pooled 1280-d pre-logits
+    return ImageEncoder(spec, model, fn, s, LITE_MEAN, LITE_STD, (model._fc.weight, model._fc.bias))
+
+
+def _clip_encoder(spec: str, rest: str, size: int | None) -> ImageEncoder:
+    from vfmkit.models.factory import create_clip
+
+    name, _, pretrained = rest.partition(":")
+    b = create_clip(name, pretrained or None, image_size=size)
+    fn = lambda m, x: m.encode_image(x)  # noqa: E731
+    return ImageEncoder(spec, b.model, fn, size or b.image_size, b.mean, b.std, None, "bicubic")
+
+
+def load_encoder(
+    spec: str, num_classes: int = 10, seed: int = 0, class_index: list[int] | None = None
+) -> ImageEncoder:
+    """An image encoder from a spec; ``@SIZE`` at the end sets the input size.
+
+    ``timm:NAME:{random|pretrained|CKPT}``, ``clip:NAME[:PRETRAINED]`` (open_clip or vfmkit tiny names;
+    PRETRAINED a tag or a local file), ``efficientnet-lite0``. ``class_index`` selects the rows of the model's
+    own classifier per label (e.g. Imagenette's ImageNet indices for EfficientNet-Lite0).
+    """
+    base, size = _split_size(spec)
+    kind, _, rest = base.partition(":")
+    if kind == "timm":
+        enc = _timm_encoder(spec, rest, size, num_classes, seed)
+    elif kind == "clip":
+        enc = _clip_encoder(spec, rest, size)
+    elif base == "efficientnet-lite0":
+        enc = _lite0_encoder(spec, size)
+    else:
+        raise ConfigError(
+            f"unknown encoder spec {spec!r}: use timm:NAME:SRC, clip:NAME[:PRETRAINED], efficientnet-lite0"
+        )
+    if enc.classifier is not None:
+        w, b = (t.detach().float() for t in enc.classifier)
+        if class_index is not None:
+            idx = torch.tensor(class_index, dtype=torch.long)
+            w, b = w[idx], b[idx]
+        enc.classifier = (w, b)
+    return enc
+
+
+# ----------------------------------------------------------------------------------------------- feature cache
+
+
+def _decode_fn(size: int):
+    """Raw webdataset sample -> ``{"image": uint8 [3, size, size], "label": int, "key": str}``; raises if bad."""
+    import torchvision.io as tvio
+
+    from vfmkit.models.teachers import resize_center_crop
+
+    def decode(raw: dict) -> dict:
+        img = tvio.decode_image(
+            torch.frombuffer(bytearray(raw["jpg"]), dtype=torch.uint8), mode=tvio.ImageReadMode.RGB
+        )
+        img = resize_center_crop(img[None].float() / 255.0, size)[0]
+        meta = json.loads(raw["json"])
+        return {
+            "image": (img * 255.0).round().to(torch.uint8),
+            "label": int(meta["label"]),
+            "key": raw["__key__"],
+        }
+
+    return decode
+
+
+def _save_features(path: Path, feats: Tensor, labels: Tensor, keys: list[str], meta: dict) -> None:
+    from safetensors.torch import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    md = {"keys": json.dumps(keys), **{k: json.dumps(v) for k, v in meta.items()}}
+    save_file({"features": feats.contiguous(), "labels": labels.contiguous()}, str(tmp), metadata=md)
+    os.replace(tmp, path)
+
+
+def load_features(path: str | Path) -> dict:
+    """A feature cache -> ``{"features": [N, D] float32, "labels": [N] int64, "keys": [N] str, "meta": dict}``.
+
+    Raises ValueError naming the file when it is truncated, foreign or inconsistent.
+    """
+    from safetensors import safe_open
+
+    p = Path(path)
+    try:
+        with safe_open(str(p), "pt") as f:
+            md = f.metadata() or {}
+            out = {"features": f.get_tensor("features"), "labels": f.get_tensor("labels")}
+        out["keys"] = json.loads(md.pop("keys"))
+        out["meta"] = {k: json.loads(v) for k, v in md.items()}
+    except FileNotFoundError:
+        raise
+    except Exception as e:
+        raise ValueError(f"corrupt feature cache {p}: {e}") from e
+    n = out["features"].shape[0]
+    if out["labels"].shape != (n,) or len(out["keys"]) != n:
+        raise ValueError(
+            f"corrupt feature cache {p}: {n} features, {out['labels'].shape[0]} labels, {len(out['keys'])} keys"
+        )
+    return out
+
+
+@torch.no_grad()
+def _encode_shard(
+    enc: ImageEncoder, url: str, batch_size: int, on_corrupt: str
+) -> tuple[Tensor, Tensor, list, int]:
+    from vfmkit.data.loader import ShardLoader
+
+    loader = ShardLoader([url], _decode_fn(enc.image_size), batch_size, shuffle_buffer=0, on_corrupt=on_corrupt,
+                         drop_last=False)  # fmt: skip
+    feats, labels, keys = [], [], []
+    for batch in loader:
+        feats.append(enc(batch["image"]).cpu())
+        labels.append(torch.as_tensor(batch["label"]).long())
+        keys.extend(batch["key"])
+    if not feats:
+        return torch.zeros(0, 0), torch.zeros(0, dtype=torch.long), [], loader.n_corrupt
+    return torch.cat(feats), torch.cat(labels), keys, loader.n_corrupt
+
+
+def cache_features(
+    enc: ImageEncoder, data: str, out_path: str | Path, *, batch_size: int = 64, on_corrupt: str = "skip"
+) -> Path:
+    """Encode every sample of shard spec ``data`` -> safetensors at ``out_path`` (features in the keys' order).
+
+    Resumable: each shard is written to ``<out>.parts/`` atomically and skipped on a rerun; the parts are
+    merged at the end. Returns ``out_path``.
+    """
+    from vfmkit.data.shards import list_shards
+
+    out = Path(out_path)
+    if out.is_file():
+        return out
+    parts = out.with_name(out.name + ".parts")
+    dev = next(iter(enc.buffers())).device
+    urls = list_shards(data)
+    if not urls:
+        raise FileNotFoundError(f"no shards in {data!r}")
+    n_corrupt = 0
+    for i, url in enumerate(urls):
+        part = parts / f"{i:05d}.safetensors"
+        if part.is_file():
+            continue
+        f, y, k, nc = _encode_shard(enc, url, batch_size, on_corrupt)
+        n_corrupt += nc
+        _save_features(part, f, y, k, {"url": str(url), "n_corrupt": nc})
+    loaded = [load_features(parts / f"{i:05d}.safetensors") for i in range(len(urls))]
+    loaded = [x for x in loaded if x["features"].numel()]
+    feats = torch.cat([x["features"] for x in loaded])
+    meta = {"encoder": enc.spec, "data": data, "device": str(dev),
+            "n_corrupt": sum(x["meta"].get("n_corrupt", 0) for x in loaded)}  # fmt: skip
+    _save_features(
+        out, feats, torch.cat([x["labels"] for x in loaded]), sum((x["keys"] for x in loaded), []), meta
+    )
+    for i in range(len(urls)):
+        (parts / f"{i:05d}.safetensors").unlink(missing_ok=True)
+    parts.rmdir()
+    return out
+
+
+# ----------------------------------------------------------------------------------------------- pipeline
+
+STEPS = ("cache", "train", "simulate", "report")
+
+
+def _cache_name(role: str, spec: str, data: str, a: FastFillArgs) -> str:
+    """File name keyed by everything that changes the features (a checkpoint's size and mtime included)."""
+    import hashlib
+
+    base, _ = _split_size(spec)
+    ckpt = base.rsplit(":", 1)[-1]
+    stamp = [os.path.getsize(ckpt), os.path.getmtime(ckpt)] if os.path.isfile(ckpt) else None
+    key = json.dumps([spec, data, a.init_seed, a.num_classes, stamp])
+    return f"{role}-{hashlib.sha1(key.encode()).hexdigest()[:12]}.safetensors"
+
+
+def _feature_jobs(a: FastFillArgs) -> dict[str, tuple[str, str]]:
+    """Cache role -> (encoder spec, data spec); query-side ones only when the query set is not the gallery."""
+    jobs = {"old_train": (a.old_encoder, a.train_set), "new_train": (a.new_encoder, a.train_set),
+            "old_gallery": (a.old_encoder, a.gallery), "new_gallery": (a.new_encoder, a.gallery)}  # fmt: skip
+    if a.query != "gallery":
+        jobs.update(old_query=(a.old_encoder, a.query), new_query=(a.new_encoder, a.query))
+    return jobs
+
+
+def step_cache(cfg: RunConfig, a: FastFillArgs, out: Path) -> dict[str, Path]:
+    """Encode train/gallery/query with both encoders (skipping caches already on disk)."""
+    paths, encoders = {}, {}
+    for role, (spec, data) in _feature_jobs(a).items():
+        p = out / "features" / _cache_name(role.split("_")[0], spec, data, a)
+        if not p.is_file():
+            if spec not in encoders:
+                ci = a.class_index if role.startswith("new") else None
+                encoders[spec] = load_encoder(spec, a.num_classes, a.init_seed, ci)
+            print(f"[backfill] caching {role}: {spec} on {data}", flush=True)
+            cache_features(
+                encoders[spec], data, p, batch_size=a.encode_batch_size, on_corrupt=cfg.data.on_corrupt
+            )
+        paths[role] = p
+    return paths
+
+
+def _load_role(paths: dict[str, Path], role: str, normalize: bool) -> tuple[Tensor, Tensor]:
+    d = load_features(paths[role])
+    f = d["features"].float()
+    return (F.normalize(f, dim=1) if normalize else f), d["labels"].long()
+
+
+def _new_classifier(
+    cfg: RunConfig, a: FastFillArgs, x: Tensor, y: Tensor, out: Path
+) -> tuple[Tensor, Tensor]:
+    """The frozen new head ``(W [C, D], b [C])``: the new model's own (rescaled for normalised features), or a probe.
+
+    The model's head was trained on unnormalised features; on l2-normalised ones its logits shrink by the
+    feature norm, so W is multiplied by the mean training-feature norm (a single scalar: ranking unchanged).
+    """
+    path = out / "new_classifier.safetensors"
+    if path.is_file():
+        from safetensors.torch import load_file
+
+        sd = load_file(str(path))
+        return sd["weight"], sd["bias"]
+    head = None
+    if a.new_classifier == "model":
+        enc = load_encoder(a.new_encoder, a.num_classes, a.init_seed, a.class_index)
+        if enc.classifier is not None and enc.classifier[0].shape == (a.num_classes, x.shape[1]):
+            w, b = enc.classifier
+            if a.normalize:
+                raw = load_features(_cache_path(out, "new_train", a))["features"].float()
+                w = w * raw.norm(dim=1).mean()
+            head = (w, b)
+    if head is None:
+        print("[backfill] new model has no head for these classes: fitting a linear probe", flush=True)
+        lin = fit_probe(cfg, x, y, a.num_classes, a.probe_steps, out / "runs" / "probe")
+        head = (lin.weight.detach().cpu(), lin.bias.detach().cpu())
+    from safetensors.torch import save_file
+
+    tmp = path.with_name(path.name + ".tmp")
+    save_file({"weight": head[0].contiguous(), "bias": head[1].contiguous()}, str(tmp))
+    os.replace(tmp, path)
+    return head
+
+
+def _cache_path(out: Path, role: str, a: FastFillArgs) -> Path:
+    spec, data = _feature_jobs(a)[role]
+    return out / "features" / _cache_name(role.split("_")[0], spec, data, a)
+
+
+def step_train(cfg: RunConfig, a: FastFillArgs, out: Path) -> dict:
+    """Train one h per objective (skipped when its weights exist); returns the new head's train accuracy."""
+    paths = {r: _cache_path(out, r, a) for r in ("old_train", "new_train")}
+    old, y = _load_role(paths, "old_train", a.normalize)
+    new, _ = _load_role(paths, "new_train", a.normalize)
+    w, b = _new_classifier(cfg, a, new, y, out)
+    info = {"new_head_train_acc": float(((new @ w.T + b).argmax(1) == y).float().mean()) * 100}
+    for obj in a.objectives:
+        p = out / f"h_{obj}.safetensors"
+        if p.is_file():
+            continue
+        print(
+            f"[backfill] training h ({obj}) on {old.shape[0]} pairs, {tuple(old.shape)} -> {tuple(new.shape)}"
+        )
+        h = train_transformation(cfg, old, new, y, obj, (w, b), out / "runs" / f"h_{obj}", a)
+        save_transformation(h, p)
+    return info
+
+
+def _gallery_query(a: FastFillArgs, out: Path) -> dict[str, Tensor]:
+    paths = {r: _cache_path(out, r, a) for r in _feature_jobs(a)}
+    g = {}
+    g["old_g"], g["y_g"] = _load_role(paths, "old_gallery", a.normalize)
+    g["new_g"], _ = _load_role(paths, "new_gallery", a.normalize)
+    if a.query == "gallery":
+        g["old_q"], g["new_q"], g["y_q"] = g["old_g"], g["new_g"], g["y_g"]
+    else:
+        g["old_q"], g["y_q"] = _load_role(paths, "old_query", a.normalize)
+        g["new_q"], _ = _load_role(paths, "new_query", a.normalize)
+    return g
+
+
+def step_simulate(cfg: RunConfig, a: FastFillArgs, out: Path) -> dict:
+    """Backfilling curves for every ``a.curves`` entry plus old/old and new/new references."""
+    from vfmkit.eval import backfill as bf
+
+    g = _gallery_query(a, out)
+    n, ex = g["new_g"].shape[0], a.query == "gallery"
+    kw = {"exclude_self": ex, "block_size": a.block_size}
+    mapped: dict[str, tuple[Tensor | None, Tensor | None]] = {}
+    same_dim = g["old_g"].shape[1] == g["new_g"].shape[1]
+    mapped["none"] = (g["old_g"] if same_dim else None, None)  # incompatible spaces: old items unsearchable
+    for obj in a.objectives:
+        z, s = apply_transformation(load_transformation(out / f"h_{obj}.safetensors"), g["old_g"])
+        mapped[obj] = (F.normalize(z, dim=1) if a.normalize else z, s)
+    curves = {}
+    for c in a.curves:
+        h, _, order_name = c.partition("/")
+        gal_old, s = mapped[h]
+        if order_name == "random":
+            order = bf.order_random(n, a.order_seed)
+        elif order_name == "sigma":
+            order = bf.order_by_uncertainty(s)
+        else:
+            if gal_old is None:
+                raise ConfigError(f"curve {c!r}: no oracle without comparable old features")
+            order = bf.order_oracle(g["new_g"], gal_old)
+        fr = bf.default_fractions(a.fraction_steps)
+        curves[c] = bf.backfill_curve(
+            g["new_q"], g["y_q"], g["new_g"], gal_old, g["y_g"], order, fractions=fr, **kw
+        )
+        print(
+            f"[backfill] {c:18s} AUC " + " ".join(f"{m} {v:.2f}" for m, v in curves[c]["auc"].items()),
+            flush=True,
+        )
+    refs = {
+        "old/old": bf.retrieval_scores(g["old_q"], g["y_q"], g["old_g"], g["y_g"], **kw),
+        "new/new": bf.retrieval_scores(g["new_q"], g["y_q"], g["new_g"], g["y_g"], **kw),
+    }
+    for obj in a.objectives:
+        refs[f"{obj}(old)/new"] = bf.retrieval_scores(g["new_q"], g["y_q"], mapped[obj][0], g["y_g"], **kw)
+    result = {"curves": curves, "references": refs, "n_gallery": n, "n_query": int(g["y_q"].shape[0]),
+              "exclude_self": ex}  # fmt: skip
+    bf.save_report(curves, out / "curves.json", {k: v for k, v in result.items() if k != "curves"})
+    return result
+
+
+def step_report(cfg: RunConfig, a: FastFillArgs, out: Path, extra: dict | None = None) -> dict:
+    """``report.json`` (AUC table, references, args) and ``backfill.png`` from ``curves.json``."""
+    from vfmkit.eval import backfill as bf
+
+    p = out / "curves.json"
+    try:
+        sim = json.loads(p.read_text())
+    except (OSError, ValueError) as e:
+        raise ValueError(f"cannot read {p} (run the simulate step first): {e}") from e
+    auc = {name: c["auc"] for name, c in sim["curves"].items()}
+    report = {"auc": auc, **{k: v for k, v in sim.items() if k != "curves"}, "curves": sim["curves"],
+              "method_args": asdict(a), "config": to_dict(cfg), **(extra or {})}  # fmt: skip
+    bf.save_report(sim["curves"], out / "report.json", {k: v for k, v in report.items() if k != "curves"})
+    bf.plot_curves(
+        sim["curves"], out / "backfill.png", title=f"Backfilling: {a.old_encoder} -> {a.new_encoder}"
+    )
+    lines = [f"{'curve':18s} " + " ".join(f"{m:>7s}" for m in bf.METRICS)]
+    lines += [f"{n:18s} " + " ".join(f"{v[m]:7.2f}" for m in bf.METRICS) for n, v in auc.items()]
+    lines += [
+        f"{n:18s} " + " ".join(f"{v[m]:7.2f}" for m in bf.METRICS) for n, v in sim["references"].items()
+    ]
+    report["table"] = "\n".join(lines)
+    print(report["table"], flush=True)
+    return report
+
+
+def run_backfill(
+    cfg: RunConfig, steps: list[str] | tuple[str, ...] = STEPS, out_dir: str | Path | None = None
+) -> dict:
+    """Run the pipeline steps in order under ``out_dir`` (default ``cfg.out_dir``); each step is resumable."""
+    bad = [s for s in steps if s not in STEPS]
+    if bad:
+        raise ConfigError(f"unknown backfill step(s) {bad} (known: {', '.join(STEPS)})")
+    a = parse_args(cfg)
+    out = Path(out_dir or cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    result: dict = {}
+    if "cache" in steps:
+        result["features"] = {k: str(v) for k, v in step_cache(cfg, a, out).items()}
+    if "train" in steps:
+        result["train"] = step_train(cfg, a, out)
+    if "simulate" in steps:
+        result["simulate"] = step_simulate(cfg, a, out)
+    if "report" in steps:
+        result["report"] = step_report(
+            cfg, a, out, {"train": result.get("train")} if "train" in result else None
+        )
+    return result
