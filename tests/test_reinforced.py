@@ -207,3 +207,99 @@ def test_classification_record_round_trip():
     assert rec.label == 0 and rec.params == params and torch.equal(rec.indices, i)
     assert torch.allclose(rec.values, v, atol=1e-3) and rec.jpg == JPGS[1].read_bytes()
     assert torch.allclose(densify(rec.values, rec.indices, 10).sum(-1), torch.ones(3))
+
+
+# ------------------------------------------------------------------------------------------------ replay
+def _mm_shards(tmp_path, with_jpg: bool, bad_sha_for: str | None = None):
+    from vfmkit.data.shards import ShardWriter
+
+    meta = _meta(n_aug=3, n_syn=2)
+    jpgs = [p.read_bytes() for p in JPGS]
+    g = torch.Generator().manual_seed(0)
+    with ShardWriter(tmp_path / "dr", max_count=10) as w:
+        for n, jpg in enumerate(jpgs):
+            uid = f"img{n}"
+            sha = hashlib.sha256(b"other" if uid == bad_sha_for else jpg).hexdigest()
+            params = sample_params(meta, 0, uid, decode_image_size(jpg))
+            w.write(encode_multimodal(f"{n:09d}", uid, params, [f"syn a {n}", f"syn b {n}"],
+                                      torch.randn(3, 7, generator=g), torch.randn(3, 7, generator=g), meta,
+                                      sha256=sha, jpg=jpg if with_jpg else None, caption=f"real {n}"))
+    return meta, jpgs
+
+
+def decode_image_size(jpg: bytes) -> tuple[int, int]:
+    from vfmkit.data.replay import decode_image
+
+    return tuple(decode_image(jpg).shape[-2:])
+
+
+def test_multimodal_replay_through_loader(tmp_path):
+    from vfmkit.data.augment import ReplayableAugment, to_student
+    from vfmkit.data.replay import MultimodalReplay, ReplayShardLoader, decode_image
+
+    meta, jpgs = _mm_shards(tmp_path, with_jpg=True)
+    dec = MultimodalReplay(meta, 32, seed=3)
+    loader = ReplayShardLoader(str(tmp_path / "dr"), dec, batch_size=2, shuffle_buffer=0, seed=3)
+    picks = []
+    for epoch in range(6):
+        assert loader.epoch == epoch  # the loader advances by itself; the decoder follows it
+        (batch,) = list(loader)
+        assert batch["image"].shape == (2, 3, 32, 32) and batch["image_emb"].shape == (2, 7)
+        picks.append(tuple(batch["aug_index"].tolist()))
+        raws = list(iter_tar_samples(loader.urls[0]))
+        for b, raw in enumerate(raws):
+            rec = decode_multimodal(raw, meta)
+            a, s = int(batch["aug_index"][b]), int(batch["syn_index"][b])
+            want = to_student(ReplayableAugment(meta.recipe).apply(decode_image(jpgs[b]), rec.params[a], 32), 32)
+            assert torch.equal(batch["image"][b], want)
+            assert torch.equal(batch["image_emb"][b], rec.image_emb[a])
+            assert torch.equal(batch["syn_text_emb"][b], rec.text_emb[1 + s])
+            assert batch["syn_caption"][b] == rec.syn_text[s] and batch["caption"][b] == f"real {b}"
+    assert len(set(picks)) > 1  # the stored augmentation changes with the epoch
+    again = ReplayShardLoader(str(tmp_path / "dr"), MultimodalReplay(meta, 32, seed=3), 2, shuffle_buffer=0, seed=3)
+    assert tuple(next(iter(again))["aug_index"].tolist()) == picks[0]
+
+
+def test_multimodal_replay_joins_images_and_skips_mismatch(tmp_path):
+    from vfmkit.data.replay import MultimodalReplay, ReplayShardLoader
+    from vfmkit.data.shards import ShardWriter
+
+    meta, jpgs = _mm_shards(tmp_path, with_jpg=False, bad_sha_for="img1")
+    with ShardWriter(tmp_path / "images") as w:
+        for n, jpg in enumerate(jpgs):
+            w.write({"__key__": f"{n:09d}", "jpg": jpg, "json": {"uid": f"img{n}"}})
+    dec = MultimodalReplay(meta, 24, images=ImageIndex(str(tmp_path / "images")))
+    loader = ReplayShardLoader(str(tmp_path / "dr"), dec, batch_size=1, shuffle_buffer=0)
+    batches = list(loader)
+    assert len(batches) == 1 and batches[0]["caption"] == ["real 0"]
+    assert loader.n_corrupt == 1 and "img1" in loader.corrupt[0][2] and "sha256" in loader.corrupt[0][2]
+
+
+def test_classification_replay_targets(tmp_path):
+    from vfmkit.data.replay import ClassificationReplay, ReplayShardLoader
+    from vfmkit.data.shards import ShardWriter
+
+    meta = ReinforcedMeta("classification", AugRecipe("rrc_flip_ra_re", size=48), 4, num_classes=10, topk=3)
+    jpg = JPGS[1].read_bytes()
+    probs = torch.softmax(torch.randn(4, 10, generator=torch.Generator().manual_seed(1)), -1)
+    v, i = topk_encode(probs, 3)
+    with ShardWriter(tmp_path / "cls") as w:
+        for n in range(4):
+            uid = f"tench{n}"
+            w.write(encode_classification(f"{n:09d}", uid, 0, sample_params(meta, 0, uid, (128, 128)), v, i, meta,
+                                          jpg=jpg))
+    seen = set()
+    for p in (1.0, 0.0):
+        loader = ReplayShardLoader(str(tmp_path / "cls"), ClassificationReplay(meta, 40, p=p), 4, shuffle_buffer=0)
+        for _ in range(3):
+            (b,) = list(loader)
+            assert b["image"].shape == (4, 3, 40, 40) and torch.allclose(b["target"].sum(-1), torch.ones(4))
+            for t, a in zip(b["target"], b["aug_index"].tolist(), strict=True):
+                if p == 0.0:
+                    assert a == -1 and torch.equal(t, torch.eye(10)[0])
+                else:
+                    assert 0 <= a < 4 and torch.allclose(t, densify(v[a], i[a], 10), atol=1e-3)
+                    seen.add(a)
+    assert len(seen) > 1
+    with pytest.raises(ValueError, match="partners"):
+        ClassificationReplay(dataclasses.replace(meta, recipe=AugRecipe("rrc_flip_ra_re_mix")), 40)
