@@ -303,3 +303,19 @@ def test_classification_replay_targets(tmp_path):
     assert len(seen) > 1
     with pytest.raises(ValueError, match="partners"):
         ClassificationReplay(dataclasses.replace(meta, recipe=AugRecipe("rrc_flip_ra_re_mix")), 40)
+
+
+def test_image_index_reads_embedded_compressed_shards():
+    from vfmkit.data.builtin import builtin_path
+    from vfmkit.data.shards import list_shards
+
+    urls = list_shards(str(builtin_path("imagenette/val")))[:1]
+    assert urls[0].endswith(".tar.gz")
+    index = ImageIndex(urls)
+    raws = list(iter_tar_samples(urls[0]))[:3]
+    assert len(index) >= len(raws) > 0
+    for raw in raws:
+        info = json.loads(raw["json"])
+        assert index.read(info["uid"]) == raw["jpg"]
+        assert hashlib.sha256(index.attach({k: v for k, v in raw.items() if k != "jpg"})["jpg"]).hexdigest() \
+            == info["sha256"]

@@ -431,35 +431,41 @@ class JoinReport:
 
 
 class ImageIndex:
-    """uid -> (tar, byte offset, size) of the image member in image shards (img2dataset / vfmkit layout, whose
-    ``json`` carries ``uid``). Only offsets are kept in memory; bytes are read on demand."""
+    """uid -> image bytes of image shards (img2dataset / vfmkit layout, whose ``json`` carries ``uid``).
+
+    For plain ``.tar`` shards only (tar, offset, size) is kept and bytes are read on demand; compressed shards
+    (``.tar.gz``, e.g. the embedded subsets) cannot be seeked, so their image bytes are held in memory.
+    """
 
     def __init__(self, urls: str | os.PathLike | Sequence[str | os.PathLike], image_ext: str = "jpg",
                  uid_field: str = "uid") -> None:
         self.image_ext, self.uid_field = image_ext, uid_field
-        self._loc: dict[str, tuple[str, int, int]] = {}
+        self._loc: dict[str, tuple[str, int, int] | bytes] = {}
         for url in list_shards(urls):
             self._scan(url)
 
     def _scan(self, url: str) -> None:
-        if not url.endswith(".tar"):
-            raise ValueError(f"{url}: ImageIndex reads bytes by offset and needs uncompressed local .tar shards")
+        seekable = url.endswith(".tar")
         pending: dict[str, dict[str, Any]] = {}
-        with tarfile.open(url, "r") as tf:
-            for m in tf:
-                if not m.isfile():
-                    continue
-                key, ext = _split_name(m.name)
-                entry = pending.setdefault(key, {})
-                if ext == self.image_ext:
-                    entry["loc"] = (url, m.offset_data, m.size)
-                elif ext == "json":
-                    f = tf.extractfile(m)
-                    entry["uid"] = json.loads(f.read() if f is not None else b"{}").get(self.uid_field)
-                if "loc" in entry and "uid" in entry:
-                    if entry["uid"] is not None:
-                        self._loc[str(entry["uid"])] = entry["loc"]
-                    del pending[key]
+        try:
+            with tarfile.open(url, "r") as tf:
+                for m in tf:
+                    if not m.isfile():
+                        continue
+                    key, ext = _split_name(m.name)
+                    entry = pending.setdefault(key, {})
+                    if ext == self.image_ext:
+                        f = None if seekable else tf.extractfile(m)
+                        entry["loc"] = (url, m.offset_data, m.size) if f is None else f.read()
+                    elif ext == "json":
+                        f = tf.extractfile(m)
+                        entry["uid"] = json.loads(f.read() if f is not None else b"{}").get(self.uid_field)
+                    if "loc" in entry and "uid" in entry:
+                        if entry["uid"] is not None:
+                            self._loc[str(entry["uid"])] = entry["loc"]
+                        del pending[key]
+        except (tarfile.TarError, OSError, ValueError) as e:
+            raise ValueError(f"{url}: cannot index image shard: {e}") from e
 
     def __len__(self) -> int:
         return len(self._loc)
@@ -470,8 +476,8 @@ class ImageIndex:
     def read(self, uid: str) -> bytes | None:
         """The image bytes stored for ``uid``, or None."""
         loc = self._loc.get(str(uid))
-        if loc is None:
-            return None
+        if loc is None or isinstance(loc, bytes):
+            return loc
         url, off, size = loc
         with open(url, "rb") as f:
             f.seek(off)
