@@ -319,3 +319,13 @@ def test_image_index_reads_embedded_compressed_shards():
         assert index.read(info["uid"]) == raw["jpg"]
         assert hashlib.sha256(index.attach({k: v for k, v in raw.items() if k != "jpg"})["jpg"]).hexdigest() \
             == info["sha256"]
+
+
+@pytest.mark.parametrize("storage", ["npz", "pth.gz"])
+def test_truncated_embeddings_are_reported_by_sample(storage):
+    meta = _meta(storage=storage)
+    raw = encode_multimodal("k3", "u-3", sample_params(meta, 0, "u-3", (120, 160)), ["x", "y"], torch.zeros(2, 7),
+                            torch.zeros(3, 7), meta)
+    for bad in (raw[storage][: len(raw[storage]) // 2], b"garbage"):
+        with pytest.raises(ValueError, match="'k3'.*u-3"):
+            decode_multimodal({**raw, storage: bad}, meta)

@@ -24,7 +24,9 @@ import io
 import json
 import logging
 import os
+import pickle
 import tarfile
+import zipfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -50,6 +52,10 @@ FORMAT_VERSION = 1
 _STORAGE_DTYPE = {"npz": "float32", "pth.gz": "bfloat16"}
 _BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 _CAPTION_BYTES_ESTIMATE = 64  # mean UTF-8 length of a synthetic caption plus JSON quoting (an estimate)
+
+
+# what a truncated / garbled npz, gzip or torch blob raises
+_BLOB_ERRORS = (ValueError, OSError, RuntimeError, EOFError, zipfile.BadZipFile, pickle.UnpicklingError)
 
 
 class ImageMismatchError(ValueError):
@@ -289,8 +295,8 @@ def decode_multimodal(raw: dict[str, Any], meta: ReinforcedMeta) -> MultimodalRe
         params = paug_from_json(_json_field(raw, "paug.json"), meta.recipe)
         syn = list(_json_field(raw, "syn.json")["syn_text"])
         image_emb, text_emb = decode_embeddings(raw[storage], storage)
-    except (ValueError, OSError, RuntimeError) as e:
-        raise ValueError(f"sample {key!r} (uid {info.get('uid')!r}): {e}") from e
+    except _BLOB_ERRORS as e:
+        raise ValueError(f"sample {key!r} (uid {info.get('uid')!r}): {type(e).__name__}: {e}") from e
     _check_mm_shapes(meta, len(params), len(syn), image_emb, text_emb, f"sample {key!r}")
     txt = raw.get("txt")
     return MultimodalRecord(key, str(info["uid"]), info.get("sha256"), params, syn, image_emb, text_emb,
@@ -372,8 +378,8 @@ def decode_classification(raw: dict[str, Any], meta: ReinforcedMeta) -> Classifi
         with np.load(io.BytesIO(raw["topk.npz"]), allow_pickle=False) as z:
             values = torch.from_numpy(z["values"].astype(np.float32))
             indices = torch.from_numpy(z["indices"].astype(np.int64))
-    except (ValueError, OSError) as e:
-        raise ValueError(f"sample {key!r} (uid {info.get('uid')!r}): {e}") from e
+    except _BLOB_ERRORS as e:
+        raise ValueError(f"sample {key!r} (uid {info.get('uid')!r}): {type(e).__name__}: {e}") from e
     if tuple(values.shape) != (meta.n_aug, meta.topk) or len(params) != meta.n_aug:
         raise ValueError(f"sample {key!r}: top-k {tuple(values.shape)}, metadata says ({meta.n_aug}, {meta.topk})")
     return ClassificationRecord(key, str(info["uid"]), info.get("sha256"), int(info["label"]), params, values,
