@@ -62,9 +62,25 @@ def _atomic_write(path: str | Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
+def _init_text_decoder(dec: torch.nn.Module) -> None:
+    """CLIP-style init of a CoCa text decoder. open_clip 3.3 never initialises it (its ``init_parameters`` refers to
+    a missing ``self.transformer`` and is not called), so ``text_projection`` is left as ``torch.empty`` garbage
+    (logits ~1e35) in a model that is not loaded from a checkpoint."""
+    proj_std = dec.width ** -0.5 * (2 * dec.layers) ** -0.5
+    attn_std, fc_std = dec.width ** -0.5, (2 * dec.width) ** -0.5
+    for block in [*dec.resblocks, *dec.cross_attn]:
+        torch.nn.init.normal_(block.attn.in_proj_weight, std=attn_std)
+        torch.nn.init.normal_(block.attn.out_proj.weight, std=proj_std)
+        torch.nn.init.normal_(block.mlp.c_fc.weight, std=fc_std)
+        torch.nn.init.normal_(block.mlp.c_proj.weight, std=proj_std)
+    torch.nn.init.normal_(dec.text_projection, std=dec.width ** -0.5)
+
+
 def create_tiny_coca(cfg: dict | None = None) -> open_clip.CoCa:
     """A randomly initialised open_clip CoCa from ``cfg`` (default :data:`TINY_COCA_CFG`)."""
-    return open_clip.CoCa(**json.loads(json.dumps(cfg or TINY_COCA_CFG)))
+    model = open_clip.CoCa(**json.loads(json.dumps(cfg or TINY_COCA_CFG)))
+    _init_text_decoder(model.text_decoder)
+    return model
 
 
 class Captioner(torch.nn.Module):
