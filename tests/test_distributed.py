@@ -29,3 +29,15 @@ def test_distributed_clip_loss_and_grads_equal_single_process(tmp_path):
     assert rep["n_grads"] == rep["n_ref_grads"] > 10
     assert abs(rep["dist_loss"] - rep["ref_loss"]) < 1e-5, rep
     assert rep["max_grad_diff"] < 1e-5, rep
+
+
+@pytest.mark.dist
+@pytest.mark.parametrize("avg_after", ["0", "1"])
+def test_distributed_distill_loss_equals_single_process(tmp_path, avg_after):
+    out = tmp_path / "report.json"
+    torchrun(HERE / "dist" / "distill_loss_equiv.py", str(out), avg_after)
+    rep = json.loads(out.read_text())
+    assert rep["n_grads"] == rep["n_ref_grads"] > 10
+    assert rep["ref_loss"] > 0.01  # a real, non-trivial loss
+    assert abs(rep["dist_loss"] - rep["ref_loss"]) < 1e-5, rep
+    assert rep["max_grad_diff"] < 1e-5, rep
