@@ -179,6 +179,7 @@ def _real_caption(sample: dict, meta: dict) -> str | None:
 
 
 def _as_unit(x: Tensor) -> Tensor:
+    """A render (uint8, or float in [0, 1] after mixing: augment's contract) -> float in [0, 1]."""
     return x.float().div_(255.0) if x.dtype == torch.uint8 else x.float()
 
 
