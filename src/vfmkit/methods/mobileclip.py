@@ -151,3 +151,92 @@ def parse_args(cfg: RunConfig) -> MobileClipArgs:
     if not 0.0 <= args.lam <= 1.0:
         raise ConfigError(f"config key 'method_args.lam': {args.lam} is outside [0, 1]")
     return args
+
+
+def _reinforced_decoder(cfg: RunConfig, args: MobileClipArgs, bundle, meta):
+    """Replay decoder -> batch keys the loss wants (image, text, syn_text, t_img, t_txt, t_syn)."""
+    from vfmkit.data.reinforced import ImageIndex
+    from vfmkit.data.replay import MultimodalReplay
+    from vfmkit.data.shards import list_shards
+
+    images = ImageIndex(list_shards(args.images)) if args.images else None
+    replay = MultimodalReplay(meta, bundle.image_size, tokenizer=bundle.tokenizer, seed=cfg.seed,
+                              mean=bundle.mean, std=bundle.std, images=images)
+
+    class Decode:
+        def set_epoch(self, epoch: int) -> None:
+            replay.set_epoch(epoch)
+
+        def __call__(self, raw: dict) -> dict:
+            r = replay(raw)
+            return {"image": r["image"], "text": r["caption"], "syn_text": r["syn_caption"],
+                    "t_img": r["image_emb"].float(), "t_txt": r["text_emb"].float(),
+                    "t_syn": r["syn_text_emb"].float()}
+
+    return Decode()
+
+
+class OnlineTeacher:
+    """Online distillation: the same loss, the teacher ensemble run on every batch (for comparison)."""
+
+    def __init__(self, ensemble, mean, std):
+        self.ens = ensemble
+        self.mean = torch.tensor(mean).view(1, 3, 1, 1)
+        self.std = torch.tensor(std).view(1, 3, 1, 1)
+
+    def __call__(self, batch: dict) -> dict:
+        dev = batch["image"].device
+        pixels = (batch["image"] * self.std.to(dev) + self.mean.to(dev)).clamp(0, 1)  # undo the student's norm
+        out = {"t_img": self.ens.encode_image(pixels), "t_txt": self.ens.encode_text(batch["captions"])}
+        if "syn_captions" in batch:
+            out["t_syn"] = self.ens.encode_text(batch["syn_captions"])
+        return out
+
+
+def build(cfg: RunConfig, dist_info):
+    """Reinforced (offline) MobileCLIP training, or online distillation with ``online_teachers``."""
+    from vfmkit.data.reinforced import read_metadata
+    from vfmkit.data.replay import ReplayShardLoader
+    from vfmkit.data.shards import list_shards
+    from vfmkit.methods.clip import clamp_logit_scale, decode_image, make_train_loader, pick_caption
+    from vfmkit.methods.registry import Job
+    from vfmkit.models.factory import create_clip
+
+    args = parse_args(cfg)
+    torch.manual_seed(cfg.seed)
+    bundle = create_clip(cfg.model.name, cfg.model.pretrained, image_size=cfg.data.image_size, **cfg.model.kwargs)
+    d = cfg.data
+    if args.online_teachers:
+        from vfmkit.models.teachers import load_ensemble
+
+        ens = load_ensemble(args.online_teachers, device=dist_info.device)
+        dims, scales = ens.dims, args.teacher_scales or ens.logit_scales
+        def decode(raw):  # the teacher embeds the very caption the student sees
+            text = pick_caption(raw, "random")
+            return {"image": bundle.preprocess_train(decode_image(raw)), "text": bundle.tokenizer([text])[0],
+                    "captions": text}
+
+        loader = make_train_loader(cfg, decode, dist_info)
+        teacher = OnlineTeacher(ens, bundle.mean, bundle.std)
+    else:
+        if not args.reinforced:
+            raise ConfigError("config key 'method_args.reinforced': give reinforced shards (or online_teachers)")
+        from pathlib import Path
+
+        urls = list_shards(args.reinforced)
+        meta_path = Path(urls[0]).parent / "reinforced.json"
+        if not meta_path.is_file():
+            raise FileNotFoundError(f"reinforced metadata not found: {meta_path}")
+        meta = read_metadata(meta_path)
+        dims = [t.dim for t in meta.teachers]
+        scales = args.teacher_scales or [t.logit_scale for t in meta.teachers]
+        loader = ReplayShardLoader(urls, _reinforced_decoder(cfg, args, bundle, meta), d.batch_size,
+                                   shuffle_buffer=d.shuffle_buffer, seed=cfg.seed, num_workers=d.num_workers,
+                                   rank=dist_info.rank, world_size=dist_info.world_size, resampled=d.resampled,
+                                   on_corrupt=d.on_corrupt, drop_last=True)
+        teacher = None
+    loss = DistillClipLoss(dims, scales, args.lam, args.average_after_softmax, cfg.train.gather_with_grad,
+                           rank=dist_info.rank, world_size=dist_info.world_size)
+    return Job(bundle.model, make_loss_fn(loss, args, teacher), loader,
+               after_step=lambda m: clamp_logit_scale(m, args.max_logit_scale), extra={"bundle": bundle})
+
