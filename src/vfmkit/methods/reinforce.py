@@ -194,7 +194,9 @@ class Reinforcer:
         from vfmkit.data.augment import AugRecipe, ReplayableAugment
 
         self.args = args
-        self.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        # under torchrun each rank drives its own GPU (LOCAL_RANK)
+        local = int(os.environ.get("LOCAL_RANK", 0))
+        self.device = args.device or (f"cuda:{local}" if torch.cuda.is_available() else "cpu")
         self.recipe = AugRecipe.from_dict(default_recipe(args))
         self.aug = ReplayableAugment(self.recipe)
         self.teachers = teachers if teachers is not None else self._load_teachers()
