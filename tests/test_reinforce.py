@@ -148,6 +148,8 @@ def test_classify_with_real_efficientnet_lite0(tmp_path):
                          recipe={"name": "rrc_flip_ra_re_mix", "size": 224, "scale": [0.5, 1.0], "mix_p": 0.5}, topk=5,
                          batch_size=6, chunk=6)
     gen = Reinforcer(args)
+    # the teacher scores the augmented view as stored, not an eval-protocol centre crop of it
+    assert all(getattr(t, "crop_pct", 1.0) == 1.0 for t in gen.teachers.teachers)
     reinforce(str(tmp_path / "src"), tmp_path / "out", args, progress=False, reinforcer=gen)
     meta = read_metadata(tmp_path / "out" / "reinforced.json")
     assert meta.kind == "classification" and meta.num_classes == 10 and meta.topk == 5

@@ -217,8 +217,14 @@ class Reinforcer:
 
         if self.args.mode == "clip":
             return T.load_ensemble(self.args.teachers, device=self.device)
-        return T.load_classifier_ensemble(self.args.teachers, self.args.class_index, self.args.temperature,
-                                          device=self.device)
+        ens = T.load_classifier_ensemble(self.args.teachers, self.args.class_index, self.args.temperature,
+                                         device=self.device)
+        for t in ens.teachers:
+            # The teacher must score the augmented view itself (the view the student replays), not the eval
+            # protocol's centre crop of it: the stored targets describe exactly the stored params.
+            if getattr(t, "crop_pct", 1.0) != 1.0:
+                t.crop_pct = 1.0
+        return ens
 
     def _num_classes(self) -> int:
         if self.args.class_index is not None:
