@@ -429,6 +429,10 @@ def load_encoder(
     if enc.classifier is not None:
         w, b = (t.detach().float() for t in enc.classifier)
         if class_index is not None:
+            if max(class_index) >= w.shape[0]:
+                raise ConfigError(
+                    f"class_index {max(class_index)} out of range for {spec!r}'s {w.shape[0]}-way head"
+                )
             idx = torch.tensor(class_index, dtype=torch.long)
             w, b = w[idx], b[idx]
         enc.classifier = (w, b)
@@ -440,14 +444,17 @@ def load_encoder(
 
 def _decode_fn(size: int):
     """Raw webdataset sample -> ``{"image": uint8 [3, size, size], "label": int, "key": str}``; raises if bad."""
-    import torchvision.io as tvio
+    import io
+
+    import numpy as np
+    from PIL import Image
 
     from vfmkit.models.teachers import resize_center_crop
 
     def decode(raw: dict) -> dict:
-        img = tvio.decode_image(
-            torch.frombuffer(bytearray(raw["jpg"]), dtype=torch.uint8), mode=tvio.ImageReadMode.RGB
-        )
+        with Image.open(io.BytesIO(raw["jpg"])) as im:
+            arr = np.asarray(im.convert("RGB"))
+        img = torch.from_numpy(arr.copy()).permute(2, 0, 1)
         img = resize_center_crop(img[None].float() / 255.0, size)[0]
         meta = json.loads(raw["json"])
         return {
