@@ -19,7 +19,15 @@ from vfmkit.cli import main as cli_main
 from vfmkit.data.builtin import builtin_path, imagenette_classes
 from vfmkit.data.importer import import_captions, import_class_folders
 from vfmkit.data.loader import CorruptSampleError, ShardLoader, TensorLoader
-from vfmkit.data.shards import ShardError, ShardWriter, list_shards, read_manifest, sha256_file, verify_shards
+from vfmkit.data.shards import (
+    ShardError,
+    ShardWriter,
+    list_shards,
+    read_manifest,
+    sha256_file,
+    shard_counts,
+    verify_shards,
+)
 
 
 def keyed(raw: dict) -> dict:
@@ -148,6 +156,10 @@ def test_list_shards_specs_and_bad_paths(tmp_path):
     assert list_shards(str(plain)) == urls
     assert list_shards(str(plain / "{00000..00002}.tar")) == urls
     assert list_shards(urls[1]) == urls[1:2]
+    assert shard_counts(urls) is None  # only one shard has img2dataset stats: length unknown, not guessed
+    for i in (1, 2):
+        (plain / f"{i:05d}_stats.json").write_text('{"successes": 1}')
+    assert shard_counts(urls) == dict.fromkeys(urls, 1) and len(ShardLoader(urls, keyed, 1)) == 3
     for bad in ("/nonexistent/dir", str(plain / "{00000..00005}.tar"), "builtin:nope/none", str(tmp_path / "x.tar")):
         with pytest.raises(FileNotFoundError, match=re.escape(bad.removeprefix("builtin:"))):
             list_shards(bad)
