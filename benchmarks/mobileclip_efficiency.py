@@ -1,0 +1,215 @@
+"""Learning efficiency of reinforced (MobileCLIP) training vs plain CLIP: Flickr8k val R@1 against steps.
+
+Real data: Flickr8k TRAIN (imported from /work/shared/data/flickr8k with the project's importer, optionally a
+subset) is reinforced once with the offline teacher (stored augmentations + teacher embeddings, the other four
+human captions as the extra-caption branch). The same student, recipe, steps and seeds are trained plain and
+reinforced; Flickr8k VAL (1,000 images, 5,000 captions; never trained on) is evaluated every ``--eval-every``
+steps. Reported: mean R@1 (mean of I->T and T->I) per step per arm over seeds, the seed-to-seed spread, and
+how many times fewer steps the reinforced student needs to reach the plain student's final mean R@1 (the first
+eval step at which the reinforced mean reaches it; ratio = plain steps / that step).
+
+Floor: reinforced final R@1 beyond the seed spread (every reinforced seed above every plain seed) and >= 2x
+fewer steps; goal 5x. Every run is cached by (arm, seed, settings), so an interrupted benchmark resumes.
+
+    python benchmarks/mobileclip_efficiency.py [--seeds 0 1 2] [--steps 600] [--eval-every 100] [--train-images 0]
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import platform
+import statistics
+import sys
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+NAME = "mobileclip_efficiency"
+FLICKR = Path("/work/shared/data/flickr8k")
+
+
+def import_split(cache: Path, split: str, limit: int) -> Path:
+    """Flickr8k ``split`` (sorted names, the first ``limit`` if > 0) -> vfmkit shards, once."""
+    from vfmkit.data.importer import import_captions
+
+    out = cache / f"flickr8k_{split}_{limit or 'all'}"
+    if not (out / "manifest.json").is_file():
+        names = sorted(json.loads((FLICKR / "splits.json").read_text())[split])[: limit or None]
+        import_captions(FLICKR / "images.tar", FLICKR / "captions.csv", out, shard_size=500, names=names)
+    return out
+
+
+def reinforce_train(cache: Path, train: Path, teacher: str, n_aug: int) -> Path:
+    from vfmkit.commands.quickstart import write_caption_pool
+    from vfmkit.methods.reinforce import ReinforceArgs, reinforce
+
+    out = cache / f"{train.name}_reinforced_a{n_aug}_{teacher.replace(':', '_').replace('/', '_')}"
+    caps = cache / f"{train.name}_captions.jsonl"
+    n_syn = write_caption_pool(str(train), caps)
+    args = ReinforceArgs(mode="clip", teachers=[teacher], n_aug=n_aug, recipe={"name": "rrc_ra", "size": 224},
+                         images=True, captions=str(caps), n_syn=n_syn)
+    res = reinforce(str(train), out, args, progress=False)
+    if res["manifest"] is None:
+        raise RuntimeError(f"reinforcement into {out} incomplete")
+    return out
+
+
+class ValSet:
+    """Flickr8k val decoded and tokenised once (eval cost is then forward passes only)."""
+
+    def __init__(self, spec: str, bundle):
+        from vfmkit.eval.features import ordered_loader
+        from vfmkit.methods.clip import decode_image
+
+        def decode(raw):
+            return {"image": bundle.preprocess_val(decode_image(raw)),
+                    "captions": json.dumps(json.loads(raw["json"])["captions"][:5])}
+
+        imgs, caps = [], []
+        for b in ordered_loader(spec, decode, batch_size=256):
+            imgs.append(b["image"])
+            caps += [json.loads(c) for c in b["captions"]]
+        self.images = torch.cat(imgs)  # [N, 3, S, S]
+        self.tokens = bundle.tokenizer([c for cs in caps for c in cs])  # [M, L]
+        self.owner = torch.tensor([i for i, cs in enumerate(caps) for _ in cs])
+
+    @torch.no_grad()
+    def __call__(self, model, step: int = 0) -> dict[str, float]:
+        from vfmkit.eval.retrieval import retrieval_metrics
+
+        f = torch.nn.functional.normalize
+        img = torch.cat([f(model.encode_image(self.images[s:s + 256]).float(), dim=-1)
+                         for s in range(0, len(self.images), 256)])
+        txt = torch.cat([f(model.encode_text(self.tokens[s:s + 512]).float(), dim=-1)
+                         for s in range(0, len(self.tokens), 512)])
+        m = retrieval_metrics(img, txt, self.owner)
+        return {**m, "R@1": 0.5 * (m["i2t_R@1"] + m["t2i_R@1"])}
+
+
+def run_arm(arm: str, seed: int, a: argparse.Namespace, train: Path, rdir: Path, val: ValSet) -> list[dict]:
+    """Train one (arm, seed) through the registry + engine; eval history cached as JSON (resumable)."""
+    from vfmkit.config import load_config, to_dict
+    from vfmkit.engine import init_distributed
+    from vfmkit.engine import train as engine_train
+    from vfmkit.methods.registry import build_job
+
+    over = [f"seed={seed}", f"data.train={train}", f"train.steps={a.steps}", f"train.eval_every={a.eval_every}",
+            f"model.name={a.model}", f"data.batch_size={a.batch_size}", f"method_args.lam={a.lam}",
+            f"method_args.reinforced={rdir}", *a.set]
+    cfg = load_config("mobileclip_tiny", over)
+    if arm == "plain":
+        cfg.method, cfg.method_args = "clip", {"loss": "clip", "caption": "random"}
+    key = hashlib.sha256(json.dumps(to_dict(cfg), sort_keys=True).encode()).hexdigest()[:12]
+    cfg.out_dir = str(a.cache / "runs" / f"{arm}_s{seed}_{key}")
+    done = Path(cfg.out_dir) / "evals.json"
+    if done.is_file():
+        return json.loads(done.read_text())
+    job = build_job(cfg, init_distributed())
+    t0 = time.perf_counter()
+    res = engine_train(cfg, job.model, job.loss_fn, job.loader, out_dir=cfg.out_dir, eval_fn=val,
+                       after_step=job.after_step)
+    evals = [{"step": 0, **{f"eval/{k}": v for k, v in val(_untrained(cfg)).items()}}]
+    evals += [h for h in res.history if "eval/R@1" in h]
+    print(f"{arm} seed {seed}: final R@1 {evals[-1]['eval/R@1']:.2f} in {time.perf_counter() - t0:.0f}s",
+          flush=True)
+    tmp = done.with_suffix(".tmp")
+    tmp.write_text(json.dumps(evals))
+    tmp.replace(done)
+    return evals
+
+
+def _untrained(cfg):
+    from vfmkit.models.factory import create_clip
+
+    torch.manual_seed(cfg.seed)
+    return create_clip(cfg.model.name).model.eval()
+
+
+def summarise(curves: dict[str, list[list[dict]]]) -> dict:
+    """Mean/min/max R@1 per eval step per arm, plain's final mean, steps-to-reach and the ratio."""
+    out: dict = {}
+    for arm, runs in curves.items():
+        steps = [h["step"] for h in runs[0]]
+        vals = [[r[i]["eval/R@1"] for r in runs] for i in range(len(steps))]
+        out[arm] = {"steps": steps, "mean": [statistics.mean(v) for v in vals], "min": [min(v) for v in vals],
+                    "max": [max(v) for v in vals], "final_per_seed": vals[-1]}
+    target = out["plain"]["mean"][-1]
+    reach = next((s for s, m in zip(out["reinforced"]["steps"], out["reinforced"]["mean"], strict=True)
+                  if m >= target and s > 0), None)
+    final_step = out["plain"]["steps"][-1]
+    out["target_R@1"] = target
+    out["reinforced_steps_to_reach"] = reach
+    out["ratio"] = (final_step / reach) if reach else 0.0
+    out["separated"] = min(out["reinforced"]["final_per_seed"]) > max(out["plain"]["final_per_seed"])
+    out["gain_final"] = out["reinforced"]["mean"][-1] - target
+    return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--steps", type=int, default=600)
+    ap.add_argument("--eval-every", type=int, default=100)
+    ap.add_argument("--model", default="vfm-tiny-cnn")
+    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--lam", type=float, default=0.5)
+    ap.add_argument("--n-aug", type=int, default=10)
+    ap.add_argument("--train-images", type=int, default=0, help="first N sorted train images (0: all 6,091)")
+    ap.add_argument("--teacher", default="offline")
+    ap.add_argument("--set", action="append", default=[], help="extra recipe overrides for both arms")
+    ap.add_argument("--cache", type=Path, default=ROOT / "benchmarks" / ".cache" / NAME)
+    a = ap.parse_args()
+    torch.manual_seed(0)
+    t0 = time.perf_counter()
+    train = import_split(a.cache, "train", a.train_images)
+    val_dir = import_split(a.cache, "val", 0)
+    rdir = reinforce_train(a.cache, train, a.teacher, a.n_aug)
+    t_data = time.perf_counter() - t0
+    from vfmkit.models.factory import create_clip
+
+    val = ValSet(str(val_dir), create_clip(a.model))
+    curves = {arm: [run_arm(arm, s, a, train, rdir, val) for s in a.seeds] for arm in ("plain", "reinforced")}
+    return report(a, summarise(curves), t_data, time.perf_counter() - t0)
+
+
+def report(a: argparse.Namespace, s: dict, t_data: float, t_total: float) -> int:
+    reach = s["reinforced_steps_to_reach"]
+    headline = (f"Flickr8k val R@1, {a.model} reinforced (offline teacher, lambda {a.lam}) vs plain CLIP, "
+                f"{len(a.seeds)} seeds, {a.steps} steps: plain final {s['target_R@1']:.2f}, reinforced final "
+                f"{s['reinforced']['mean'][-1]:.2f}; reinforced reaches plain's final R@1 "
+                + (f"at step {reach}: {s['ratio']:.1f}x fewer steps" if reach else "never: ratio 0"))
+    lines = [f"{'step':>6} | plain mean [min, max] | reinforced mean [min, max]"]
+    for i, st in enumerate(s["plain"]["steps"]):
+        p, r = s["plain"], s["reinforced"]
+        lines.append(f"{st:>6} | {p['mean'][i]:6.2f} [{p['min'][i]:.2f}, {p['max'][i]:.2f}] | "
+                     f"{r['mean'][i]:6.2f} [{r['min'][i]:.2f}, {r['max'][i]:.2f}]")
+    machine = f"{platform.node()} {platform.machine()} {torch.get_num_threads()} threads, torch {torch.__version__}"
+    res = {"headline": headline,
+           "floor": "every reinforced seed's final R@1 above every plain seed's, and >= 2x fewer steps (goal 5x)",
+           "floor_met": bool(s["separated"] and s["ratio"] >= 2.0), "summary": s,
+           "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(a).items()},
+           "seconds": {"data_and_reinforce": t_data, "total": t_total},
+           "date": datetime.now(UTC).isoformat(timespec="seconds"), "machine": machine}
+    out = ROOT / "benchmarks" / "results" / f"{NAME}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(res, indent=1))
+    tmp.replace(out)
+    text = "\n".join([headline, *lines, f"separated beyond seed spread: {s['separated']}; floor met: "
+                      f"{res['floor_met']}", f"date {res['date']}, {machine}, {t_total:.0f}s"])
+    print(text)
+    with open(ROOT / "benchmarks" / f"RESULTS.{NAME}.md", "a", encoding="utf-8") as f:
+        f.write(f"\n## {NAME} ({res['date']})\n\n```\n$ python benchmarks/{NAME}.py {' '.join(sys.argv[1:])}\n"
+                f"{text}\n```\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

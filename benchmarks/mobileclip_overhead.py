@@ -1,0 +1,165 @@
+"""Step overhead of reinforced (MobileCLIP) training vs plain CLIP, with online distillation beside it.
+
+Same student, same batch size, same optimiser; every arm is built through the method registry, so each uses its
+real loader: plain CLIP decodes JPEGs + open_clip's train transform; the reinforced arm replays a stored
+augmentation and reads the stored teacher embeddings from reinforced shards (data loading included in the time);
+online distillation runs the teacher ensemble on every batch. Arms are interleaved round by round and the
+median samples/s is reported. Floor: the reinforced step is at most 3% slower than the plain step.
+
+Two reinforced rows: "1 caption branch" does the same forward/backward work as plain CLIP (the like-for-like
+overhead, the floor applies to it); "2 caption branches" also runs the text tower on the extra caption of each
+sample (MobileCLIP's real + synthetic branches), a deliberate extra cost reported separately.
+
+    python benchmarks/mobileclip_overhead.py [--rounds 5] [--steps 8] [--teacher offline] [--n-aug 10]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+NAME = "mobileclip_overhead"
+FLOOR = 0.97  # reinforced samples/s >= 97% of plain
+
+
+def reinforced_data(cache: Path, teacher: str, n_aug: int, data: str) -> Path:
+    """Reinforce ``data`` once (resumable, reused across runs) with the jpg stored, as quickstart does."""
+    from vfmkit.commands.quickstart import write_caption_pool
+    from vfmkit.methods.reinforce import ReinforceArgs, reinforce
+
+    out = cache / f"reinforced_{teacher.replace(':', '_').replace('/', '_')}_a{n_aug}"
+    caps = cache / "captions.jsonl"
+    n_syn = write_caption_pool(data, caps)
+    args = ReinforceArgs(mode="clip", teachers=[teacher], n_aug=n_aug, recipe={"name": "rrc_ra", "size": 224},
+                         images=True, captions=str(caps), n_syn=n_syn)
+    reinforce(data, out, args, progress=False)
+    return out
+
+
+def make_job(method: str, base: dict, method_args: dict):
+    from vfmkit.config import load_config
+    from vfmkit.engine.distributed import init_distributed
+    from vfmkit.methods.registry import build_job
+
+    cfg = load_config({**base, "method": method, "method_args": method_args})
+    return cfg, build_job(cfg, init_distributed())
+
+
+class Arm:
+    """One training setup: model, optimiser, loss and a loader iterated across epochs like the engine does."""
+
+    def __init__(self, name: str, cfg, job):
+        from vfmkit.engine.trainer import param_groups
+
+        self.name, self.cfg, self.job = name, cfg, job
+        self.opt = torch.optim.AdamW(param_groups(job.model, cfg.optim.weight_decay), lr=cfg.optim.lr, fused=True)
+        self.epoch, self.it = 0, iter(job.loader)
+        job.model.train()
+
+    def next_batch(self):
+        try:
+            return next(self.it)
+        except StopIteration:
+            self.epoch += 1
+            self.job.loader.set_epoch(self.epoch)
+            self.it = iter(self.job.loader)
+            return next(self.it)
+
+    def step(self, i: int) -> int:
+        """One optimiser step exactly as the engine's hot path (fp32 on CPU); returns the batch size."""
+        batch = self.next_batch()
+        loss, _ = self.job.loss_fn(self.job.model, batch, i)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.job.model.parameters(), self.cfg.train.grad_clip)
+        self.opt.step()
+        self.job.after_step(self.job.model)
+        return int(batch["image"].shape[0])
+
+    def timed(self, steps: int) -> float:
+        """samples/s over ``steps`` steps (data loading included)."""
+        t0, n = time.perf_counter(), 0
+        for i in range(steps):
+            n += self.step(i)
+        return n / (time.perf_counter() - t0)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--steps", type=int, default=8, help="timed steps per arm per round")
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--teacher", default="offline")
+    ap.add_argument("--n-aug", type=int, default=10)
+    ap.add_argument("--model", default="vfm-tiny-cnn")
+    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--data", default="builtin:flickr8k/train", help="real Flickr8k image-text shards")
+    ap.add_argument("--cache", type=Path, default=ROOT / "benchmarks" / ".cache" / NAME)
+    ap.add_argument("--no-online", action="store_true")
+    a = ap.parse_args()
+
+    t_start = time.perf_counter()
+    rdir = reinforced_data(a.cache, a.teacher, a.n_aug, a.data)
+    t_reinf = time.perf_counter() - t_start
+    base = {"seed": 0, "model": {"name": a.model},
+            "data": {"train": a.data, "batch_size": a.batch_size, "num_workers": 0, "shuffle_buffer": 256},
+            "optim": {"lr": 1e-3, "weight_decay": 0.1}, "train": {"grad_clip": 1.0}}
+    specs = [("plain CLIP", "clip", {"loss": "clip", "caption": "random"}),
+             ("reinforced, 1 caption branch", "mobileclip", {"lam": 0.5, "use_syn": False, "reinforced": str(rdir)}),
+             ("reinforced, 2 caption branches", "mobileclip", {"lam": 0.5, "use_syn": True, "reinforced": str(rdir)})]
+    if not a.no_online:
+        specs.append(("online distillation", "mobileclip", {"lam": 0.5, "online_teachers": [a.teacher]}))
+    arms = [Arm(n, *make_job(m, base, ma)) for n, m, ma in specs]
+    for arm in arms:  # warm-up: first-touch allocations, shard opening, teacher weights paged in
+        arm.timed(a.warmup)
+    sps: dict[str, list[float]] = {arm.name: [] for arm in arms}
+    for r in range(a.rounds):
+        order = arms if r % 2 == 0 else arms[::-1]  # alternate the order so drift in machine load cancels
+        for arm in order:
+            sps[arm.name].append(arm.timed(a.steps))
+        print(f"round {r + 1}/{a.rounds}: " + ", ".join(f"{k} {v[-1]:.1f}" for k, v in sps.items()), flush=True)
+    return report(a, sps, t_reinf)
+
+
+def report(a: argparse.Namespace, sps: dict[str, list[float]], t_reinf: float) -> int:
+    med = {k: statistics.median(v) for k, v in sps.items()}
+    plain = med["plain CLIP"]
+    ratio = med["reinforced, 1 caption branch"] / plain
+    lines = [f"{k:32s} {v:8.1f} samples/s  ({v / plain:.3f}x plain; rounds: "
+             + ", ".join(f"{x:.1f}" for x in sps[k]) + ")" for k, v in med.items()]
+    headline = (f"reinforced step (stored embeddings loaded, 1 caption branch) vs plain CLIP step, {a.model} "
+                f"batch {a.batch_size}: {ratio:.3f}x plain samples/s ({(1 - ratio) * 100:+.1f}% slower); "
+                f"2 caption branches {med['reinforced, 2 caption branches'] / plain:.3f}x"
+                + (f"; online distillation {med['online distillation'] / plain:.3f}x" if "online distillation"
+                   in med else ""))
+    machine = f"{platform.node()} {platform.machine()} {torch.get_num_threads()} threads, torch {torch.__version__}"
+    res = {"headline": headline, "floor": f"reinforced samples/s >= {FLOOR} x plain (at most 3% slower)",
+           "floor_met": bool(ratio >= FLOOR), "ratio_reinforced_over_plain": ratio, "median_samples_per_s": med,
+           "rounds": sps, "settings": vars(a) | {"cache": str(a.cache)}, "reinforce_seconds": t_reinf,
+           "date": datetime.now(UTC).isoformat(timespec="seconds"), "machine": machine}
+    out = ROOT / "benchmarks" / "results" / f"{NAME}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(res, indent=1))
+    tmp.replace(out)
+    text = "\n".join([headline, *lines, f"floor met: {res['floor_met']}", f"date {res['date']}, {machine}"])
+    print(text)
+    with open(ROOT / "benchmarks" / f"RESULTS.{NAME}.md", "a", encoding="utf-8") as f:
+        f.write(f"\n## {NAME} ({res['date']})\n\n```\n$ python benchmarks/{NAME}.py {' '.join(sys.argv[1:])}\n"
+                f"{text}\n```\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
