@@ -299,11 +299,15 @@ def plan_transfer_init(vocab: Vocabulary, classes: list[str | int], wordnet: Wor
     return TransferPlan([r["rows"] for r in report], report)
 
 
-def transfer_head(head: nn.Linear, plan: TransferPlan) -> nn.Linear:
-    """A new ``Linear(D, C)`` whose row ``c`` is the mean of ``head``'s rows ``plan.rows[c]``.
+def transfer_head(head: nn.Linear, plan: TransferPlan, bias: str = "mean") -> nn.Linear:
+    """A new ``Linear(D, C)`` whose weight row ``c`` is the mean of ``head``'s rows ``plan.rows[c]``.
 
-    Classes with no match get zero weights and the mean transferred bias: a neutral start, no random
-    preference. head: Linear(D, V) over the vocabulary."""
+    ``bias="mean"`` (default) gives every class the same bias, the mean transferred bias: a pretraining bias
+    encodes how often a synset is *captioned* (dog.n.01 far more than fish.n.01), not the downstream class
+    prior, and copied it makes the most captioned class win every image. ``bias="copy"`` copies them anyway.
+    Classes with no match get zero weights: a neutral start. head: Linear(D, V) over the vocabulary."""
+    if bias not in ("mean", "copy"):
+        raise ValueError(f"bias must be 'mean' or 'copy', got {bias!r}")
     new = nn.Linear(head.in_features, len(plan.rows))
     with torch.no_grad():
         new.weight.zero_()
@@ -313,7 +317,8 @@ def transfer_head(head: nn.Linear, plan: TransferPlan) -> nn.Linear:
             if rows:
                 idx = torch.as_tensor(rows, dtype=torch.long)
                 new.weight[c] = head.weight[idx].mean(0)
-                new.bias[c] = head.bias[idx].mean()
+                if bias == "copy":
+                    new.bias[c] = head.bias[idx].mean()
     return new
 
 
