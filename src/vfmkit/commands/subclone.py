@@ -251,6 +251,9 @@ def load_task_data(cfg: Any, args: SubcloneTrainArgs) -> dict[str, Any]:
 def build_task_model(cfg: Any, args: SubcloneTrainArgs, data: dict) -> nn.Module:
     """The model to train: subclone weights (``init``), an architecture at random init (``arch``), or a new
     parent from ``cfg.model`` (timm ViT name / ``gpt2``)."""
+    if args.init and args.arch:
+        raise ValueError("method_args.init (subclone weights) and method_args.arch (random init) are exclusive; "
+                         "set the other to null")
     if args.init:
         return sc.load_model(args.init)[0]
     if args.arch:

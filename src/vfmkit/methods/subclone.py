@@ -551,7 +551,7 @@ def measure_importance(model: nn.Module, batches: Iterable[dict], family: Family
     return Importance(stream=rec.stream / n_batches,
                       heads=[h / max(c, 1.0) for h, c in zip(rec.heads, rec.counts["heads"], strict=True)],
                       mlp=[h / max(c, 1.0) for h, c in zip(rec.mlp, rec.counts["mlp"], strict=True)],
-                      block_ratio=rec.ratio / n_batches, n_tokens=int(sum(rec.counts["mlp"][:1])))
+                      block_ratio=rec.ratio / n_batches, n_tokens=int(rec.counts["mlp"][0]) if rec.counts["mlp"] else 0)
 
 
 # ---------------------------------------------------------------------------------------------- the plan
