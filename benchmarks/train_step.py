@@ -174,6 +174,10 @@ def main() -> None:
     (RESULTS / name).write_text(json.dumps(res, indent=2) + "\n")
     print(res["headline"])
     print(f"floor {floor}x met: {res['floor_met']}")
+    with open(Path(__file__).parent / "RESULTS.train_step.md", "a") as f:
+        f.write(f"\n### {res['date']} on {machine} ({args.device})\n\n```\n"
+                + "\n".join(json.dumps(r) for r in rows) + f"\n{res['headline']}\nfloor {floor}x met: "
+                f"{res['floor_met']}\n```\n")
 
 
 if __name__ == "__main__":
