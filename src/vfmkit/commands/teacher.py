@@ -33,6 +33,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--cache", default=None, help="feature cache dir (default OUT/cache); reruns resume from it"
     )
     b.add_argument("--no-val", action="store_true", help="skip the val retrieval report")
+    b.add_argument("--max-train-images", type=int, default=0, help="use a prefix of the train split (0: all)")
     b.set_defaults(func=_build)
 
     e = sub.add_parser("eval", help="image-text retrieval R@1/5/10 of a teacher on a Flickr8k split")
@@ -61,6 +62,7 @@ def _build(args: argparse.Namespace) -> int:
         seed=args.seed,
         cache_dir=args.cache,
         eval_val=not args.no_val,
+        max_train_images=args.max_train_images,
     )
     print(json.dumps(record, indent=1))
     print(f"teacher saved to {args.out} in {time.time() - t0:.0f}s")

@@ -303,6 +303,9 @@ def build_efficientnet_lite0(image_size: int = 224) -> nn.Module:
 class ClassifierTeacher(nn.Module):
     """A frozen image classifier: images float [B,3,H,W] in [0,1] -> logits over the target classes [B, C].
 
+    Preprocessing is the model's own eval protocol: centre crop ``crop_pct`` of the short side, resize to
+    ``image_size`` with ``interpolation``, normalise with ``mean``/``std``.
+
     ``class_index`` (optional) selects columns of the backbone's logits (e.g. Imagenette's 10 ImageNet indices).
     """
 
@@ -315,9 +318,11 @@ class ClassifierTeacher(nn.Module):
         std: Sequence[float],
         class_index: Sequence[int] | None = None,
         interpolation: str = "bilinear",
+        crop_pct: float = 1.0,
     ) -> None:
         super().__init__()
         self.name, self.image_size, self.interpolation = name, int(image_size), interpolation
+        self.crop_pct = float(crop_pct)
         self.backbone = freeze(backbone)
         self.register_buffer(
             "mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1), persistent=False
@@ -331,6 +336,13 @@ class ClassifierTeacher(nn.Module):
         x = images.to(self.mean.device)
         if x.dtype == torch.uint8:
             x = x.float() / 255.0
+        if (
+            self.crop_pct < 1.0
+        ):  # the model's eval protocol: centre crop crop_pct of the short side, then resize
+            h, w = x.shape[-2:]
+            c = round(min(h, w) * self.crop_pct)
+            top, left = (h - c) // 2, (w - c) // 2
+            x = x[..., top : top + c, left : left + c]
         x = (resize_center_crop(x, self.image_size, self.interpolation) - self.mean) / self.std
         logits = self.backbone(x).float()
         return logits if self.class_index is None else logits.index_select(-1, self.class_index)
@@ -350,7 +362,7 @@ def _load_state_file(path: str) -> dict[str, Tensor]:
     return state
 
 
-def _timm_classifier(name: str, path: str | None) -> tuple[nn.Module, int, tuple, tuple, str]:
+def _timm_classifier(name: str, path: str | None) -> tuple[nn.Module, int, tuple, tuple, str, float]:
     import timm
 
     if path is None:
@@ -364,7 +376,8 @@ def _timm_classifier(name: str, path: str | None) -> tuple[nn.Module, int, tuple
         model.load_state_dict(state, strict=True)
     cfg = timm.data.resolve_data_config({}, model=model)
     size = cfg["input_size"][-1]
-    return model, int(size), tuple(cfg["mean"]), tuple(cfg["std"]), cfg.get("interpolation", "bicubic")
+    interp, crop = cfg.get("interpolation", "bicubic"), float(cfg.get("crop_pct", 1.0))
+    return model, int(size), tuple(cfg["mean"]), tuple(cfg["std"]), interp, crop
 
 
 def load_classifier(
@@ -374,11 +387,15 @@ def load_classifier(
     if spec.startswith("efficientnet-lite0"):
         size = int(spec.split("@", 1)[1]) if "@" in spec else 224
         model = build_efficientnet_lite0(size)
-        teacher = ClassifierTeacher(spec, model, size, LITE_MEAN, LITE_STD, class_index)
+        # TF EfficientNet(-Lite) eval: centre crop size/(size+32) of the image, bicubic resize to size.
+        crop = size / (size + 32)
+        teacher = ClassifierTeacher(spec, model, size, LITE_MEAN, LITE_STD, class_index, "bicubic", crop)
     elif spec.startswith("timm:"):
         parts = spec.split(":", 2)
-        model, size, mean, std, interp = _timm_classifier(parts[1], parts[2] if len(parts) == 3 else None)
-        teacher = ClassifierTeacher(spec, model, size, mean, std, class_index, interpolation=interp)
+        model, size, mean, std, interp, crop = _timm_classifier(
+            parts[1], parts[2] if len(parts) == 3 else None
+        )
+        teacher = ClassifierTeacher(spec, model, size, mean, std, class_index, interp, crop)
     else:
         raise ValueError(f"unknown classifier spec '{spec}': use 'efficientnet-lite0', 'timm:NAME[:CKPT]'")
     return teacher.to(device)
