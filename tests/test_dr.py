@@ -1,5 +1,5 @@
-"""DR for classifiers, training side: reinforced / plain / online modes in the one engine, on a tiny reinforced
-set made here from real embedded Imagenette photos with the real EfficientNet-Lite0 teacher.
+"""DR for classifiers, training side: reinforced / plain / online modes in the one engine, on a tiny
+reinforced set made here from real embedded Imagenette photos with the real EfficientNet-Lite0 teacher.
 
 (Replay equality, top-k densify, generation resume and the teacher's accuracy are tested in test_augment.py,
 test_reinforced.py, test_reinforce.py and test_teachers.py.)"""
@@ -102,7 +102,7 @@ def test_config_errors_name_the_key(dset):
         build_job(cfg, di)
 
 
-# ------------------------------------------------------------------------------------------------ plain / online data
+# ---------------------------------------------------------------------------------------- plain / online data
 def test_fresh_augment_draws_one_augmentation_for_both_views(dset):
     """plain/online draw new params each epoch from the same family; the student and the teacher view are the
     same draw at two sizes; p=0 falls back to the plain view and the one-hot label."""
@@ -122,8 +122,8 @@ def test_fresh_augment_draws_one_augmentation_for_both_views(dset):
         rng.random()  # the p draw
         params = aug.sample_single(rng, tuple(src.shape[-2:]))
         assert torch.equal(out["teacher_image"], aug.apply(src, params, 64))
-        torch.testing.assert_close(out["image"], to_student(aug.apply(src, params, SIZE), SIZE, dr.IMAGENET_MEAN,
-                                                            dr.IMAGENET_STD))
+        want = to_student(aug.apply(src, params, SIZE), SIZE, dr.IMAGENET_MEAN, dr.IMAGENET_STD)
+        torch.testing.assert_close(out["image"], want)
         assert out["label"] == meta["label"] and torch.equal(out["target"], torch.eye(10)[meta["label"]])
         outs.append(out["image"])
     assert not torch.equal(outs[0], outs[1])  # a fresh draw every epoch
@@ -152,8 +152,8 @@ def test_mix_collate_mixes_images_teacher_views_and_labels(dset):
         torch.testing.assert_close(batch["target"][i], lam * s["target"] + (1 - lam) * samples[j]["target"])
         if s["mix_kind"] == 1:  # MixUp of the partner's un-mixed image, on both views
             torch.testing.assert_close(batch["image"][i], lam * s["image"] + (1 - lam) * samples[j]["image"])
-            torch.testing.assert_close(batch["teacher_image"][i], (lam * s["teacher_image"].float() + (1 - lam)
-                                                                   * samples[j]["teacher_image"].float()) / 255)
+            t_mix = lam * s["teacher_image"].float() + (1 - lam) * samples[j]["teacher_image"].float()
+            torch.testing.assert_close(batch["teacher_image"][i], t_mix / 255)
         else:  # CutMix: the box (reference pixels, rescaled) comes from the partner, the rest is untouched
             ii, jj, hh, ww = (round(int(v) * SIZE / 48) for v in s["mix_box"])
             assert torch.equal(batch["image"][i][:, ii:ii + hh, jj:jj + ww],
@@ -194,11 +194,13 @@ def test_reinforced_training_through_cli_lowers_kl(dset, tmp_path, capsys):
 
     out = tmp_path / "run"
     sets = {"model.name": STUDENT["name"], "model.kwargs": json.dumps(STUDENT["kwargs"]),
-            "data.train": dset["src"], "data.val": dset["src"], "data.batch_size": 10, "data.image_size": SIZE,
+            "data.train": dset["src"], "data.val": dset["src"], "data.batch_size": 10,
+            "data.image_size": SIZE,
             "data.shuffle_buffer": 30, "optim.lr": 3e-3, "optim.warmup_steps": 3, "optim.weight_decay": 0.0,
             "train.progress": False, "train.tensorboard": False, "train.log_every": 3,
             "method_args.reinforced": dset["dr"], "method_args.epochs": 15}
-    argv = ["train", "dr_imagenette", "--out", str(out)] + [a for k, v in sets.items() for a in ("--set", f"{k}={v}")]
+    argv = ["train", "dr_imagenette", "--out", str(out)]
+    argv += [a for k, v in sets.items() for a in ("--set", f"{k}={v}")]
     assert main(argv) == 0
     final = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert final["step"] == 15 * 3  # epochs x (30 images // batch 10)
@@ -217,8 +219,8 @@ def test_reinforced_training_through_cli_lowers_kl(dset, tmp_path, capsys):
 
 
 def test_plain_mode_resumes_exactly(dset, tmp_path):
-    """plain mode (fresh draws per epoch, cross-entropy): stopped mid-epoch and resumed gives the uninterrupted
-    weights (the decoder's epoch and the loader position come back)."""
+    """plain mode (fresh draws per epoch, cross-entropy): stopped mid-epoch and resumed gives the
+    uninterrupted weights (the decoder's epoch and the loader position come back)."""
     from safetensors.torch import load_file
 
     di = init_distributed()
@@ -234,11 +236,13 @@ def test_plain_mode_resumes_exactly(dset, tmp_path):
     job = build_job(cfg, di)  # a fresh process would rebuild everything
     r2 = train(cfg, job.model, job.loss_fn, job.loader, out_dir=tmp_path / "cut", dist_info=di)
     assert r2.resumed_from == 4 and r2.step == 12
-    a, b = load_file(str(tmp_path / "ref" / "model.safetensors")), load_file(str(tmp_path / "cut" / "model.safetensors"))
+    a = load_file(str(tmp_path / "ref" / "model.safetensors"))
+    b = load_file(str(tmp_path / "cut" / "model.safetensors"))
     assert max((a[k].float() - b[k].float()).abs().max().item() for k in a) == 0.0
     from vfmkit.models.factory import create_classifier
 
-    torch.manual_seed(0)  # the build's seeded initialisation: training moved away from it, so equality is not trivial
+    # the build's seeded initialisation: training moved away from it, so the equality is not trivial
+    torch.manual_seed(0)
     init = create_classifier(STUDENT["name"], 10, **STUDENT["kwargs"]).state_dict()
     assert max((a[k].float() - init[k].float()).abs().max().item() for k in a) > 1e-3
 

@@ -13,7 +13,7 @@ target of each image comes from:
 - ``online``: the plain pipeline plus the classifier teacher run every step on the same augmented batch
   (rendered at the recipe's reference size, as generation renders it), with the reinforced mode's KL loss.
 
-``method_args.epochs`` (> 0) sets ``train.steps = epochs x batches per epoch`` because the engine counts steps.
+``method_args.epochs`` (> 0) sets ``train.steps = epochs x batches per epoch`` (the engine counts steps).
 ``eval_fn`` reports top-1/top-5, ECE (15 bins) and NLL on ``data.val``.
 """
 
@@ -47,8 +47,8 @@ class DrArgs:
     """``method_args`` of a DR recipe."""
 
     mode: str = "reinforced"  # reinforced | plain | online
-    reinforced: str | None = None  # folder written by `vfmkit reinforce classify --out` (needed by "reinforced")
-    p: float = 0.99  # probability of a (stored or fresh) augmentation; else the plain view and its one-hot label
+    reinforced: str | None = None  # folder of `vfmkit reinforce classify --out` (needed by "reinforced")
+    p: float = 0.99  # probability of a (stored or fresh) augmentation; else the plain view and one-hot label
     temperature: float = 1.0  # student temperature T of the KL loss (ImageNet+: 1)
     densify: str | None = None  # None: the set's recommended mode; else "smooth" or "zeros"
     label_smoothing: float = 0.0  # plain mode only
@@ -74,21 +74,23 @@ def parse_args(cfg: RunConfig) -> DrArgs:
     if a.densify not in (None, "smooth", "zeros"):
         raise ConfigError(f"config key 'method_args.densify': {a.densify!r} is not smooth or zeros")
     if a.mode == "reinforced" and not a.reinforced:
-        raise ConfigError("config key 'method_args.reinforced': mode 'reinforced' needs the reinforced set's folder")
+        raise ConfigError("config key 'method_args.reinforced': mode 'reinforced' needs the reinforced set's "
+                          "folder")
     if a.reinforced:
         given = [k for k in ("teachers", "class_index", "teacher_temperature") if getattr(a, k) is not None]
         if a.recipe:
             given.insert(0, "recipe")
         if given:
-            raise ConfigError(f"config key 'method_args.{given[0]}': taken from the reinforced set's metadata "
-                              "when method_args.reinforced is given (so all modes share it); leave it unset")
+            raise ConfigError(f"config key 'method_args.{given[0]}': taken from the reinforced set's "
+                              "metadata when method_args.reinforced is given (so all modes share it); leave "
+                              "it unset")
     return a
 
 
 # ---------------------------------------------------------------------------------------------- losses
 def kl_loss(logits: Tensor, target: Tensor, temperature: float = 1.0) -> Tensor:
-    """``KL(target || softmax(logits / T)) * T^2``, ``batchmean``. logits ``[B, C]``, target ``[B, C]`` (rows sum
-    to 1). The ``T^2`` keeps gradient magnitudes comparable across temperatures (Hinton et al.); at T=1 it is 1."""
+    """``KL(target || softmax(logits / T)) * T^2``, ``batchmean``. logits ``[B, C]``, target ``[B, C]`` (rows
+    sum to 1). ``T^2`` keeps gradient magnitudes comparable across temperatures (Hinton et al.); 1 at T=1."""
     logp = F.log_softmax(logits.float() / temperature, dim=-1)
     return F.kl_div(logp, target.float(), reduction="batchmean") * (temperature * temperature)
 
@@ -250,7 +252,8 @@ class EvalDecode:
         from vfmkit.data.augment import to_student
 
         src, label, _ = decode_source(raw)
-        return {"image": to_student(plain_view(src, self.size), self.size, self.mean, self.std), "label": label}
+        img = to_student(plain_view(src, self.size), self.size, self.mean, self.std)
+        return {"image": img, "label": label}
 
 
 # ---------------------------------------------------------------------------------------------- evaluation
@@ -303,7 +306,7 @@ def _class_index(spec: str | list[int] | None) -> list[int] | None:
 
 
 def resolve_setup(args: DrArgs, student_size: int) -> DrSetup:
-    """Recipe, classes and teacher: from the reinforced set when given (so all modes share them), else args."""
+    """Recipe, classes and teacher: from the reinforced set when given (all modes share them), else args."""
     from vfmkit.data.augment import AugRecipe
 
     if args.reinforced:
@@ -311,11 +314,13 @@ def resolve_setup(args: DrArgs, student_size: int) -> DrSetup:
 
         path = Path(args.reinforced) / "reinforced.json"
         if not path.is_file():
-            raise ConfigError(f"config key 'method_args.reinforced': no reinforced.json in {args.reinforced!r} "
+            raise ConfigError(f"config key 'method_args.reinforced': no reinforced.json in "
+                              f"{args.reinforced!r} "
                               "(write one with `vfmkit reinforce classify --out DIR`)")
         meta = read_metadata(path)
         if meta.kind != "classification":
-            raise ConfigError(f"config key 'method_args.reinforced': {args.reinforced!r} is a {meta.kind} set, "
+            raise ConfigError(f"config key 'method_args.reinforced': {args.reinforced!r} is a {meta.kind} "
+                              "set, "
                               "DR for classifiers needs a classification set")
         cls = meta.extra.get("classifiers") or {}
         setup = DrSetup(meta.recipe, int(meta.num_classes), list(cls.get("names") or ["efficientnet-lite0"]),
@@ -328,7 +333,8 @@ def resolve_setup(args: DrArgs, student_size: int) -> DrSetup:
         ci = _class_index(args.class_index)
         n = args.num_classes or (len(ci) if ci else None)
         if not n:
-            raise ConfigError("config key 'method_args.num_classes': give it (or class_index, or a reinforced set)")
+            raise ConfigError("config key 'method_args.num_classes': give it (or class_index, or a "
+                              "reinforced set)")
         setup = DrSetup(recipe, n, list(args.teachers or ["efficientnet-lite0"]), ci,
                         args.teacher_temperature or 1.0)
     if args.num_classes and args.num_classes != setup.num_classes:
@@ -348,12 +354,13 @@ def _loader_kw(cfg: RunConfig, dist_info: Any) -> dict:
     d = cfg.data
     if d.on_corrupt not in ("skip", "raise"):
         raise ConfigError(f"config key 'data.on_corrupt': {d.on_corrupt!r} is not 'skip' or 'raise'")
-    return dict(shuffle_buffer=d.shuffle_buffer, seed=cfg.seed, num_workers=d.num_workers, rank=dist_info.rank,
-                world_size=dist_info.world_size, resampled=d.resampled, on_corrupt=d.on_corrupt)
+    return dict(shuffle_buffer=d.shuffle_buffer, seed=cfg.seed, num_workers=d.num_workers,
+                rank=dist_info.rank, world_size=dist_info.world_size, resampled=d.resampled,
+                on_corrupt=d.on_corrupt)
 
 
 def make_train_loader(cfg: RunConfig, args: DrArgs, setup: DrSetup, size: int, norm: tuple, dist_info: Any):
-    """The mode's resumable training loader (a ``ReplayShardLoader``: it keeps the decoder's epoch in step)."""
+    """The mode's resumable training loader (``ReplayShardLoader`` keeps the decoder's epoch in step)."""
     from vfmkit.data.replay import ClassificationReplay, ReplayShardLoader
 
     kw = _loader_kw(cfg, dist_info)
@@ -374,7 +381,8 @@ def make_train_loader(cfg: RunConfig, args: DrArgs, setup: DrSetup, size: int, n
     decode = FreshAugment(setup.recipe, size, setup.num_classes, p=args.p, seed=cfg.seed, mean=mean, std=std,
                           teacher_size=teacher_size)
     collate = MixCollate(setup.recipe) if "mix" in setup.recipe.stages else default_collate
-    return ReplayShardLoader(cfg.data.train, decode, cfg.data.batch_size, collate_fn=collate, drop_last=True, **kw)
+    return ReplayShardLoader(cfg.data.train, decode, cfg.data.batch_size, collate_fn=collate, drop_last=True,
+                             **kw)
 
 
 def make_val_loader(cfg: RunConfig, args: DrArgs, size: int, norm: tuple):
@@ -386,14 +394,15 @@ def make_val_loader(cfg: RunConfig, args: DrArgs, size: int, norm: tuple):
 
 
 def load_teacher(setup: DrSetup, device: str | torch.device = "cpu") -> nn.Module:
-    """The online teacher: the reinforced set's classifier ensemble (or the args'), images -> probs ``[B, C]``."""
+    """The online teacher: the reinforced set's classifier ensemble (or the args'): images -> ``[B, C]``."""
     from vfmkit.models.teachers import load_classifier_ensemble
 
-    return load_classifier_ensemble(setup.teachers, setup.class_index, setup.teacher_temperature, device=device)
+    return load_classifier_ensemble(setup.teachers, setup.class_index, setup.teacher_temperature,
+                                    device=device)
 
 
 def build(cfg: RunConfig, dist_info: Any):
-    """The DR job of ``method_args.mode``: timm student ``cfg.model.name`` from scratch (or ``pretrained``)."""
+    """The DR job of ``method_args.mode``: timm student ``cfg.model.name``, from scratch or ``pretrained``."""
     from vfmkit.methods.registry import Job
     from vfmkit.models.factory import create_classifier
 
