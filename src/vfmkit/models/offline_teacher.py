@@ -423,7 +423,7 @@ def train_heads(
             "optim": {"lr": lr, "weight_decay": weight_decay, "warmup_steps": min(50, steps // 10)},
             "train": {
                 "steps": steps,
-                "log_every": max(1, min(50, steps)),
+                "log_every": max(1, min(50, steps // 4)),
                 "progress": False,
                 "tensorboard": False,
                 "eval_every": eval_every,
