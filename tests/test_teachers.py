@@ -71,10 +71,9 @@ def test_efficientnet_lite0_imagenette_top1(imagenette_val) -> None:
     assert logits.shape == (len(images), 10)
     top1 = (logits.argmax(-1) == labels).float().mean().item()
     assert len(images) >= 100
-    # Measured on these 200 embedded 112-px images: 93.0% (plain resize to 224), 94.5% (the TF eval protocol:
-    # centre crop 224/256, then resize); 96.7% on 300 of the 128-px source val images. The 112-px downscale costs
-    # accuracy, so the bar is 92% (chance is 10%), below the 95% first asked for.
-    assert top1 >= 0.92, f"EfficientNet-Lite0 top-1 on embedded Imagenette val: {top1:.3f}"
+    # The embedded val keeps Imagenette's source 128-px JPEG bytes (a 112-px downscale cost ~2 points: 94.5%).
+    print(f"EfficientNet-Lite0 top-1 on the embedded Imagenette val: {top1:.4f}")
+    assert top1 >= 0.95, f"EfficientNet-Lite0 top-1 on embedded Imagenette val: {top1:.3f}"
 
 
 # ----------------------------------------------------------------------------------------- shipped teacher
