@@ -106,11 +106,13 @@ def main() -> int:
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--data", default="builtin:flickr8k/train", help="real Flickr8k image-text shards")
     ap.add_argument("--cache", type=Path, default=ROOT / "benchmarks" / ".cache" / NAME)
+    ap.add_argument("--reinforced", type=Path, default=None,
+                    help="existing reinforced shards of --data (with jpg) instead of generating them")
     ap.add_argument("--no-online", action="store_true")
     a = ap.parse_args()
 
     t_start = time.perf_counter()
-    rdir = reinforced_data(a.cache, a.teacher, a.n_aug, a.data)
+    rdir = a.reinforced or reinforced_data(a.cache, a.teacher, a.n_aug, a.data)
     t_reinf = time.perf_counter() - t_start
     base = {"seed": 0, "model": {"name": a.model},
             "data": {"train": a.data, "batch_size": a.batch_size, "num_workers": 0, "shuffle_buffer": 256},
@@ -146,7 +148,7 @@ def report(a: argparse.Namespace, sps: dict[str, list[float]], t_reinf: float) -
     machine = f"{platform.node()} {platform.machine()} {torch.get_num_threads()} threads, torch {torch.__version__}"
     res = {"headline": headline, "floor": f"reinforced samples/s >= {FLOOR} x plain (at most 3% slower)",
            "floor_met": bool(ratio >= FLOOR), "ratio_reinforced_over_plain": ratio, "median_samples_per_s": med,
-           "rounds": sps, "settings": vars(a) | {"cache": str(a.cache)}, "reinforce_seconds": t_reinf,
+           "rounds": sps, "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(a).items()}, "reinforce_seconds": t_reinf,
            "date": datetime.now(UTC).isoformat(timespec="seconds"), "machine": machine}
     out = ROOT / "benchmarks" / "results" / f"{NAME}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
