@@ -52,7 +52,7 @@ def test_kill_and_resume_gives_the_uninterrupted_weights(tmp_path):
 
 
 @pytest.mark.slow
-def test_training_raises_heldout_retrieval():
+def test_training_raises_heldout_retrieval(tmp_path):
     from vfmkit.commands.eval import evaluate_clip
     from vfmkit.config import load_config
     from vfmkit.methods.registry import run
@@ -61,13 +61,14 @@ def test_training_raises_heldout_retrieval():
     torch.manual_seed(0)
     untrained = create_clip("vfm-tiny-vit")
     before = evaluate_clip(untrained, ["retrieval"], "builtin:flickr8k/heldout", "", "", None)
-    out = Path(os.environ.get("PYTEST_TMP", "/tmp")) / f"vfmkit-learn-{os.getpid()}"
-    cfg = load_config("clip_tiny", [f"out_dir={out}", "train.progress=false", "train.steps=300",
+    out = tmp_path / "run"
+    cfg = load_config("clip_tiny", [f"out_dir={out}", "train.progress=false", "train.steps=100",
                                     "train.ckpt_every=0", "train.resume=false"])
     run(cfg)
     trained = create_clip("vfm-tiny-vit", str(out / "model.safetensors"))
     after = evaluate_clip(trained, ["retrieval"], "builtin:flickr8k/heldout", "", "", None)
-    # 200 held-out images, 1,000 captions: chance text->image R@5 is 2.5%
-    gain = after["retrieval/t2i_R@5"] - before["retrieval/t2i_R@5"]
-    assert gain > 5.0, (before, after)
-    assert after["retrieval/i2t_R@5"] > before["retrieval/i2t_R@5"] + 5.0, (before, after)
+    # 200 held-out images, 1,000 captions: chance R@10 is 5% (the untrained model measured 4.9 / 5.0); its
+    # seed-to-seed spread is ~1.5 points, so a 6-point gain in both directions is far outside chance.
+    # Measured: 100 steps gave t2i R@10 14.2 and i2t R@10 14.0.
+    assert after["retrieval/t2i_R@10"] > before["retrieval/t2i_R@10"] + 6.0, (before, after)
+    assert after["retrieval/i2t_R@10"] > before["retrieval/i2t_R@10"] + 6.0, (before, after)
