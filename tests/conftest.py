@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 import webdataset as wds
 
 from vfmkit.data.shards import list_shards
@@ -50,3 +51,13 @@ def caption_folder(tmp_path: Path, flickr_samples: list[dict]) -> tuple[Path, Pa
             for c in cs:
                 w.writerow([name, c])
     return img_dir, csv_path, caps
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _one_intra_op_thread():
+    """Tests run tiny models: one intra-op thread is as fast as two there, and on a shared, oversubscribed CPU
+    spinning OpenMP threads ran ~10x slower. Multi-process tests set OMP_NUM_THREADS=1 themselves."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

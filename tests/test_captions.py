@@ -14,15 +14,6 @@ from vfmkit.methods import captions as C
 from vfmkit.methods.reinforce import iter_shard
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread: on a shared, oversubscribed CPU two spinning OpenMP threads run ~10x slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _tiny_captioner(captions: list[str], seed: int = 0) -> C.Captioner:
     """A randomly initialised tiny CoCa with the compact vocabulary of ``captions``."""
     vocab = C.build_vocab(captions, open_clip.SimpleTokenizer())

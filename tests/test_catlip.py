@@ -19,15 +19,6 @@ from vfmkit.text.vocab import Vocabulary
 from vfmkit.text.wordnet import WordNet, WordNetError, load_wordnet, offset_to_wnid, wnid_to_offset
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models on a shared CPU: one intra-op thread avoids OpenMP oversubscription (10x slower)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def wn() -> WordNet:
     return load_wordnet()

@@ -36,15 +36,6 @@ from vfmkit.methods.reinforce import (
 )
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread: on a shared, oversubscribed CPU two spinning OpenMP threads run ~10x slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _reshard(src: str, out: Path, n: int, per_shard: int) -> list[dict]:
     """First ``n`` real samples of an embedded dataset, re-sharded into tars of ``per_shard``."""
     samples = []
