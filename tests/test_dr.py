@@ -266,3 +266,48 @@ def test_online_mode_distils_from_the_sets_teacher(dset):
     assert (probs.argmax(-1) == batch["label"]).float().mean() >= 0.6
     loss.backward()
     assert all(p.grad is None for p in job.extra["teacher"].parameters())  # the teacher stays frozen
+
+
+# ------------------------------------------------------------------------------------------------ fast reads
+def test_reinforced_replay_equals_classification_replay(dset):
+    """The reinforced mode's decoder (only the chosen params parsed, fast npz read) gives exactly what
+    ClassificationReplay gives: same draws, image and target, for stored augmentations and plain views."""
+    from vfmkit.data.reinforced import ImageIndex, read_metadata
+    from vfmkit.data.replay import ClassificationReplay
+    from vfmkit.methods.reinforce import iter_shard
+
+    meta = read_metadata(Path(dset["dr"]) / "reinforced.json")
+    index = ImageIndex(dset["src"])
+    ref = ClassificationReplay(meta, SIZE, p=0.6, images=index, seed=5)
+    fast = dr.ReinforcedReplay(ClassificationReplay(meta, SIZE, p=0.6, images=index, seed=5))
+    raws = [r for u in list_shards(dset["dr"]) for r in iter_shard(u)]
+    seen = set()
+    for epoch in range(3):
+        ref.set_epoch(epoch)
+        fast.set_epoch(epoch)
+        for raw in raws:
+            a, b = ref(dict(raw)), fast(dict(raw))
+            assert a["aug_index"] == b["aug_index"] and a["label"] == b["label"]
+            assert torch.equal(a["image"], b["image"]) and torch.equal(a["target"], b["target"])
+            seen.add(a["aug_index"])
+    assert seen == {-1, 0, 1}
+    bad = dict(raws[0], **{"topk.npz": raws[0]["topk.npz"][:100]})
+    fast.ref.p = 1.0
+    with pytest.raises(ValueError, match=raws[0]["__key__"]):
+        fast(bad)
+
+
+def test_read_npz_matches_numpy(tmp_path):
+    import io
+
+    import numpy as np
+
+    arrays = {"values": np.random.default_rng(0).random((3, 5)).astype(np.float16),
+              "indices": np.arange(15, dtype=np.int16).reshape(3, 5), "scalar": np.float32(2.5)}
+    for save in (np.savez, np.savez_compressed):  # stored entries take the fast path, deflated ones np.load
+        buf = io.BytesIO()
+        save(buf, **arrays)
+        got = dr.read_npz(buf.getvalue())
+        assert got.keys() == arrays.keys()
+        for k, v in arrays.items():
+            assert got[k].dtype == v.dtype and np.array_equal(got[k], v)
