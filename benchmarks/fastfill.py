@@ -116,7 +116,7 @@ def backfill_config(work: Path, old: Path, shards: dict, h_steps: int) -> dict:
         "train": {"steps": h_steps, "log_every": 100, "progress": False, "tensorboard": False},
         "method_args": {
             "old_encoder": f"timm:{ARCH}:{old}@{SIZE}", "new_encoder": NEW,
-            "class_index": IMAGENETTE_INDEX, "new_classifier": "model",
+            "class_index": IMAGENETTE_INDEX, "new_classifier": "probe",
             "train_set": shards["train"], "gallery": shards["val"], "query": "gallery",
             "curves": PAPER_ORDER, "encode_batch_size": 128,
         },
@@ -163,6 +163,7 @@ def report(res: dict, args: argparse.Namespace, wall: float, t_models: float, wo
         "auc": auc,
         "references": refs,
         "new_head_train_acc": res["train"]["new_head_train_acc"],
+        "sigma_error_spearman": res["simulate"]["sigma_error_spearman"],
         "n_gallery": res["simulate"]["n_gallery"],
         "setting": {k: v for k, v in vars(args).items() if k != "work"}
         | {"old": ARCH, "new": NEW, "image_size": SIZE},
@@ -179,6 +180,8 @@ def report(res: dict, args: argparse.Namespace, wall: float, t_models: float, wo
     os.replace(tmp, dst)
     print(res["report"]["table"])
     print(headline)
+    print(f"new head train acc {out['new_head_train_acc']:.1f}%; Spearman(sigma, oracle error) on the gallery "
+          + json.dumps(out["sigma_error_spearman"]))  # fmt: skip
     print(f"floor_met={out['floor_met']} paper_order_met_mAP={out['paper_order_met_mAP']} wall={wall:.0f}s")
     print(f"plot: {work / 'backfill' / 'backfill.png'}")
     return 0

@@ -19,11 +19,13 @@ from vfmkit.eval.backfill import (
     order_by_uncertainty,
     order_oracle,
     order_random,
+    rank_correlation,
     retrieval_scores,
 )
 from vfmkit.methods.fastfill import (
     Transformation,
     _save_features,
+    _TrainWrapper,
     fastfill_loss,
     load_features,
     load_transformation,
@@ -153,6 +155,28 @@ def test_detached_uncertainty_head_leaves_h_alone():
     assert all(p.grad is None for p in h.body.parameters()) and h.unc_head[0].weight.grad is not None
 
 
+def test_alignment_and_head_see_the_normalised_transformed_feature():
+    """Retrieval compares unit vectors, so the loss must too (else ||h(old)|| absorbs the error sigma learns)."""
+    torch.manual_seed(0)
+    h = Transformation(6, 4, hidden=8, uncertainty="hidden_detached")
+    w, b = torch.randn(3, 4), torch.randn(3)
+    z, s, logits = _TrainWrapper(h, w, b, normalize=True)(torch.randn(5, 6))
+    assert torch.allclose(z.norm(dim=1), torch.ones(5), atol=1e-6)
+    assert torch.allclose(logits, z @ w.T + b, atol=1e-6) and s.shape == (5,)
+    raw, _, _ = _TrainWrapper(h, None, None, normalize=False)(torch.randn(5, 6))
+    assert not torch.allclose(raw.norm(dim=1), torch.ones(5), atol=1e-3)
+
+
+def test_rank_correlation_hand_computed():
+    a = torch.tensor([1.0, 2.0, 3.0, 4.0])
+    assert rank_correlation(a, 10 * a + 3) == pytest.approx(1.0)
+    assert rank_correlation(a, -a) == pytest.approx(-1.0)
+    # ranks [0,1,2,3] vs [0,2,1,3]: 1 - 6 * sum d^2 / (n (n^2 - 1)) = 1 - 6 * 2 / 60
+    assert rank_correlation(a, torch.tensor([1.0, 3.0, 2.0, 4.0])) == pytest.approx(0.8)
+    with pytest.raises(ValueError):
+        rank_correlation(a, a[:3])
+
+
 def test_feature_cache_roundtrip_and_corrupt_file_named(tmp_path):
     p = tmp_path / "f.safetensors"
     _save_features(p, torch.randn(3, 4), torch.tensor([0, 1, 2]), ["a", "b", "c"], {"encoder": "x"})
@@ -251,3 +275,17 @@ def test_uncertainty_order_follows_predicted_sigma(pipeline):
     assert c["top1"] == pytest.approx(rep["curves"]["fastfill/sigma"]["top1"])
     rev = backfill_curve(g["new_q"], g["y_q"], g["new_g"], z, g["y_g"], order.flip(0))
     assert rev["mAP"][1:-1] != pytest.approx(c["mAP"][1:-1])  # the order changes the partial galleries
+
+
+def test_sigma_predicts_the_real_error_on_unseen_gallery_items(pipeline):
+    """s is trained on the train split; on the gallery (the val split here) it must rank the true error."""
+    from vfmkit.methods.fastfill import _gallery_query, apply_transformation, parse_args
+
+    rep = json.loads((pipeline / "report.json").read_text())
+    a = parse_args(load_config(rep["config"]))
+    g = _gallery_query(a, pipeline)
+    z, s = apply_transformation(load_transformation(pipeline / "h_fastfill.safetensors"), g["old_g"])
+    err = (g["new_g"] - torch.nn.functional.normalize(z, dim=1)).pow(2).sum(1)
+    rho = rank_correlation(s, err)
+    assert rho == pytest.approx(rep["sigma_error_spearman"]["fastfill"])
+    assert rho > 0.2, rho

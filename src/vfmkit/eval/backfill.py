@@ -171,6 +171,16 @@ def order_oracle(new: Tensor, transformed_old: Tensor) -> Tensor:
     return torch.sort(err.cpu(), descending=True, stable=True).indices
 
 
+def rank_correlation(a: Tensor, b: Tensor) -> float:
+    """Spearman rank correlation of ``a [N]`` and ``b [N]`` (ties broken by index; enough for float scores)."""
+    if a.numel() != b.numel() or a.numel() < 2:
+        raise ValueError(f"rank_correlation needs two [N] tensors with N >= 2; got {a.numel()}, {b.numel()}")
+    ra = a.flatten().cpu().double().argsort().argsort().double()
+    rb = b.flatten().cpu().double().argsort().argsort().double()
+    ra, rb = ra - ra.mean(), rb - rb.mean()
+    return float((ra * rb).sum() / (ra.norm() * rb.norm()).clamp_min(1e-12))
+
+
 def save_report(curves: dict[str, dict], path: str | Path, extra: dict | None = None) -> Path:
     """Write ``{"curves": {name: curve}, **extra}`` as JSON atomically; returns the path."""
     p = Path(path)

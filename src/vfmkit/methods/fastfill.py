@@ -9,8 +9,10 @@ loss on ``h(old)`` and a per-sample uncertainty ``s = log sigma^2``:
     loss = mean_i [ 1/2 exp(-s_i) L_i + mu_unc * s_i ]
 
 and backfills the items with the highest predicted ``sigma`` first. The alignment is the *summed* squared error
-on l2-normalised features (it lies in [0, 4], comparable to CE); the official code's mean over ``d`` is
-``mu_sim = 1/d``. Following the pilot note in METHODS.md, the uncertainty head reads h's last hidden layer
+between l2-normalised features, h(old) included (it lies in [0, 4], comparable to CE; the official code's mean
+over ``d`` is ``mu_sim = 1/d``): retrieval and the oracle compare normalised features, so ``s`` must learn the
+error of the normalised h(old). (Aligning the raw h(old) let its norm absorb the error: sigma then did not
+correlate with the retrieval-space error at all.) Following the pilot note in METHODS.md, the uncertainty head reads h's last hidden layer
 (optionally through a stop-gradient), never the transformed feature itself. No BatchNorm: batch size 1 works.
 
 Pipeline (``run_backfill``, used by ``vfmkit backfill`` and ``benchmarks/fastfill.py``): cache features
@@ -61,6 +63,7 @@ class FastFillArgs:
     mu_unc: float = 0.5
     label_smoothing: float = 0.1
     probe_steps: int = 300
+    probe_lr: float = 2e-3  # the probe's own lr: a soft head (train acc ~75%), not an overfit one (see docs)
     # Simulation: "<h>/<order>" with h in none|fct|fastfill and order in random|sigma|oracle.
     curves: list[str] = field(
         default_factory=lambda: [
@@ -159,10 +162,11 @@ class _TrainWrapper(nn.Module):
 
     def forward(self, old: Tensor) -> tuple[Tensor, Tensor | None, Tensor | None]:
         z, s = self.h(old)
-        # Retrieval compares l2-normalised features, so the head sees h(old) as retrieval will.
+        # Retrieval compares l2-normalised features, so both the alignment and the head see h(old) as
+        # retrieval will (the returned z is the normalised one).
         zc = F.normalize(z, dim=1) if self.normalize else z
         logits = None if self.cls_w is None else F.linear(zc, self.cls_w, self.cls_b)
-        return z, s, logits
+        return zc, s, logits
 
 
 def fastfill_loss(
@@ -247,9 +251,17 @@ def train_transformation(
 
 
 def fit_probe(
-    cfg: RunConfig, feats: Tensor, labels: Tensor, num_classes: int, steps: int, out_dir: str | Path
+    cfg: RunConfig,
+    feats: Tensor,
+    labels: Tensor,
+    num_classes: int,
+    steps: int,
+    out_dir: str | Path,
+    lr: float | None = None,
 ) -> nn.Linear:
-    """A linear classifier ``[C, D]`` on (new) features via the engine: the stand-in for a missing new head."""
+    """A linear classifier ``[C, D]`` on (new) features ``[N, D]`` via the engine (the new head when the new model
+    has none, or ``new_classifier: probe``). ``lr`` is its own (default ``cfg.optim.lr``): the head's logit scale
+    matters, an overfit probe with huge weights pushes h(old) onto class prototypes (see docs/fastfill.md)."""
     from vfmkit.data.loader import TensorLoader
     from vfmkit.engine import train
 
@@ -266,6 +278,7 @@ def fit_probe(
     loader = TensorLoader({"x": feats, "y": labels}, batch_size=bs, seed=cfg.seed)
     pcfg = _sub_config(cfg, steps=steps)
     pcfg.optim.weight_decay = 0.0
+    pcfg.optim.lr = cfg.optim.lr if lr is None else lr
     train(pcfg, head, loss_fn, loader, out_dir=out_dir)
     return head.eval()
 
@@ -632,8 +645,8 @@ def _new_classifier(
                 w = w * raw.norm(dim=1).mean()
             head = (w, b)
     if head is None:
-        print("[backfill] new model has no head for these classes: fitting a linear probe", flush=True)
-        lin = fit_probe(cfg, x, y, a.num_classes, a.probe_steps, out / "runs" / "probe")
+        print("[backfill] fitting a linear probe on the new features as the new head", flush=True)
+        lin = fit_probe(cfg, x, y, a.num_classes, a.probe_steps, out / "runs" / "probe", a.probe_lr)
         head = (lin.weight.detach().cpu(), lin.bias.detach().cpu())
     from safetensors.torch import save_file
 
@@ -717,10 +730,14 @@ def step_simulate(cfg: RunConfig, a: FastFillArgs, out: Path) -> dict:
         "old/old": bf.retrieval_scores(g["old_q"], g["y_q"], g["old_g"], g["y_g"], **kw),
         "new/new": bf.retrieval_scores(g["new_q"], g["y_q"], g["new_g"], g["y_g"], **kw),
     }
+    rho = {}
     for obj in a.objectives:
-        refs[f"{obj}(old)/new"] = bf.retrieval_scores(g["new_q"], g["y_q"], mapped[obj][0], g["y_g"], **kw)
+        z, s = mapped[obj]
+        refs[f"{obj}(old)/new"] = bf.retrieval_scores(g["new_q"], g["y_q"], z, g["y_g"], **kw)
+        if s is not None:  # does sigma predict the real (oracle) error on the gallery, unseen in training?
+            rho[obj] = bf.rank_correlation(s, (g["new_g"] - z).pow(2).sum(1))
     result = {"curves": curves, "references": refs, "n_gallery": n, "n_query": int(g["y_q"].shape[0]),
-              "exclude_self": ex}  # fmt: skip
+              "exclude_self": ex, "sigma_error_spearman": rho}  # fmt: skip
     bf.save_report(curves, out / "curves.json", {k: v for k, v in result.items() if k != "curves"})
     return result
 
