@@ -80,8 +80,8 @@ def parse_args(cfg: RunConfig) -> DrArgs:
     if a.densify not in (None, "smooth", "zeros"):
         raise ConfigError(f"config key 'method_args.densify': {a.densify!r} is not smooth or zeros")
     if a.mode == "reinforced" and not a.reinforced:
-        raise ConfigError("config key 'method_args.reinforced': mode 'reinforced' needs the reinforced set's "
-                          "folder")
+        raise ConfigError("config key 'method_args.reinforced': mode 'reinforced' needs the reinforced "
+                          "set's folder")
     if a.reinforced:
         given = [k for k in ("teachers", "class_index", "teacher_temperature") if getattr(a, k) is not None]
         if a.recipe:
@@ -424,13 +424,11 @@ def resolve_setup(args: DrArgs, student_size: int) -> DrSetup:
         path = Path(args.reinforced) / "reinforced.json"
         if not path.is_file():
             raise ConfigError(f"config key 'method_args.reinforced': no reinforced.json in "
-                              f"{args.reinforced!r} "
-                              "(write one with `vfmkit reinforce classify --out DIR`)")
+                              f"{args.reinforced!r} (write one with `vfmkit reinforce classify --out DIR`)")
         meta = read_metadata(path)
         if meta.kind != "classification":
             raise ConfigError(f"config key 'method_args.reinforced': {args.reinforced!r} is a {meta.kind} "
-                              "set, "
-                              "DR for classifiers needs a classification set")
+                              "set; DR for classifiers needs a classification set")
         cls = meta.extra.get("classifiers") or {}
         setup = DrSetup(meta.recipe, int(meta.num_classes), list(cls.get("names") or ["efficientnet-lite0"]),
                         meta.extra.get("class_index"), float(cls.get("temperature", 1.0)), meta)
