@@ -157,3 +157,49 @@ def test_caption_branches_sum_or_mix(tiny_batch, mode):
     assert total.item() == pytest.approx(want.item(), rel=1e-5)
     assert no_syn.item() == pytest.approx(real.item(), rel=1e-5)
     assert "syn_distill_loss" in logs and abs(real.item() - syn.item()) > 1e-4  # the branches really differ
+
+
+@pytest.fixture(scope="module")
+def reinforced_small(tmp_path_factory):
+    """256 real embedded Flickr8k train pairs reinforced by the shipped offline teacher (4 stored augmentations,
+    the other four human captions in the extra-caption slots), jpg stored: (train shards, reinforced shards)."""
+    from conftest import read_builtin_samples
+
+    from vfmkit.commands.quickstart import write_caption_pool
+    from vfmkit.data.shards import ShardWriter
+    from vfmkit.methods.reinforce import ReinforceArgs, reinforce
+
+    root = tmp_path_factory.mktemp("mobileclip")
+    with ShardWriter(root / "train", max_count=1000) as w:
+        for s in read_builtin_samples("flickr8k/train", 256):
+            w.write({k: v for k, v in s.items() if k in ("__key__", "jpg", "txt", "json")})
+    n_syn = write_caption_pool(str(root / "train"), root / "captions.jsonl")
+    args = ReinforceArgs(teachers=["offline"], n_aug=4, recipe={"name": "rrc_ra", "size": 224}, images=True,
+                         captions=str(root / "captions.jsonl"), n_syn=n_syn)
+    assert reinforce(str(root / "train"), root / "reinforced", args, progress=False)["manifest"]["count"] == 256
+    return root / "train", root / "reinforced"
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(strict=True, reason="measured 2025-11-29 on this 256-image / 80-step / 32 px setup: plain 1.10 vs "
+                   "reinforced 0.95 held-out R@1 (chance 0.5): no transfer yet; strict, so a working setup XPASSes "
+                   "and this marker must then be removed")
+def test_reinforced_training_beats_plain_at_equal_steps_on_heldout_retrieval(reinforced_small, tmp_path):
+    """Same student, recipe, seed and steps; the reinforced one distils the teacher's stored similarities."""
+    from vfmkit.commands.quickstart import retrieval_eval
+    from vfmkit.engine import init_distributed, train
+    from vfmkit.methods.registry import build_job
+
+    train_dir, rdir = reinforced_small
+    r1 = {}
+    for method in ("clip", "mobileclip"):
+        cfg = load_config("mobileclip_tiny", [f"data.train={train_dir}", f"method_args.reinforced={rdir}",
+                                              "data.batch_size=32", "data.image_size=32", "train.steps=80",
+                                              "optim.warmup_steps=8", f"out_dir={tmp_path / method}"])
+        if method == "clip":
+            cfg.method, cfg.method_args = "clip", {"loss": "clip", "caption": "random"}
+        job = build_job(cfg, init_distributed())
+        train(cfg, job.model, job.loss_fn, job.loader, out_dir=cfg.out_dir, after_step=job.after_step)
+        r1[method] = retrieval_eval(job.extra["bundle"], "builtin:flickr8k/heldout")["R@1"]
+    print(f"held-out R@1 after 80 steps: {r1}")
+    assert r1["mobileclip"] > r1["clip"] + 0.5, r1  # held-out: 200 images, 1,000 captions, never trained on
