@@ -181,7 +181,7 @@ def reinforced_small(tmp_path_factory):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="measured 2025-11-29 on this 256-image / 80-step / 32 px setup: plain 1.10 vs "
+@pytest.mark.xfail(strict=True, reason="measured 2026-11-29 on this 256-image / 80-step / 32 px setup: plain 1.10 vs "
                    "reinforced 0.95 held-out R@1 (chance 0.5): no transfer yet; strict, so a working setup XPASSes "
                    "and this marker must then be removed")
 def test_reinforced_training_beats_plain_at_equal_steps_on_heldout_retrieval(reinforced_small, tmp_path):
