@@ -8,7 +8,7 @@ vfmkit data info builtin:flickr8k/train
 torchrun --standalone --nproc_per_node 2 -m vfmkit.cli train clip_tiny --set train.steps=20 --out runs/clip_ddp
 vfmkit train clip_tiny --set train.steps=20 --out runs/clip
 vfmkit eval --model vfm-tiny-vit --pretrained runs/clip --out runs/clip/eval
-vfmkit reinforce clip builtin:flickr8k/heldout --out runs/rdata --teacher offline --n-aug 2 --n-syn 0
+vfmkit reinforce clip builtin:flickr8k/heldout --out runs/rdata --teacher offline --n-aug 2 --n-syn 0 --images
 vfmkit train mobileclip_tiny --set method_args.reinforced=runs/rdata --set train.steps=20 --out runs/mclip
 vfmkit reinforce classify builtin:imagenette/train --out runs/dr_data --class-index imagenette --size 128 --n-aug 2
 vfmkit train dr_imagenette --set method_args.reinforced=runs/dr_data --set data.train=builtin:imagenette/train \
