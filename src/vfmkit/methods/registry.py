@@ -39,12 +39,12 @@ def build_job(cfg: RunConfig, dist_info) -> Job:
     return mod.build(cfg, dist_info)
 
 
-def run(cfg: RunConfig, **train_kwargs: Any):
-    """Build the method's job and train it with the one engine."""
+def run(cfg: RunConfig, eval_fn: Callable[[nn.Module, int], dict] | None = None, **train_kwargs: Any):
+    """Build the method's job and train it with the one engine (``eval_fn`` replaces the method's own)."""
     from vfmkit.engine import init_distributed, train
 
     dist_info = init_distributed()
     job = build_job(cfg, dist_info)
-    return train(cfg, job.model, job.loss_fn, job.loader, out_dir=cfg.out_dir, eval_fn=job.eval_fn,
+    return train(cfg, job.model, job.loss_fn, job.loader, out_dir=cfg.out_dir, eval_fn=eval_fn or job.eval_fn,
                  after_step=job.after_step, find_unused_parameters=job.find_unused_parameters,
                  dist_info=dist_info, **train_kwargs)
