@@ -15,6 +15,6 @@ vfmkit train dr_imagenette --set method_args.reinforced=runs/dr_data --set data.
     --set data.val=builtin:imagenette/val --set method_args.epochs=1 --out runs/dr
 vfmkit catlip vocab --data builtin:flickr8k/train --out runs/catlip/vocab.json --min-count 3
 vfmkit catlip transfer --vocab runs/catlip/vocab.json --classes builtin:imagenette
-vfmkit subclone run vit_tiny_patch16_224 --model-arg img_size=64 --num-classes 10 --layers 6 --width 96 --out runs/vit_child
+vfmkit subclone run vit_tiny_patch16_224 --model-arg img_size=64 --num-classes 10 --layers 6 --width 128 --out runs/vit_child
 vfmkit backfill --out runs/backfill
 echo "README commands OK in $W"
