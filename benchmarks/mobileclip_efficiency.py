@@ -28,6 +28,8 @@ from pathlib import Path
 
 import torch
 
+from vfmkit.data.shards import atomic_write_json  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
@@ -199,9 +201,7 @@ def report(a: argparse.Namespace, s: dict, t_data: float, t_total: float) -> int
            "date": datetime.now(UTC).isoformat(timespec="seconds"), "machine": machine}
     out = ROOT / "benchmarks" / "results" / f"{NAME}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(res, indent=1))
-    tmp.replace(out)
+    atomic_write_json(out, res, indent=1)
     text = "\n".join([headline, *lines, f"separated beyond seed spread: {s['separated']}; floor met: "
                       f"{res['floor_met']}", f"date {res['date']}, {machine}, {t_total:.0f}s"])
     print(text)

@@ -16,7 +16,6 @@ sample (MobileCLIP's real + synthetic branches), a deliberate extra cost reporte
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import sys
@@ -25,6 +24,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import torch
+
+from vfmkit.data.shards import atomic_write_json  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
@@ -163,9 +164,7 @@ def report(a: argparse.Namespace, sps: dict[str, list[float]], t_reinf: float) -
            "machine": machine}
     out = ROOT / "benchmarks" / "results" / f"{NAME}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(res, indent=1))
-    tmp.replace(out)
+    atomic_write_json(out, res, indent=1)
     text = "\n".join([headline, *lines, f"floor met: {res['floor_met']}", f"date {res['date']}, {machine}"])
     print(text)
     with open(ROOT / "benchmarks" / f"RESULTS.{NAME}.md", "a", encoding="utf-8") as f:
