@@ -268,46 +268,42 @@ def test_online_mode_distils_from_the_sets_teacher(dset):
     assert all(p.grad is None for p in job.extra["teacher"].parameters())  # the teacher stays frozen
 
 
-# ------------------------------------------------------------------------------------------------ fast reads
-def test_reinforced_replay_equals_classification_replay(dset):
-    """The reinforced mode's decoder (only the chosen params parsed, fast npz read) gives exactly what
-    ClassificationReplay gives: same draws, image and target, for stored augmentations and plain views."""
-    from vfmkit.data.reinforced import ImageIndex, read_metadata
-    from vfmkit.data.replay import ClassificationReplay
+# ------------------------------------------------------------------------------------------- reinforced data
+def test_reinforced_mode_replays_the_set_as_generated(dset):
+    """The reinforced mode's loader decodes with ClassificationReplay set up from the set: images joined by uid
+    (the set stores none), the set's densify mode, the student's normalisation; its first batch is each image's
+    drawn stored augmentation (or plain view) with the stored teacher target."""
+    from vfmkit.data.augment import ReplayableAugment
+    from vfmkit.data.reinforced import ImageIndex, decode_classification, densify
+    from vfmkit.data.replay import ClassificationReplay, decode_image, replay_rng
     from vfmkit.methods.reinforce import iter_shard
 
-    meta = read_metadata(Path(dset["dr"]) / "reinforced.json")
-    index = ImageIndex(dset["src"])
-    ref = ClassificationReplay(meta, SIZE, p=0.6, images=index, seed=5)
-    fast = dr.ReinforcedReplay(ClassificationReplay(meta, SIZE, p=0.6, images=index, seed=5))
-    raws = [r for u in list_shards(dset["dr"]) for r in iter_shard(u)]
+    job = build_job(_cfg(dset, mode="reinforced", p=0.6), init_distributed())
+    dec, meta = job.loader.decode_fn, job.extra["setup"].meta
+    assert isinstance(dec, ClassificationReplay) and dec.images is not None and dec.partners is None
+    assert (dec.p, dec.seed, dec.size, dec.densify_mode) == (0.6, 0, SIZE, meta.extra["densify"])
+    mean, std, _ = dr.student_norm(job.model)
+    assert (dec.mean, dec.std) == (mean, std)
+    batch = next(iter(job.loader))  # epoch 0, shuffled: match the rows by label and image
+    index, aug = ImageIndex(dset["src"]), ReplayableAugment(meta.recipe)
+    want = {}
+    for raw in (r for u in list_shards(dset["dr"]) for r in iter_shard(u)):
+        rec = decode_classification(index.attach(raw), meta)
+        rng = replay_rng(0, 0, rec.uid)
+        src = decode_image(index.read(rec.uid))
+        if rng.random() >= 0.6:
+            a, img, target = -1, dr.plain_view(src, SIZE), torch.eye(10)[rec.label]
+        else:
+            a = rng.randrange(meta.n_aug)
+            img = aug.replay(src, rec.params[a], SIZE)
+            target = densify(rec.values[a], rec.indices[a], 10, meta.extra["densify"])
+        want[rec.uid] = (a, rec.label, to_student(img, SIZE, mean, std), target)
     seen = set()
-    for epoch in range(3):
-        ref.set_epoch(epoch)
-        fast.set_epoch(epoch)
-        for raw in raws:
-            a, b = ref(dict(raw)), fast(dict(raw))
-            assert a["aug_index"] == b["aug_index"] and a["label"] == b["label"]
-            assert torch.equal(a["image"], b["image"]) and torch.equal(a["target"], b["target"])
-            seen.add(a["aug_index"])
-    assert seen == {-1, 0, 1}
-    bad = dict(raws[0], **{"topk.npz": raws[0]["topk.npz"][:100]})
-    fast.ref.p = 1.0
-    with pytest.raises(ValueError, match=raws[0]["__key__"]):
-        fast(bad)
-
-
-def test_read_npz_matches_numpy(tmp_path):
-    import io
-
-    import numpy as np
-
-    arrays = {"values": np.random.default_rng(0).random((3, 5)).astype(np.float16),
-              "indices": np.arange(15, dtype=np.int16).reshape(3, 5), "scalar": np.float32(2.5)}
-    for save in (np.savez, np.savez_compressed):  # stored entries take the fast path, deflated ones np.load
-        buf = io.BytesIO()
-        save(buf, **arrays)
-        got = dr.read_npz(buf.getvalue())
-        assert got.keys() == arrays.keys()
-        for k, v in arrays.items():
-            assert got[k].dtype == v.dtype and np.array_equal(got[k], v)
+    for b in range(len(batch["label"])):
+        match = [w for w in want.values() if torch.equal(w[2], batch["image"][b])]
+        assert len(match) == 1, b
+        a, label, _, target = match[0]
+        assert int(batch["aug_index"][b]) == a and int(batch["label"][b]) == label
+        assert torch.equal(batch["target"][b], target)
+        seen.add(a >= 0)
+    assert seen == {True, False}

@@ -305,6 +305,93 @@ def test_classification_replay_targets(tmp_path):
         ClassificationReplay(dataclasses.replace(meta, recipe=AugRecipe("rrc_flip_ra_re_mix")), 40)
 
 
+def test_classification_replay_equals_full_record_decode(tmp_path):
+    """ClassificationReplay reads only what a draw needs (one paug.json entry, the top-k via read_npz), yet gives
+    exactly what the straightforward computation gives: decode the whole record (np.load, every param), draw,
+    replay (mixing with the partner photo), densify; for stored and joined images and both densify modes."""
+    from torchvision.transforms.v2 import InterpolationMode
+    from torchvision.transforms.v2 import functional as F
+
+    from vfmkit.data.augment import ReplayableAugment, to_student
+    from vfmkit.data.replay import ClassificationReplay, decode_image, replay_rng
+    from vfmkit.data.shards import ShardWriter
+
+    jpgs = [p.read_bytes() for p in JPGS]
+    with ShardWriter(tmp_path / "images") as w:
+        for n, jpg in enumerate(jpgs):
+            w.write({"__key__": f"{n:09d}", "jpg": jpg, "json": {"uid": f"img{n}"}})
+    index = ImageIndex(str(tmp_path / "images"))
+    g = torch.Generator().manual_seed(2)
+    for name in ("rrc_flip_ra_re", "rrc_flip_ra_re_mix"):
+        meta = ReinforcedMeta("classification", AugRecipe(name, size=48), 3, num_classes=10, topk=4)
+        aug = ReplayableAugment(meta.recipe)
+        raws = []
+        for n, jpg in enumerate(jpgs):  # each photo's mixing partner is the other one
+            params = [aug.sample_for(0, f"img{n}", k, decode_image_size(jpg), partner=f"img{1 - n}",
+                                     partner_size=decode_image_size(jpgs[1 - n])) for k in range(3)]
+            v, i = topk_encode(torch.softmax(3 * torch.randn(3, 10, generator=g), -1), 4)
+            raws.append(encode_classification(f"{n:09d}", f"img{n}", 3 + n, params, v, i, meta,
+                                              jpg=jpg if n == 0 else None))  # img1's image is joined by uid
+        partners = index if "mix" in name else None
+        kinds = set()
+        for mode in ("smooth", "zeros"):
+            dec = ClassificationReplay(meta, 40, p=0.5, densify_mode=mode, partners=partners, images=index, seed=4)
+            for epoch in range(4):
+                dec.set_epoch(epoch)
+                for n, raw in enumerate(raws):
+                    out = dec(dict(raw))
+                    rec = decode_classification(index.attach(raw), meta)
+                    src = decode_image(jpgs[n])
+                    rng = replay_rng(4, epoch, f"img{n}")
+                    if rng.random() >= 0.5:  # plain view: short side to 40, centre crop; one-hot label
+                        a, kind = -1, "plain"
+                        img = F.resize(src, 40, interpolation=InterpolationMode.BICUBIC, antialias=True)
+                        img, target = F.center_crop(img, [40, 40]), torch.eye(10)[3 + n]
+                    else:
+                        a = rng.randrange(3)
+                        prm = rec.params[a]
+                        kind = "stored" if prm.mix is None else "mixed"
+                        partner = decode_image(jpgs[1 - n]) if prm.mix is not None else None
+                        img = aug.replay(src, prm, 40, partner_img=partner)
+                        target = densify(rec.values[a], rec.indices[a], 10, mode)
+                    assert out["aug_index"] == a and out["label"] == 3 + n
+                    assert torch.equal(out["image"], to_student(img, 40)) and torch.equal(out["target"], target)
+                    kinds.add(kind)
+        assert kinds == ({"plain", "mixed"} if partners else {"plain", "stored"})
+    dec.p = 1.0
+    for part, bad in (("topk.npz", raws[0]["topk.npz"][:100]), ("paug.json", b'{"param_aug": []}')):
+        with pytest.raises(ValueError, match="'000000000' \\(uid 'img0'\\)"):
+            dec({**raws[0], part: bad})
+
+
+def test_read_npz_equals_np_load():
+    """read_npz (replay's top-k read) returns np.load's arrays: plain stored entries are parsed in place
+    (read-only views of the bytes); compressed, Fortran-order or structured ones go through np.load; object
+    arrays are refused, never unpickled."""
+    from vfmkit.data.replay import read_npz
+
+    rng = np.random.default_rng(0)
+    plain = {"values": rng.random((3, 5)).astype(np.float16), "indices": np.arange(15, dtype=np.int16).reshape(3, 5),
+             "scalar": np.float32(2.5), "empty": np.zeros((0, 4), np.int32), "big_endian": np.arange(4, dtype=">i4"),
+             "flags": np.array([True, False]), "text": np.array(["ab", "c"])}
+    other = {"fortran": np.asfortranarray(rng.random((3, 2))), "record": np.zeros(2, [("a", "<i4"), ("b", "<f8")])}
+    for save, arrays, in_place in ((np.savez, plain, True), (np.savez_compressed, plain, False),
+                                   (np.savez, {**plain, **other}, False)):
+        buf = io.BytesIO()
+        save(buf, **arrays)
+        got = read_npz(buf.getvalue())
+        with np.load(io.BytesIO(buf.getvalue()), allow_pickle=False) as z:
+            want = {k: z[k] for k in z.files}
+        assert list(got) == list(want) == list(arrays)
+        for k, w in want.items():
+            assert got[k].dtype == w.dtype and got[k].shape == w.shape and np.array_equal(got[k], w), k
+            assert got[k].flags.writeable is not in_place, k  # which path it took
+    buf = io.BytesIO()
+    np.savez(buf, obj=np.array([{"a": 1}], dtype=object))
+    with pytest.raises(ValueError, match="allow_pickle"):
+        read_npz(buf.getvalue())
+
+
 def test_image_index_reads_embedded_compressed_shards():
     from vfmkit.data.builtin import builtin_path
     from vfmkit.data.shards import list_shards

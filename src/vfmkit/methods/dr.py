@@ -20,19 +20,13 @@ target of each image comes from:
 from __future__ import annotations
 
 import hashlib
-import io
 import json
-import math
 import random
-import re
-import struct
-import zipfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -262,109 +256,6 @@ class EvalDecode:
         return {"image": img, "label": label}
 
 
-# ------------------------------------------------------------------------------------------ reinforced reads
-# Why a fast path: ``np.load`` of a 0.7 KB top-k npz costs ~0.8 ms (zipfile + ``ast.literal_eval`` of the
-# npy header), ~5% of a small student's CPU step per image; the reinforced mode must cost what plain costs.
-_NPY_HEADER = re.compile(r"'descr':\s*'([<>|=]?[a-zA-Z]\d*)',\s*'fortran_order':\s*False,\s*"
-                         r"'shape':\s*\(([\d,\s]*)\)")
-
-
-def _fast_npy(buf: memoryview) -> np.ndarray | None:
-    """A plain (non-object, C-order) ``.npy`` payload -> array view; None when it is anything else."""
-    if len(buf) < 12 or bytes(buf[:6]) != b"\x93NUMPY" or buf[6] not in (1, 2, 3):
-        return None
-    off = 10 if buf[6] == 1 else 12
-    hlen = struct.unpack_from("<H" if buf[6] == 1 else "<I", buf, 8)[0]
-    m = _NPY_HEADER.search(bytes(buf[off:off + hlen]).decode("latin1"))
-    if m is None:
-        return None
-    dtype = np.dtype(m.group(1))
-    if dtype.hasobject:
-        return None
-    shape = tuple(int(x) for x in m.group(2).replace(" ", "").split(",") if x)
-    return np.frombuffer(buf, dtype, math.prod(shape), offset=off + hlen).reshape(shape)
-
-
-def read_npz(data: bytes) -> dict[str, np.ndarray]:
-    """``np.savez`` bytes -> ``{name: array}``, walking the stored (uncompressed) zip entries directly;
-    anything else (compression, data descriptors, object arrays) goes through ``np.load``, never pickle."""
-    out: dict[str, np.ndarray] = {}
-    view, pos = memoryview(data), 0
-    while bytes(view[pos:pos + 4]) == b"PK\x03\x04":
-        _, _, flags, comp, _, _, _, csize, _, nlen, xlen = struct.unpack_from("<4sHHHHHIIIHH", view, pos)
-        name = bytes(view[pos + 30:pos + 30 + nlen]).decode()
-        extra, start = view[pos + 30 + nlen:pos + 30 + nlen + xlen], pos + 30 + nlen + xlen
-        if csize == 0xFFFFFFFF:  # zip64: sizes are in extra field 0x0001 (uncompressed, then compressed)
-            xp = 0
-            while xp + 4 <= len(extra) and struct.unpack_from("<H", extra, xp)[0] != 1:
-                xp += 4 + struct.unpack_from("<H", extra, xp + 2)[0]
-            csize = struct.unpack_from("<Q", extra, xp + 12)[0] if xp + 20 <= len(extra) else -1
-        arr = _fast_npy(view[start:start + csize]) if comp == 0 and not flags & 0x08 and csize >= 0 else None
-        if arr is None:
-            break
-        out[name.removesuffix(".npy")] = arr
-        pos = start + csize
-    if not out or bytes(view[pos:pos + 4]) not in (b"PK\x01\x02", b"PK\x05\x06", b"PK\x06\x06"):
-        with np.load(io.BytesIO(data), allow_pickle=False) as z:
-            return {k: z[k] for k in z.files}
-    return out
-
-
-class ReinforcedReplay:
-    """``decode_fn`` of the reinforced mode: exactly :class:`~vfmkit.data.replay.ClassificationReplay`'s
-    output (same draws, image and target; tests check equality) but it parses only the chosen augmentation's
-    params and reads the top-k npz with :func:`read_npz`. Returns ``image`` ``[3, S, S]``, ``target`` ``[C]``,
-    ``label`` and ``aug_index`` (-1 for the plain view)."""
-
-    def __init__(self, reference: Any) -> None:
-        self.ref = reference  # a ClassificationReplay: its settings, image join and partners
-
-    def set_epoch(self, epoch: int) -> None:
-        self.ref.set_epoch(epoch)
-
-    def _target(self, raw: dict, a: int, key: str) -> tuple[Any, Tensor]:
-        from vfmkit.data.augment import params_from_json
-        from vfmkit.data.reinforced import densify
-
-        meta = self.ref.meta
-        try:
-            entries = json.loads(raw["paug.json"])["param_aug"]
-            z = read_npz(raw["topk.npz"])
-            values, indices = z["values"], z["indices"]
-            want = (meta.n_aug, meta.topk)
-            if len(entries) != meta.n_aug or values.shape != want or indices.shape != want:
-                raise ValueError(f"{len(entries)} params, top-k {values.shape}; metadata says "
-                                 f"({meta.n_aug}, {meta.topk})")
-            prm = params_from_json(entries[a], meta.recipe)
-        except (ValueError, KeyError, TypeError, IndexError, OSError, EOFError, struct.error,
-                zipfile.BadZipFile) as e:
-            raise ValueError(f"sample {key!r}: {type(e).__name__}: {e}") from e
-        v = torch.from_numpy(values[a].astype(np.float32))
-        i = torch.from_numpy(indices[a].astype(np.int64))
-        return prm, densify(v, i, int(meta.num_classes), self.ref.densify_mode)
-
-    def __call__(self, raw: dict) -> dict:
-        from vfmkit.data.augment import to_student
-        from vfmkit.data.replay import decode_image, replay_rng
-
-        ref = self.ref
-        raw = ref._with_image(raw)
-        info = json.loads(raw["json"])
-        label, key = int(info["label"]), str(raw.get("__key__", "?"))
-        rng = replay_rng(ref.seed, ref.epoch, str(info["uid"]))
-        src = decode_image(raw["jpg"])
-        if rng.random() >= ref.p:
-            img, a = plain_view(src, ref.size), -1
-            target = F.one_hot(torch.tensor(label), int(ref.meta.num_classes)).float()
-        else:
-            a = rng.randrange(ref.meta.n_aug)
-            prm, target = self._target(raw, a, key)
-            partner = ref._partner(prm.mix.partner) if prm.mix is not None else None
-            img = ref.aug.replay(src, prm, ref.size, partner_img=partner)
-        return {"image": to_student(img, ref.size, ref.mean, ref.std), "target": target, "label": label,
-                "aug_index": a}
-
-
 # ---------------------------------------------------------------------------------------------- evaluation
 @torch.no_grad()
 def predict(model: nn.Module, loader: Any) -> tuple[Tensor, Tensor]:
@@ -480,10 +371,10 @@ def make_train_loader(cfg: RunConfig, args: DrArgs, setup: DrSetup, size: int, n
         # the source shards by uid; the join checks each image's sha256.
         need_images = not meta.extra.get("images", False) or "mix" in meta.recipe.stages
         index = ImageIndex(cfg.data.train) if need_images else None
-        decode = ReinforcedReplay(ClassificationReplay(
+        decode = ClassificationReplay(
             meta, size, p=args.p, densify_mode=args.densify or meta.extra.get("densify", "smooth"),
             partners=index if "mix" in meta.recipe.stages else None, seed=cfg.seed, mean=mean, std=std,
-            images=index if not meta.extra.get("images", False) else None))
+            images=index if not meta.extra.get("images", False) else None)
         return ReplayShardLoader(args.reinforced, decode, cfg.data.batch_size, drop_last=True, **kw)
     teacher_size = setup.recipe.size if args.mode == "online" else None
     decode = FreshAugment(setup.recipe, size, setup.num_classes, p=args.p, seed=cfg.seed, mean=mean, std=std,
