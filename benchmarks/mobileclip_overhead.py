@@ -34,15 +34,16 @@ NAME = "mobileclip_overhead"
 FLOOR = 0.97  # reinforced samples/s >= 97% of plain
 
 
-def reinforced_data(cache: Path, teacher: str, n_aug: int, data: str) -> Path:
+def reinforced_data(cache: Path, teacher: str, n_aug: int, data: str, recipe: dict) -> Path:
     """Reinforce ``data`` once (resumable, reused across runs) with the jpg stored, as quickstart does."""
     from vfmkit.commands.quickstart import write_caption_pool
     from vfmkit.methods.reinforce import ReinforceArgs, reinforce
 
-    out = cache / f"reinforced_{teacher.replace(':', '_').replace('/', '_')}_a{n_aug}"
+    tag = f"{recipe['name']}{recipe.get('scale', [0.08])[0]:g}"
+    out = cache / f"reinforced_{teacher.replace(':', '_').replace('/', '_')}_{tag}_a{n_aug}"
     caps = cache / "captions.jsonl"
     n_syn = write_caption_pool(data, caps)
-    args = ReinforceArgs(mode="clip", teachers=[teacher], n_aug=n_aug, recipe={"name": "rrc_ra", "size": 224},
+    args = ReinforceArgs(mode="clip", teachers=[teacher], n_aug=n_aug, recipe={"size": 224, **recipe},
                          images=True, captions=str(caps), n_syn=n_syn)
     reinforce(data, out, args, progress=False)
     return out
@@ -98,11 +99,13 @@ class Arm:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--rounds", type=int, default=5)
-    ap.add_argument("--steps", type=int, default=8, help="timed steps per arm per round")
+    ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--steps", type=int, default=16, help="timed steps per arm per round")
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--teacher", default="offline")
-    ap.add_argument("--n-aug", type=int, default=10)
+    ap.add_argument("--n-aug", type=int, default=5)
+    ap.add_argument("--aug", default="rrc", help="stored augmentation recipe; rrc (0.9, 1) is plain's own crop")
+    ap.add_argument("--aug-scale", type=float, default=0.9, help="RandomResizedCrop min scale (0: recipe default)")
     ap.add_argument("--model", default="vfm-tiny-cnn")
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--data", default="builtin:flickr8k/train", help="real Flickr8k image-text shards")
@@ -113,7 +116,8 @@ def main() -> int:
     a = ap.parse_args()
 
     t_start = time.perf_counter()
-    rdir = a.reinforced or reinforced_data(a.cache, a.teacher, a.n_aug, a.data)
+    recipe = {"name": a.aug, **({"scale": [a.aug_scale, 1.0]} if a.aug_scale else {})}
+    rdir = a.reinforced or reinforced_data(a.cache, a.teacher, a.n_aug, a.data, recipe)
     t_reinf = time.perf_counter() - t_start
     base = {"seed": 0, "model": {"name": a.model},
             "data": {"train": a.data, "batch_size": a.batch_size, "num_workers": 0, "shuffle_buffer": 256},

@@ -316,6 +316,8 @@ class AugParams:
 
 
 RECIPES = {
+    # Crop only: with scale (0.9, 1.0) this is open_clip's own training augmentation (the plain CLIP baseline's).
+    "rrc": (),
     "rrc_flip": ("flip",),
     "rrc_flip_ra_re": ("flip", "ra", "erase"),
     "rrc_flip_ra_re_mix": ("flip", "ra", "erase", "mix"),
