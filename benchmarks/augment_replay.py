@@ -17,11 +17,10 @@ from __future__ import annotations
 import argparse
 import io
 import json
-import platform
 import statistics
+import sys
 import tarfile
 import time
-from datetime import UTC, datetime
 from pathlib import Path
 
 import torch
@@ -30,6 +29,9 @@ from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
 from vfmkit.data.augment import AugRecipe, ReplayableAugment, make_rng, params_from_json, params_to_json
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/ (for _record)
+from _record import machine, now, record  # noqa: E402
 
 FLOOR = 0.8
 
@@ -98,25 +100,19 @@ def main() -> None:
     torch.set_num_threads(1)  # per-sample augmentation runs in single-threaded loader workers
     images = load_images(Path(args.data), args.n)
     rows = [bench_recipe(n, images, args.rounds) for n in ("rrc_ra", "rrc_flip_ra_re")]
-    for r in rows:
-        print(f"{r['recipe']:>15}: torchvision {r['torchvision_ms']:.2f} ms/img, replay {r['replay_ms']:.2f} ms/img, "
-              f"speed ratio {r['speed_ratio']:.2f}x, bit-identical {r['identical']}/{r['n']}, "
-              f"paug entry {r['paug_entry_bytes']:.0f} B")
+    lines = [f"{r['recipe']:>15}: torchvision {r['torchvision_ms']:.2f} ms/img, replay {r['replay_ms']:.2f} ms/img, "
+             f"speed ratio {r['speed_ratio']:.2f}x, bit-identical {r['identical']}/{r['n']}, "
+             f"paug entry {r['paug_entry_bytes']:.0f} B" for r in rows]
     worst = min(r["speed_ratio"] for r in rows)
-    met = worst >= FLOOR and all(r["identical"] == r["n"] for r in rows)
-    machine = f"{platform.machine()}, {torch.get_num_threads()} thread, torch {torch.__version__}"
+    met = bool(worst >= FLOOR and all(r["identical"] == r["n"] for r in rows))
     res = {"headline": f"replay from stored paug.json vs torchvision v2 on-the-fly augmentation (224 px, "
                        f"{args.n} Flickr8k train photos): speed ratio {worst:.2f}x (worst recipe), "
                        f"bit-identical {min(r['identical'] for r in rows)}/{args.n}",
-           "floor": FLOOR, "floor_met": met, "rows": rows,
-           "date": datetime.now(UTC).strftime("%Y-%m-%d"), "machine": machine}
-    out = Path(__file__).parent / "results" / "augment_replay.json"
-    out.parent.mkdir(exist_ok=True)
-    tmp = out.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(res, indent=1))
-    tmp.replace(out)
-    print(res["headline"], f"| floor {FLOOR} met: {met}")
-    print(f"date {res['date']}, machine {machine}")
+           "floor": FLOOR, "floor_met": met, "rows": rows, "date": now(), "machine": machine()}
+    lines += [f"{res['headline']} | floor {FLOOR} met: {met}", f"date {res['date']}, machine {res['machine']}"]
+    text = "\n".join(lines)
+    print(text)
+    record("augment_replay", res, text)
 
 
 if __name__ == "__main__":

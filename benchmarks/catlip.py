@@ -28,16 +28,18 @@ import hashlib
 import io
 import json
 import os
-import platform
 import statistics
+import sys
 import tarfile
 import time
-from datetime import UTC, datetime
 from pathlib import Path
 
 import torch
 
 ROOT = Path(__file__).resolve().parent
+sys.path.insert(0, str(ROOT))  # benchmarks/ (for _record)
+from _record import machine, now, record  # noqa: E402
+
 CACHE = ROOT.parent / "runs" / "bench_catlip_cache"
 
 
@@ -310,8 +312,7 @@ def report(args, p, per_step, ratio, clip_tr, cat_tr, ds, n_tr, n_va, t_start, l
                 f"fine-tune CLIP {ds[f'clip/{ft}']:.1f}% / CatLIP {ds[f'catlip/{ft}']:.1f}% / "
                 f"CatLIP+TransferInit {ds[f'catlip+TI/{ft}']:.1f}%; head probe CLIP {ds[f'clip/{pr}']:.1f}% / "
                 f"CatLIP {ds[f'catlip/{pr}']:.1f}% / CatLIP+TransferInit {ds[f'catlip+TI/{pr}']:.1f}%")
-    machine = (f"{platform.machine()}, {os.cpu_count()} cores shared, {torch.get_num_threads()} torch thread, "
-               f"torch {torch.__version__}, load avg {load0:.1f} at start / {os.getloadavg()[0]:.1f} at end")
+    mach = f"{machine()}, load avg {load0:.1f} at start / {os.getloadavg()[0]:.1f} at end"
     res = {"headline": headline, "floor": floor, "floor_met": bool(ratio >= floor),
            "throughput_ratio_catlip_over_clip": ratio, "s_per_step": per_step,
            "samples_per_s": {"clip": args.batch / per_step["clip"], "catlip": args.batch / per_step["catlip"]},
@@ -324,21 +325,20 @@ def report(args, p, per_step, ratio, clip_tr, cat_tr, ds, n_tr, n_va, t_start, l
            "paper_claim": "CatLIP ViT-B/16: same transfer accuracy as CLIP at 0.37x the GPU-hours (2.7x); "
                           "ImageNet 84.2 fine-tuned; Transfer Init helps most with little downstream data",
            "args": vars(args), "wall_s": time.perf_counter() - t_start,
-           "date": datetime.now(UTC).strftime("%Y-%m-%d"), "machine": machine}
-    from vfmkit.data.shards import atomic_write_json
-
-    atomic_write_json(ROOT / "results" / "catlip.json", res)
-    print(headline)
-    print(f"s/step: CLIP {per_step['clip']:.3f}, CatLIP {per_step['catlip']:.3f} -> {ratio:.2f}x "
-          f"(floor {floor}x met: {res['floor_met']}); engine samples/s CLIP {clip_tr['samples_per_s']:.1f}, "
-          f"CatLIP {cat_tr['samples_per_s']:.1f}")
-    print(f"pretrain loss (first -> last log): CLIP {clip_tr['loss_first_log']:.3f} -> {clip_tr['loss_last_log']:.3f}; "
-          f"CatLIP BCE {cat_tr['loss_first_log']:.2f} -> {cat_tr['loss_last_log']:.2f}")
-    print(f"vocabulary {len(p['vocab'])} synsets from {p['n_captions']} captions; tagging "
-          f"{p['tag_rate']:.0f} captions/s{' (cached)' if p['labels_cached'] else ''}; top {p['vocab'].names[:6]}")
-    for k, v in ds.items():
-        print(f"  {k}: {v:.2f}" if isinstance(v, float) else f"  {k}: " + "; ".join(v))
-    print(f"date {res['date']}, machine {machine}, wall {res['wall_s']:.0f}s")
+           "date": now(), "machine": mach}
+    lines = [headline,
+             f"s/step: CLIP {per_step['clip']:.3f}, CatLIP {per_step['catlip']:.3f} -> {ratio:.2f}x "
+             f"(floor {floor}x met: {res['floor_met']}); engine samples/s CLIP {clip_tr['samples_per_s']:.1f}, "
+             f"CatLIP {cat_tr['samples_per_s']:.1f}",
+             f"pretrain loss (first -> last log): CLIP {clip_tr['loss_first_log']:.3f} -> "
+             f"{clip_tr['loss_last_log']:.3f}; CatLIP BCE {cat_tr['loss_first_log']:.2f} -> {cat_tr['loss_last_log']:.2f}",
+             f"vocabulary {len(p['vocab'])} synsets from {p['n_captions']} captions; tagging "
+             f"{p['tag_rate']:.0f} captions/s{' (cached)' if p['labels_cached'] else ''}; top {p['vocab'].names[:6]}"]
+    lines += [f"  {k}: {v:.2f}" if isinstance(v, float) else f"  {k}: " + "; ".join(v) for k, v in ds.items()]
+    lines.append(f"date {res['date']}, machine {mach}, wall {res['wall_s']:.0f}s")
+    text = "\n".join(lines)
+    print(text)
+    record("catlip", res, text)
 
 
 if __name__ == "__main__":

@@ -19,11 +19,10 @@ from __future__ import annotations
 import argparse
 import io
 import json
-import platform
 import statistics
+import sys
 import tempfile
 import time
-from datetime import UTC, datetime
 from pathlib import Path
 
 import torch
@@ -35,7 +34,9 @@ from vfmkit.data.importer import import_captions
 from vfmkit.data.loader import ShardLoader
 from vfmkit.data.shards import list_shards
 
-RESULTS = Path(__file__).parent / "results"
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/ (for _record)
+from _record import machine, now, record  # noqa: E402
+
 BATCH = 64
 
 
@@ -114,23 +115,22 @@ def main() -> None:
         resume = bench_resume(urls)
     floor_tp, floor_resume = 0.9, 3.0
     worst = min(r["ratio"] for r in rows)
-    machine = f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
     tp = "; ".join(f"{r['workers']} workers: vfmkit {r['vfmkit_samples_per_s']:.0f} vs webdataset "
                    f"{r['webdataset_samples_per_s']:.0f} samples/s = {r['ratio']:.2f}x" for r in rows)
     res = {"headline": f"ShardLoader vs plain webdataset pipeline, Flickr8k train ({m['count']} imgs, b{BATCH}): "
                        f"{tp}; resume at 90% of epoch {resume['ratio']:.1f}x faster than replay",
            "floor": {"throughput_ratio": floor_tp, "resume_ratio": floor_resume},
-           "floor_met": worst >= floor_tp and resume["ratio"] >= floor_resume,
+           "floor_met": bool(worst >= floor_tp and resume["ratio"] >= floor_resume),
            "throughput": rows, "resume": resume, "import": {"images": m["count"], "seconds": import_s,
                                                             "images_per_s": m["count"] / import_s},
-           "date": datetime.now(UTC).strftime("%Y-%m-%d"), "machine": machine}
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "data_loader.json").write_text(json.dumps(res, indent=1) + "\n")
-    print(res["headline"])
-    print(f"import: {m['count']} images in {import_s:.1f}s ({m['count'] / import_s:.0f}/s)")
-    print(f"resume: replay {resume['replay_s']:.2f}s vs fast-forward {resume['fast_forward_s']:.2f}s")
-    print(f"floor throughput>={floor_tp}x, resume>={floor_resume}x met: {res['floor_met']}")
-    print(f"date {res['date']}, machine {machine}")
+           "date": now(), "machine": machine()}
+    text = "\n".join([res["headline"],
+                      f"import: {m['count']} images in {import_s:.1f}s ({m['count'] / import_s:.0f}/s)",
+                      f"resume: replay {resume['replay_s']:.2f}s vs fast-forward {resume['fast_forward_s']:.2f}s",
+                      f"floor throughput>={floor_tp}x, resume>={floor_resume}x met: {res['floor_met']}",
+                      f"date {res['date']}, machine {res['machine']}"])
+    print(text)
+    record("data_loader", res, text)
 
 
 if __name__ == "__main__":

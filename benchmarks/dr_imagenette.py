@@ -23,11 +23,11 @@ plain's.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import platform
+import os
 import shutil
 import statistics
+import sys
 import tarfile
 import time
 from pathlib import Path
@@ -41,8 +41,9 @@ from vfmkit.engine import init_distributed, train
 from vfmkit.methods.registry import build_job
 
 ROOT = Path(__file__).resolve().parent.parent
-RESULTS = ROOT / "benchmarks" / "results" / "dr_imagenette.json"
-RESULTS_MD = ROOT / "benchmarks" / "RESULTS.dr_imagenette.md"
+sys.path.insert(0, str(ROOT / "benchmarks"))  # for _record
+from _record import machine, now, record  # noqa: E402
+
 ACC_FLOOR, TIME_FLOOR = 2.0, 1.05
 MODES = ("plain", "reinforced", "online")
 
@@ -162,15 +163,13 @@ def summarize(per_seed: list[dict], gen: dict, args: argparse.Namespace, counts:
                 f"{counts['train']} train imgs, seeds {args.seeds}: reinforced {rf['top1']:.1f}% vs plain "
                 f"{pl['top1']:.1f}% top-1 ({gain:+.1f} pts), ECE {rf['ece']:.1f} vs {pl['ece']:.1f}; "
                 f"epoch time ratio reinforced/plain {ratio:.3f}{online}")
-    machine = (f"{platform.machine()}, {torch.get_num_threads()} torch thread(s), torch {torch.__version__}, "
-               "shared 2-core CPU (other jobs running: timings are noisy)")
     floor = {"top1_gain_pts": ACC_FLOOR, "epoch_time_ratio_max": TIME_FLOOR}
     return {"headline": headline, "floor": floor,
             "floor_met": bool(gain >= ACC_FLOOR and ratio <= TIME_FLOOR),
             "floor_detail": {"top1_gain_pts": gain, "top1_gain_met": bool(gain >= ACC_FLOOR),
                              "epoch_time_ratio": ratio, "epoch_time_met": bool(ratio <= TIME_FLOOR)},
             "modes": rows, "generation": gen, "setup": {**vars(args), **counts}, "seeds": per_seed,
-            "date": datetime.date.today().isoformat(), "machine": machine}
+            "date": now(), "machine": f"{machine()}, load avg {os.getloadavg()[0]:.1f} at end"}
 
 
 def report(res: dict) -> str:
@@ -225,17 +224,7 @@ def main() -> None:
     print(text)
     if args.record:
         res["setup"] = {k: (str(v) if isinstance(v, Path) else v) for k, v in res["setup"].items()}
-        atomic_write_json(RESULTS, res)
-        cmd = "PYTHONPATH=src python3 benchmarks/dr_imagenette.py " + " ".join(
-            f"--{k.replace('_', '-')} {v if not isinstance(v, list) else ' '.join(map(str, v))}"
-            for k, v in (("per_class", args.per_class), ("val_per_class", args.val_per_class),
-                         ("n_aug", args.n_aug), ("epochs", args.epochs), ("seeds", args.seeds),
-                         ("online_seeds", args.online_seeds)))
-        if not RESULTS_MD.is_file():
-            RESULTS_MD.write_text("## dr_imagenette (helper H: Dataset Reinforcement, training side)\n",
-                                  encoding="utf-8")
-        with open(RESULTS_MD, "a", encoding="utf-8") as f:
-            f.write(f"\n`{cmd}` ({res['date']})\n\n```\n{text}\n```\n")
+        record("dr_imagenette", res, text)
 
 
 if __name__ == "__main__":

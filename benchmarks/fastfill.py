@@ -16,10 +16,8 @@ order of the five methods matches the paper's (none < FCT/random < FastFill/rand
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import platform
 import sys
 import tarfile
 import time
@@ -30,6 +28,9 @@ import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(ROOT / "benchmarks"))  # for _record
+
+from _record import machine, now, record  # noqa: E402
 
 from vfmkit.config import load_config  # noqa: E402
 from vfmkit.methods.fastfill import run_backfill  # noqa: E402
@@ -170,20 +171,19 @@ def report(res: dict, args: argparse.Namespace, wall: float, t_models: float, wo
         "wall_s": round(wall, 1),
         "models_wall_s": round(t_models, 1),
         "torch_threads": torch.get_num_threads(),
-        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "machine": f"{platform.node()} {platform.machine()} {os.cpu_count()} cpu, torch {torch.__version__}",
+        "date": now(),
+        "machine": machine(),
     }
-    dst = ROOT / "benchmarks" / "results" / "fastfill.json"
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst.with_name(dst.name + ".tmp")
-    tmp.write_text(json.dumps(out, indent=2))
-    os.replace(tmp, dst)
-    print(res["report"]["table"])
-    print(headline)
-    print(f"new head train acc {out['new_head_train_acc']:.1f}%; Spearman(sigma, oracle error) on the gallery "
-          + json.dumps(out["sigma_error_spearman"]))  # fmt: skip
-    print(f"floor_met={out['floor_met']} paper_order_met_mAP={out['paper_order_met_mAP']} wall={wall:.0f}s")
-    print(f"plot: {work / 'backfill' / 'backfill.png'}")
+    text = "\n".join([
+        res["report"]["table"],
+        headline,
+        f"new head train acc {out['new_head_train_acc']:.1f}%; Spearman(sigma, oracle error) on the gallery "
+        + json.dumps(out["sigma_error_spearman"]),
+        f"floor_met={out['floor_met']} paper_order_met_mAP={out['paper_order_met_mAP']} wall={wall:.0f}s",
+        f"plot: {work / 'backfill' / 'backfill.png'}",
+    ])  # fmt: skip
+    print(text)
+    record("fastfill", out, text)
     return 0
 
 

@@ -16,10 +16,9 @@ from __future__ import annotations
 
 import argparse
 import csv
-import datetime
 import json
-import platform
 import shutil
+import sys
 import tarfile
 import tempfile
 import time
@@ -27,13 +26,15 @@ from pathlib import Path
 
 import torch
 
-from vfmkit.data.shards import ShardWriter, atomic_write_json, list_shards
+from vfmkit.data.shards import ShardWriter, list_shards
 from vfmkit.methods.captions import write_captions_jsonl
 from vfmkit.methods.reinforce import ReinforceArgs, Reinforcer, iter_shard, reinforce
 from vfmkit.models.teachers import TeacherEnsemble, load_teacher
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/ (for _record)
+from _record import machine, now, record  # noqa: E402
+
 FLOOR = 0.15
-RESULTS = Path(__file__).parent / "results" / "reinforce_generation.json"
 
 
 def build_shards(data: Path, n: int, out: Path) -> dict[str, list[str]]:
@@ -127,18 +128,18 @@ def main() -> None:
 def report(a, n: int, teacher, note: str, bare_t: list[float], gen_t: list[float]) -> None:
     bare_sps, gen_sps = n / min(bare_t), n / min(gen_t)
     overhead = 1.0 - gen_sps / bare_sps
-    machine = f"{platform.machine()}, {torch.get_num_threads()} torch thread(s), torch {torch.__version__}"
     headline = (f"reinforce generation vs bare teacher forward ({teacher.name}, {n} Flickr8k train photos, "
                 f"n_aug {a.n_aug}, n_syn {a.n_syn}, {teacher.image_size} px, CPU): {gen_sps:.2f} vs {bare_sps:.2f} "
                 f"samples/s, ratio {gen_sps / bare_sps:.3f}, overhead {overhead * 100:.1f}% (floor <= {FLOOR * 100:.0f}%)")
-    out = {"headline": headline, "floor": FLOOR, "floor_met": overhead <= FLOOR, "overhead": overhead,
+    out = {"headline": headline, "floor": FLOOR, "floor_met": bool(overhead <= FLOOR), "overhead": overhead,
            "ratio": gen_sps / bare_sps, "generation_samples_per_s": gen_sps, "bare_samples_per_s": bare_sps,
            "bare_seconds": bare_t, "generation_seconds": gen_t, "n": n, "n_aug": a.n_aug, "n_syn": a.n_syn,
            "teacher": teacher.name, "teacher_note": note, "rounds": a.rounds,
-           "date": datetime.date.today().isoformat(), "machine": machine}
-    atomic_write_json(RESULTS, out)
-    print(headline)
-    print(json.dumps({k: out[k] for k in ("floor", "floor_met", "teacher_note", "date", "machine")}))
+           "date": now(), "machine": machine()}
+    text = "\n".join([headline, json.dumps({k: out[k] for k in ("floor", "floor_met", "teacher_note", "date",
+                                                                "machine")})])
+    print(text)
+    record("reinforce_generation", out, text)
 
 
 if __name__ == "__main__":

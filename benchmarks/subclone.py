@@ -17,10 +17,8 @@ child-parent function check (pearson on held-out outputs) for every scaling mode
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import platform
 import random
 import shutil
 import sys
@@ -35,6 +33,9 @@ from vfmkit.config import load_config
 from vfmkit.methods import subclone as sc
 
 ROOT = Path(__file__).resolve().parent
+sys.path.insert(0, str(ROOT))  # benchmarks/ (for _record)
+from _record import machine, now, record  # noqa: E402
+
 CACHE = Path(os.environ.get("VFMKIT_BENCH_CACHE", ROOT.parent / ".cache" / "subclone-bench"))  # git-ignored
 SHARED = Path(os.environ.get("VFMKIT_SHARED_DATA", ROOT.parent.parent / "shared" / "data"))
 FLOOR = 3.0
@@ -233,18 +234,13 @@ def write(results: dict, seconds: float, quick: bool) -> None:
            "floor_met_by_setting": {"vit_imagenette": rv >= FLOOR, "gpt2_flickr8k": rl >= FLOOR},
            "floor_met_same_lr": {"vit_imagenette": v["ratio_subclone_stay"] >= FLOOR,
                                  "gpt2_flickr8k": g["ratio_subclone_stay"] >= FLOOR},
-           "quick": quick, "date": datetime.datetime.now().isoformat(timespec="seconds"),
-           "machine": f"{platform.node()} {platform.machine()} {os.cpu_count()} cpus, torch {torch.__version__}, "
-                      f"{torch.get_num_threads()} thread(s), shared with other jobs (load avg "
-                      f"{os.getloadavg()[0]:.1f})",
+           "quick": quick, "date": now(), "machine": f"{machine()}, load avg {os.getloadavg()[0]:.1f} at end",
            "seconds": round(seconds, 1), "results": results}
-    print(headline)
-    print(f"floor_met={doc['floor_met']} by setting {doc['floor_met_by_setting']} (same lr: "
-          f"{doc['floor_met_same_lr']}) in {seconds:.0f}s; {doc['date']} on {doc['machine']}")
-    if not quick:
-        out = ROOT / "results" / "subclone.json"
-        out.parent.mkdir(parents=True, exist_ok=True)
-        sc._atomic_write(out, json.dumps(doc, indent=1).encode())
+    text = (f"{headline}\nfloor_met={doc['floor_met']} by setting {doc['floor_met_by_setting']} (same lr: "
+            f"{doc['floor_met_same_lr']}) in {seconds:.0f}s; {doc['date']} on {doc['machine']}")
+    print(text)
+    if not quick:  # --quick numbers are not meaningful: nothing recorded
+        record("subclone", doc, text)
 
 
 if __name__ == "__main__":

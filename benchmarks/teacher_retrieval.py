@@ -15,16 +15,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
+import sys
 import tempfile
 import time
-from datetime import UTC, datetime
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from vfmkit.data.shards import atomic_write_json
 from vfmkit.models.offline_teacher import (
     OfflineHeads,
     cache_image_features,
@@ -38,8 +36,10 @@ from vfmkit.models.offline_teacher import (
 )
 from vfmkit.models.teachers import load_teacher
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/ (for _record)
+from _record import machine, now, record  # noqa: E402
+
 FLOOR = {"t2i_R@1_min": 10.0, "mean_R@1_ratio_min": 10.0}
-OUT = Path(__file__).parent / "results" / "teacher_retrieval.json"
 
 
 def mean_r1(m: dict) -> float:
@@ -113,7 +113,6 @@ def main() -> int:
     baseline = retrieval_on_features(random_heads, img_f, txt_f)
     ratio = mean_r1(shipped) / max(mean_r1(baseline), 1e-9)
     met = shipped["t2i_R@1"] >= FLOOR["t2i_R@1_min"] and ratio >= FLOOR["mean_R@1_ratio_min"]
-    machine = f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
     res = {
         "headline": (
             f"shipped offline teacher (Lite0@{size}+MiniLM, trained heads) vs random-projection heads on Flickr8k "
@@ -130,17 +129,20 @@ def main() -> int:
         "teacher_build": cfg.get("build", {}),
         "end_to_end_max_abs_diff": diff,
         "seconds": time.time() - t0,
-        "date": datetime.now(UTC).strftime("%Y-%m-%d"),
-        "machine": machine,
+        "date": now(),
+        "machine": machine(),
     }
     if args.compare_sizes:
         res["resolution_comparison"] = compare_sizes(args, [int(x) for x in args.compare_sizes.split(",")])
-    atomic_write_json(OUT, res)
-    print(res["headline"], f"| floor {FLOOR} met: {met}")
-    print("shipped ", json.dumps({k: round(v, 2) for k, v in shipped.items()}))
-    print("random  ", json.dumps({k: round(v, 2) for k, v in baseline.items()}))
-    print(f"end-to-end API vs cached path max |diff| {diff:.2e}; {res['seconds']:.0f}s")
-    print(f"date {res['date']}, machine {machine}")
+    text = "\n".join([
+        f"{res['headline']} | floor {FLOOR} met: {met}",
+        "shipped  " + json.dumps({k: round(v, 2) for k, v in shipped.items()}),
+        "random   " + json.dumps({k: round(v, 2) for k, v in baseline.items()}),
+        f"end-to-end API vs cached path max |diff| {diff:.2e}; {res['seconds']:.0f}s",
+        f"date {res['date']}, machine {res['machine']}",
+    ])
+    print(text)
+    record("teacher_retrieval", res, text)
     return 0 if met else 1
 
 

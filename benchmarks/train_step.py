@@ -13,16 +13,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
+import sys
 import tempfile
 import time
-from datetime import UTC, datetime
 from pathlib import Path
 
 import torch
 
-RESULTS = Path(__file__).parent / "results"
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/ (for _record)
+from _record import machine, now, record  # noqa: E402
 
 
 class _Batches:
@@ -162,22 +162,16 @@ def main() -> None:
         rows.append(row)
         print(json.dumps(row))
     worst = min(r["ratio"] for r in rows)
-    machine = (torch.cuda.get_device_name() if gpu else f"{platform.processor() or platform.machine()}, "
-               f"{torch.get_num_threads()} threads") + f", torch {torch.__version__}"
     headline = "; ".join(f"{r['model']} b{r['batch']} {r['precision']}: vfmkit {r['vfmkit_samples_per_s']:.1f} vs "
                          f"open_clip {r['open_clip_samples_per_s']:.1f} samples/s = {r['ratio']:.2f}x" for r in rows)
     res = {"headline": f"CLIP train step, vfmkit engine vs open_clip train_one_epoch ({args.device}): {headline}",
-           "floor": floor, "floor_met": worst >= floor, "worst_ratio": worst, "rows": rows,
-           "date": datetime.now(UTC).strftime("%Y-%m-%d"), "machine": machine, "device": args.device}
-    RESULTS.mkdir(exist_ok=True)
-    name = "train_step.json" if not gpu else "train_step_gpu.json"
-    (RESULTS / name).write_text(json.dumps(res, indent=2) + "\n")
-    print(res["headline"])
-    print(f"floor {floor}x met: {res['floor_met']}")
-    with open(Path(__file__).parent / "RESULTS.train_step.md", "a") as f:
-        f.write(f"\n### {res['date']} on {machine} ({args.device})\n\n```\n"
-                + "\n".join(json.dumps(r) for r in rows) + f"\n{res['headline']}\nfloor {floor}x met: "
-                f"{res['floor_met']}\n```\n")
+           "floor": floor, "floor_met": bool(worst >= floor), "worst_ratio": worst, "rows": rows,
+           "date": now(), "machine": machine(), "device": args.device}
+    summary = f"{res['headline']}\nfloor {floor}x met: {res['floor_met']}"
+    print(summary)
+    # the recorded block also holds the per-model rows (printed above, as each model finished)
+    record("train_step_gpu" if gpu else "train_step", res, "\n".join([*(json.dumps(r) for r in rows), summary]),
+           script="train_step")
 
 
 if __name__ == "__main__":
