@@ -19,19 +19,16 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import platform
 import statistics
 import sys
 import time
-from datetime import UTC, datetime
 from pathlib import Path
 
 import torch
 
-from vfmkit.data.shards import atomic_write_json  # noqa: E402
-
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from _record import machine, now, record  # noqa: E402
 
 NAME = "mobileclip_efficiency"
 FLICKR = Path("/work/shared/data/flickr8k")
@@ -231,23 +228,17 @@ def report(a: argparse.Namespace, s: dict, extra: list[dict], t_data: float, t_t
                 f"reaches plain's final R@1 " + (f"at step {reach}: {s['ratio']:.2f}x fewer steps" if reach
                                                  else "never: ratio 0"))
     lines = table(s) + [x for e in extra for x in table(e)]
-    machine = f"{platform.node()} {platform.machine()} {torch.get_num_threads()} threads, torch {torch.__version__}"
     res = {"headline": headline,
            "floor": "every reinforced seed's final R@1 above every plain seed's, and >= 2x fewer steps (goal 5x)",
            "floor_met": bool(s["separated"] and s["ratio"] >= 2.0), "summary": s,
            "secondary": extra,
            "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(a).items()},
            "seconds": {"data_and_reinforce": t_data, "total": t_total},
-           "date": datetime.now(UTC).isoformat(timespec="seconds"), "machine": machine}
-    out = ROOT / "benchmarks" / "results" / f"{NAME}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(out, res, indent=1)
+           "date": now(), "machine": machine()}
     text = "\n".join([headline, *lines, f"floor met: {res['floor_met']}",
-                      f"date {res['date']}, {machine}, {t_total:.0f}s"])
+                      f"date {res['date']}, {res['machine']}, {t_total:.0f}s"])
     print(text)
-    with open(ROOT / "benchmarks" / f"RESULTS.{NAME}.md", "a", encoding="utf-8") as f:
-        f.write(f"\n## {NAME} ({res['date']})\n\n```\n$ python benchmarks/{NAME}.py {' '.join(sys.argv[1:])}\n"
-                f"{text}\n```\n")
+    record(NAME, res, text)
     return 0
 
 

@@ -16,19 +16,16 @@ sample (MobileCLIP's real + synthetic branches), a deliberate extra cost reporte
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
 import sys
 import time
-from datetime import UTC, datetime
 from pathlib import Path
 
 import torch
 
-from vfmkit.data.shards import atomic_write_json  # noqa: E402
-
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from _record import machine, now, record  # noqa: E402
 
 NAME = "mobileclip_overhead"
 FLOOR = 0.97  # reinforced samples/s >= 97% of plain
@@ -159,21 +156,14 @@ def report(a: argparse.Namespace, sps: dict[str, list[float]], t_reinf: float) -
                 f"{spread:.2f}); 2 caption branches {ratios['reinforced, 2 caption branches'][0]:.3f}x"
                 + (f"; online distillation {ratios['online distillation'][0]:.3f}x" if "online distillation"
                    in ratios else ""))
-    machine = f"{platform.node()} {platform.machine()} {torch.get_num_threads()} threads, torch {torch.__version__}"
     res = {"headline": headline, "floor": f"reinforced samples/s >= {FLOOR} x plain (at most 3% slower), "
            "median of per-round paired ratios", "floor_met": bool(ratio >= FLOOR),
            "ratio_reinforced_over_plain": ratio, "paired_ratios": ratios, "median_samples_per_s": med,
            "rounds": sps, "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(a).items()},
-           "reinforce_seconds": t_reinf, "date": datetime.now(UTC).isoformat(timespec="seconds"),
-           "machine": machine}
-    out = ROOT / "benchmarks" / "results" / f"{NAME}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(out, res, indent=1)
-    text = "\n".join([headline, *lines, f"floor met: {res['floor_met']}", f"date {res['date']}, {machine}"])
+           "reinforce_seconds": t_reinf, "date": now(), "machine": machine()}
+    text = "\n".join([headline, *lines, f"floor met: {res['floor_met']}", f"date {res['date']}, {res['machine']}"])
     print(text)
-    with open(ROOT / "benchmarks" / f"RESULTS.{NAME}.md", "a", encoding="utf-8") as f:
-        f.write(f"\n## {NAME} ({res['date']})\n\n```\n$ python benchmarks/{NAME}.py {' '.join(sys.argv[1:])}\n"
-                f"{text}\n```\n")
+    record(NAME, res, text)
     return 0
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import webdataset as wds
 from conftest import read_builtin_samples  # tests/ is on sys.path (pytest rootdir conftest, no package)
 from PIL import Image
 
@@ -357,3 +358,30 @@ def test_cli_import_and_info(tmp_path, caption_folder, capsys):
     assert "7 samples in 3 shards" in out and "all shards match" in out
     assert cli_main(["data", "info", str(tmp_path / "nowhere")]) == 2
     assert "nowhere" in capsys.readouterr().err
+
+
+def _uids(spec) -> list[str]:
+    pipe = wds.DataPipeline(wds.SimpleShardList(list_shards(spec)), wds.tarfile_to_samples())
+    return [json.loads(s["json"])["uid"] for s in pipe]
+
+
+def test_exclude_uids_keeps_the_rest_unchanged_and_reruns_reuse(tmp_path):
+    from vfmkit.data.shards import exclude_uids
+
+    src = read_builtin_samples("flickr8k/heldout", 30)
+    uids = [json.loads(s["json"])["uid"] for s in src]
+    drop = set(uids[::3]) | {"not-in-the-data.jpg"}
+    m = exclude_uids("builtin:flickr8k/heldout", tmp_path / "f", drop, max_count=64)
+    all_uids = _uids("builtin:flickr8k/heldout")
+    assert m["dropped"] == len(drop & set(all_uids)) == 10 and m["kept"] == len(all_uids) - 10
+    assert _uids(str(tmp_path / "f")) == [u for u in all_uids if u not in drop]  # order kept, nothing else lost
+    out = {s["__key__"]: s for s in wds.DataPipeline(wds.SimpleShardList(list_shards(str(tmp_path / "f"))),
+                                                     wds.tarfile_to_samples())}
+    for s in src:  # members are copied byte for byte
+        if s["__key__"] in out:
+            assert out[s["__key__"]]["jpg"] == s["jpg"] and out[s["__key__"]]["json"] == s["json"]
+    mtime = (tmp_path / "f" / "manifest.json").stat().st_mtime_ns
+    assert exclude_uids("builtin:flickr8k/heldout", tmp_path / "f", drop, max_count=64) == m
+    assert (tmp_path / "f" / "manifest.json").stat().st_mtime_ns == mtime  # reused, not rewritten
+    other = exclude_uids("builtin:flickr8k/heldout", tmp_path / "f", set(uids[:1]), max_count=64)
+    assert other["dropped"] == 1  # a different drop set is recomputed

@@ -1,4 +1,4 @@
-"""``vfmkit quickstart`` end to end, reduced: 200 embedded Flickr8k images reinforced by the shipped offline
+"""``vfmkit quickstart`` end to end, reduced: 160 embedded Flickr8k images (71 after the teacher's own are left out) reinforced by the offline
 teacher, a few student steps each arm, held-out retrieval + zero-shot, report + curves written, rerun resumes."""
 
 from __future__ import annotations
@@ -13,20 +13,34 @@ from conftest import read_builtin_samples  # tests/ is on sys.path (rootdir conf
 from vfmkit.cli import main
 from vfmkit.data.shards import ShardWriter
 
+TRAIN_START = 200
 
-def _subset(out, name: str, n: int):
-    """The first ``n`` samples of an embedded Flickr8k subset as one shard (real JPEGs, 5 captions each)."""
+
+def read_builtin_samples_from(path) -> list[dict]:
+    import webdataset as wds
+
+    from vfmkit.data.shards import list_shards
+
+    return list(wds.DataPipeline(wds.SimpleShardList(list_shards(str(path))), wds.tarfile_to_samples()))
+
+
+def _subset(out, name: str, n: int, start: int = 0):
+    """Samples ``start:start + n`` of an embedded Flickr8k subset as one shard (real JPEGs, 5 captions each)."""
     with ShardWriter(out, max_count=1000) as w:
-        for s in read_builtin_samples(name, n):
+        for s in read_builtin_samples(name, start + n)[start:]:
             w.write({k: v for k, v in s.items() if k in ("__key__", "jpg", "txt", "json")})
     return out
 
 
 @pytest.fixture(scope="module")
 def small_data(tmp_path_factory):
-    """(train: 160 embedded train pairs, val: 64 embedded held-out pairs), kept small so the test is quick."""
+    """(train: 160 embedded train pairs, val: 64 embedded held-out pairs), kept small so the test is quick.
+
+    The train slice starts at 200 so that it mixes images the offline teacher was aligned on (the first 289 of
+    the embedded set, which quickstart leaves out) with images it never saw."""
     root = tmp_path_factory.mktemp("qs_data")
-    return _subset(root / "train", "flickr8k/train", 160), _subset(root / "val", "flickr8k/heldout", 64)
+    return (_subset(root / "train", "flickr8k/train", 160, start=TRAIN_START),
+            _subset(root / "val", "flickr8k/heldout", 64))
 
 
 def _run(out, data, capsys) -> str:
@@ -57,6 +71,16 @@ def test_quickstart_reduced_writes_report_table_and_curves(tmp_path, small_data,
         hist = res["history"][arm]
         assert [h["step"] for h in hist if "eval/R@1" in h] == [4, 8, 12]
         assert all(math.isfinite(h["loss"]) for h in hist if "loss" in h)
+    # the offline teacher's own training images are left out of the transfer set (both students train without them)
+    from vfmkit.models.offline_teacher import teacher_train_images
+
+    sub = [json.loads(s["json"])["uid"] for s in read_builtin_samples("flickr8k/train", TRAIN_START + 160)]
+    sub = sub[TRAIN_START:]
+    seen = teacher_train_images()
+    assert res["excluded_teacher_images"] == len(set(sub) & seen) > 0
+    assert res["data"] == str(out / "data") and "were the offline teacher's own training images" in printed
+    kept = [json.loads(s["json"])["uid"] for s in read_builtin_samples_from(out / "data")]
+    assert kept == [u for u in sub if u not in seen]
     assert res["n_aug"] == 2 and res["n_syn"] == 4  # the other four human captions fill the extra-caption slots
     assert res["rows"]["teacher (reference)"]["retrieval/R@1"] > 5 * 100 / 64  # well above chance (1.6%)
     assert res["history"]["plain"] != res["history"]["reinforced"]

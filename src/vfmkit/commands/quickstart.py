@@ -42,7 +42,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--n-aug", type=int, default=3, help="augmentations stored per image (3 keeps the default run under 10 minutes on 2 cores)")
     p.add_argument("--eval-points", type=int, default=6, help="held-out evaluations during training")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--aug", default="rrc", help="stored augmentation recipe (rrc: crop only, as plain CLIP's)")
+    p.add_argument("--aug-scale", type=float, default=0.9,
+                   help="RandomResizedCrop min scale of the stored augmentations (0.9: open_clip's plain default)")
+    p.add_argument("--keep-teacher-images", action="store_true",
+                   help="also distil on the images the offline teacher was aligned on (excluded by default)")
     p.set_defaults(func=run)
+
+
+def _aug_recipe(args: argparse.Namespace) -> dict:
+    return {"name": args.aug, "size": 224, **({"scale": [args.aug_scale, 1.0]} if args.aug_scale else {})}
 
 
 class Stages:
@@ -240,12 +249,16 @@ def write_report(out: Path, table: str, info: dict) -> Path:
     val_note = ("`builtin:flickr8k/heldout`: 200 Flickr8k train-split photos never trained on, the embedded "
                 "stand-in for Flickr8k val (pass `--val-data` for real val shards)"
                 if info["val_data"] == "builtin:flickr8k/heldout" else f"`{info['val_data']}`")
+    excl = (f" ({info['excluded_teacher_images']} images the offline teacher was aligned on were left out: on them "
+            "its targets are nearly one-hot, so there is little to distil)" if info.get("excluded_teacher_images")
+            else "")
     cpu = info["stage_cpu_seconds"]
     times = "\n".join(f"| {k} | {v:.1f} | {cpu.get(k, 0.0):.1f} |" for k, v in info["stage_seconds"].items())
     md = f"""# vfmkit quickstart report
 
 Teacher: {", ".join(f"`{t}`" for t in info["teachers"])}. Student: `{info["model"]}`, {info["steps"]} steps of
 batch {info["batch_size"]} for both arms (same recipe `{info["recipe"]}`, seed {info["seed"]}).
+Training images: `{info["data"]}`{excl}.
 Reinforced data: {info["n_aug"]} stored augmentations per image, {info["n_syn"]} extra captions per image,
 teacher logit scale(s) {info["teacher_scales"]}, lambda {info["lam"]}.
 
@@ -272,6 +285,7 @@ Reinforced minus plain, held-out R@1: {info["gain_R@1"]:+.2f} points.
 
 def run(args: argparse.Namespace) -> int:
     from vfmkit.data.reinforced import read_metadata
+    from vfmkit.data.shards import exclude_uids
     from vfmkit.models.factory import create_clip
     from vfmkit.models.teachers import load_ensemble
 
@@ -280,6 +294,16 @@ def run(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     teachers = args.teachers or ["offline"]
     ens = st("load teacher", load_ensemble, teachers)
+    seen, excluded = teacher_seen(teachers), 0
+    if seen and not args.keep_teacher_images:
+        m = st("exclude the teacher's own images", exclude_uids, args.data, out / "data", seen)
+        if m["kept"] == 0:
+            raise ValueError(f"all {m['dropped']} images of {args.data} are the offline teacher's own training "
+                             "images; give other data or --keep-teacher-images")
+        print(f"[quickstart] {m['dropped']} of {m['kept'] + m['dropped']} training images were the offline "
+              f"teacher's own training images (its targets on them are nearly one-hot): both students train on "
+              f"the other {m['kept']}", flush=True)
+        args.data, excluded = str(out / "data"), m["dropped"]
     n_syn = st("caption pool", write_caption_pool, args.data, out / "captions.jsonl")
     rdir = out / "reinforced"
     st("reinforce", _reinforce_with, ens, args, rdir, out / "captions.jsonl" if n_syn else None, n_syn)
@@ -303,7 +327,8 @@ def run(args: argparse.Namespace) -> int:
     info = {"teachers": teachers, "model": reinf_cfg.model.name, "steps": reinf_cfg.train.steps,
             "batch_size": reinf_cfg.data.batch_size, "recipe": args.recipe, "seed": args.seed,
             "n_aug": meta.n_aug, "n_syn": meta.n_syn, "teacher_scales": [t.logit_scale for t in meta.teachers],
-            "lam": reinf_cfg.method_args.get("lam"), "val_data": args.val_data,
+            "lam": reinf_cfg.method_args.get("lam"), "val_data": args.val_data, "data": args.data,
+            "excluded_teacher_images": excluded, "aug": _aug_recipe(args),
             "zeroshot_data": args.zeroshot_data, "rows": rows, "stage_seconds": st.seconds,
         "stage_cpu_seconds": st.cpu_seconds,
             "gain_R@1": rows["reinforced student"]["retrieval/R@1"] - rows["plain CLIP student"]["retrieval/R@1"],
@@ -314,12 +339,23 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def teacher_seen(teachers: list[str]) -> frozenset[str]:
+    """Images the shipped offline teacher was aligned on (empty for any other teacher ensemble).
+
+    Why: on the images its small heads were trained on for many epochs, the offline teacher's image-text
+    similarities are nearly one-hot (they equal the labels), so distilling on them transfers almost nothing;
+    a real large teacher does not memorise its training set this way."""
+    from vfmkit.models.offline_teacher import teacher_train_images
+
+    return teacher_train_images() if list(teachers) == ["offline"] else frozenset()
+
+
 def _reinforce_with(ens, args: argparse.Namespace, rdir: Path, captions: Path | None, n_syn: int) -> dict:
     """Reinforce with the already-loaded teacher ensemble (it is loaded once for reinforcement and evaluation)."""
     from vfmkit.methods.reinforce import ReinforceArgs, Reinforcer, reinforce
 
     ra = ReinforceArgs(mode="clip", teachers=list(args.teachers or ["offline"]), n_aug=args.n_aug,
-                       recipe={"name": "rrc_ra", "size": 224}, seed=args.seed, images=True,
+                       recipe=_aug_recipe(args), seed=args.seed, images=True,
                        captions=str(captions) if captions else None, n_syn=n_syn)
     res = reinforce(args.data, rdir, ra, progress=False, reinforcer=Reinforcer(ra, teachers=ens))
     if res["manifest"] is None:

@@ -19,7 +19,7 @@ import json
 import os
 import re
 import tarfile
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -297,3 +297,36 @@ def shard_counts(urls: list[str]) -> dict[str, int] | None:
         except (OSError, ValueError, KeyError, TypeError):
             return None
     return counts
+
+
+def exclude_uids(spec: str | os.PathLike, out_dir: str | os.PathLike, drop: Collection[str],
+                 max_count: int = 1000) -> dict:
+    """Copy the samples of ``spec`` whose json ``uid`` is not in ``drop`` into ``out_dir`` (members unchanged).
+
+    Used to keep a teacher's own training images out of a distillation transfer set. Written once: an existing
+    manifest for the same source and drop set is returned as is (a rerun resumes). The manifest records
+    ``source``, ``kept`` and ``dropped``.
+    """
+    from vfmkit.methods.reinforce import iter_shard
+
+    out = Path(out_dir)
+    drop = frozenset(drop)
+    tag = {"source": str(spec), "drop_sha256": hashlib.sha256("\n".join(sorted(drop)).encode()).hexdigest()}
+    if (out / MANIFEST).is_file():
+        m = read_manifest(out)
+        if all(m.get(k) == v for k, v in tag.items()):
+            return m
+        (out / MANIFEST).unlink()  # no manifest may claim shards that are about to be rewritten
+    kept = dropped = 0
+    with ShardWriter(out, max_count=max_count, extra=tag) as w:
+        for url in list_shards(spec):
+            for s in iter_shard(url):
+                if "json" not in s:
+                    raise ShardError(f"{url}: sample {s['__key__']!r} has no json (no uid to filter on)")
+                if str(json.loads(s["json"]).get("uid", s["__key__"])) in drop:
+                    dropped += 1
+                    continue
+                w.write({k: v for k, v in s.items() if k == "__key__" or not k.startswith("__")})
+                kept += 1
+        w.extra.update(kept=kept, dropped=dropped)
+    return read_manifest(out)
