@@ -365,10 +365,10 @@ def test_classification_replay_equals_full_record_decode(tmp_path):
 
 
 def test_read_npz_equals_np_load():
-    """read_npz (replay's top-k read) returns np.load's arrays: plain stored entries are parsed in place
+    """read_npz (replay's top-k and embedding read) returns np.load's arrays: plain stored entries are parsed in place
     (read-only views of the bytes); compressed, Fortran-order or structured ones go through np.load; object
     arrays are refused, never unpickled."""
-    from vfmkit.data.replay import read_npz
+    from vfmkit.data.reinforced import read_npz
 
     rng = np.random.default_rng(0)
     plain = {"values": rng.random((3, 5)).astype(np.float16), "indices": np.arange(15, dtype=np.int16).reshape(3, 5),

@@ -12,9 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import io
-import math
 import random
-import re
 import struct
 import zipfile
 from collections.abc import Callable, Sequence
@@ -28,7 +26,7 @@ from torchvision.transforms.v2 import functional as F
 
 from .augment import OPENAI_MEAN, OPENAI_STD, AugParams, ReplayableAugment, params_from_json, to_student
 from .loader import ShardLoader
-from .reinforced import ImageIndex, ReinforcedMeta, _json_field, decode_multimodal, densify
+from .reinforced import ImageIndex, ReinforcedMeta, _json_field, decode_multimodal, densify, read_npz
 
 Tokenizer = Callable[[list[str]], torch.Tensor]
 
@@ -43,56 +41,6 @@ def replay_rng(seed: int, epoch: int, uid: str) -> random.Random:
     """The per-(seed, epoch, sample) generator of the training-time choices (process-independent)."""
     digest = hashlib.sha256(f"replay|{int(seed)}|{int(epoch)}|{uid}".encode()).digest()
     return random.Random(int.from_bytes(digest[:8], "little"))
-
-
-# Why a fast path: ``np.load`` of a 0.7 KB top-k npz costs ~0.8 ms (zipfile + ``ast.literal_eval`` of the
-# npy header), ~5% of a small student's CPU step per image; the reinforced mode must cost what plain costs.
-_NPY_HEADER = re.compile(r"'descr':\s*'([<>|=]?[a-zA-Z]\d*)',\s*'fortran_order':\s*False,\s*"
-                         r"'shape':\s*\(([\d,\s]*)\)")
-
-
-def _fast_npy(buf: memoryview) -> np.ndarray | None:
-    """A plain (non-object, C-order) ``.npy`` payload -> array view; None when it is anything else."""
-    if len(buf) < 12 or bytes(buf[:6]) != b"\x93NUMPY" or buf[6] not in (1, 2, 3):
-        return None
-    off = 10 if buf[6] == 1 else 12
-    hlen = struct.unpack_from("<H" if buf[6] == 1 else "<I", buf, 8)[0]
-    m = _NPY_HEADER.search(bytes(buf[off:off + hlen]).decode("latin1"))
-    if m is None:
-        return None
-    dtype = np.dtype(m.group(1))
-    if dtype.hasobject:
-        return None
-    shape = tuple(int(x) for x in m.group(2).replace(" ", "").split(",") if x)
-    return np.frombuffer(buf, dtype, math.prod(shape), offset=off + hlen).reshape(shape)
-
-
-def read_npz(data: bytes) -> dict[str, np.ndarray]:
-    """``np.savez`` bytes -> ``{name: array}``, equal to ``np.load``'s arrays (dtype, shape, values).
-
-    Walks the stored (uncompressed) zip entries directly, returning read-only views of ``data``; anything else
-    (compression, data descriptors, Fortran order, object or structured arrays) goes through ``np.load`` with
-    ``allow_pickle=False`` (writable copies), so it never unpickles."""
-    out: dict[str, np.ndarray] = {}
-    view, pos = memoryview(data), 0
-    while bytes(view[pos:pos + 4]) == b"PK\x03\x04":
-        _, _, flags, comp, _, _, _, csize, _, nlen, xlen = struct.unpack_from("<4sHHHHHIIIHH", view, pos)
-        name = bytes(view[pos + 30:pos + 30 + nlen]).decode()
-        extra, start = view[pos + 30 + nlen:pos + 30 + nlen + xlen], pos + 30 + nlen + xlen
-        if csize == 0xFFFFFFFF:  # zip64: sizes are in extra field 0x0001 (uncompressed, then compressed)
-            xp = 0
-            while xp + 4 <= len(extra) and struct.unpack_from("<H", extra, xp)[0] != 1:
-                xp += 4 + struct.unpack_from("<H", extra, xp + 2)[0]
-            csize = struct.unpack_from("<Q", extra, xp + 12)[0] if xp + 20 <= len(extra) else -1
-        arr = _fast_npy(view[start:start + csize]) if comp == 0 and not flags & 0x08 and csize >= 0 else None
-        if arr is None:
-            break
-        out[name.removesuffix(".npy")] = arr
-        pos = start + csize
-    if not out or bytes(view[pos:pos + 4]) not in (b"PK\x01\x02", b"PK\x05\x06", b"PK\x06\x06"):
-        with np.load(io.BytesIO(data), allow_pickle=False) as z:
-            return {k: z[k] for k in z.files}
-    return out
 
 
 class _EpochDecoder:
@@ -122,14 +70,16 @@ class MultimodalReplay(_EpochDecoder):
     Returns ``image`` ``[3, S, S]`` (replayed, normalised), ``image_emb`` ``[D]`` (the stored teacher embedding of
     that very augmentation), ``text_emb`` ``[D]`` (real caption, row 0), ``syn_text_emb`` ``[D]`` (the picked
     synthetic caption), ``caption`` / ``syn_caption`` (str, or token ids ``[L]`` when a tokenizer is given),
-    ``aug_index`` and ``syn_index``.
+    ``aug_index`` and ``syn_index``. ``tokenize_syn=False`` leaves ``syn_caption`` a string (a training run
+    without the synthetic-caption branch does not pay for tokenising it).
     """
 
-    def __init__(self, meta: ReinforcedMeta, size: int, *, tokenizer: Tokenizer | None = None, **kw: Any) -> None:
+    def __init__(self, meta: ReinforcedMeta, size: int, *, tokenizer: Tokenizer | None = None,
+                 tokenize_syn: bool = True, **kw: Any) -> None:
         super().__init__(meta, size, **kw)
         if "mix" in meta.recipe.stages:
             raise ValueError("multi-modal replay does not support mixing recipes")
-        self.tokenizer = tokenizer
+        self.tokenizer, self.tokenize_syn = tokenizer, tokenize_syn
 
     def __call__(self, raw: dict[str, Any]) -> dict[str, Any]:
         rec = decode_multimodal(self._with_image(raw), self.meta)
@@ -144,8 +94,10 @@ class MultimodalReplay(_EpochDecoder):
             "image_emb": rec.image_emb[a], "text_emb": rec.text_emb[0], "syn_text_emb": rec.text_emb[1 + s],
             "caption": caption, "syn_caption": syn, "aug_index": a, "syn_index": s,
         }
-        if self.tokenizer is not None:
+        if self.tokenizer is not None and self.tokenize_syn:
             out["caption"], out["syn_caption"] = self.tokenizer([caption, syn])  # [2, L] -> two [L] rows
+        elif self.tokenizer is not None:
+            out["caption"] = self.tokenizer([caption])[0]
         return out
 
 

@@ -160,8 +160,9 @@ def _reinforced_decoder(cfg: RunConfig, args: MobileClipArgs, bundle, meta):
     from vfmkit.data.shards import list_shards
 
     images = ImageIndex(list_shards(args.images)) if args.images else None
-    replay = MultimodalReplay(meta, bundle.image_size, tokenizer=bundle.tokenizer, seed=cfg.seed,
-                              mean=bundle.mean, std=bundle.std, images=images)
+    use_syn = bool(args.use_syn and meta.n_syn)
+    replay = MultimodalReplay(meta, bundle.image_size, tokenizer=bundle.tokenizer, tokenize_syn=use_syn,
+                              seed=cfg.seed, mean=bundle.mean, std=bundle.std, images=images)
 
     class Decode:
         def set_epoch(self, epoch: int) -> None:
@@ -169,9 +170,11 @@ def _reinforced_decoder(cfg: RunConfig, args: MobileClipArgs, bundle, meta):
 
         def __call__(self, raw: dict) -> dict:
             r = replay(raw)
-            return {"image": r["image"], "text": r["caption"], "syn_text": r["syn_caption"],
-                    "t_img": r["image_emb"].float(), "t_txt": r["text_emb"].float(),
-                    "t_syn": r["syn_text_emb"].float()}
+            out = {"image": r["image"], "text": r["caption"], "t_img": r["image_emb"].float(),
+                   "t_txt": r["text_emb"].float()}
+            if use_syn:  # without the synthetic branch its caption is neither tokenised nor batched
+                out.update(syn_text=r["syn_caption"], t_syn=r["syn_text_emb"].float())
+            return out
 
     return Decode()
 
