@@ -1,17 +1,23 @@
 """Learning efficiency of reinforced (MobileCLIP) training vs plain CLIP: Flickr8k val R@1 against steps.
 
-Real data: Flickr8k TRAIN (imported from /work/shared/data/flickr8k with the project's importer, optionally a
-subset) is reinforced once with the offline teacher (stored augmentations + teacher embeddings, the other four
-human captions as the extra-caption branch). The same student, recipe, steps and seeds are trained plain and
-reinforced; Flickr8k VAL (1,000 images, 5,000 captions; never trained on) is evaluated every ``--eval-every``
-steps. Reported: mean R@1 (mean of I->T and T->I) per step per arm over seeds, the seed-to-seed spread, and
-how many times fewer steps the reinforced student needs to reach the plain student's final mean R@1 (the first
-eval step at which the reinforced mean reaches it; ratio = plain steps / that step).
+Real data: the first 2,000 (sorted) Flickr8k TRAIN images that the offline teacher was NOT aligned on (on its own
+1,600 training images its targets are nearly one-hot; see docs/mobileclip.md) are imported with the project's
+importer from /work/shared/data/flickr8k and reinforced once with the offline teacher: 5 stored crop-only
+augmentations (open_clip's plain (0.9, 1) crop), the teacher embeddings, and the other four human captions as
+the extra-caption branch. The same student (vfm-tiny-cnn), recipe (mobileclip_tiny: batch 64, AdamW 2e-3), steps
+and seeds are trained plain (open_clip CLIP loss, a random one of the 5 captions, the same crop) and reinforced
+(lambda 0.5: CLIP + distillation); Flickr8k VAL (1,000 images, 5,000 captions; never trained on) is evaluated
+every ``--eval-every`` steps. Reported: mean R@1 (mean of I->T and T->I) per step per arm over seeds with the
+seed-to-seed range, and how many times fewer steps the reinforced student needs to reach the plain student's
+final mean R@1 (the first eval step at which the reinforced mean reaches it; ratio = plain steps / that step);
+the same for R@10, which is less noisy. Seeds 1-3: seed 0 was used in the pilots that chose lambda and the
+transfer set, so the recorded seeds are fresh.
 
 Floor: reinforced final R@1 beyond the seed spread (every reinforced seed above every plain seed) and >= 2x
-fewer steps; goal 5x. Every run is cached by (arm, seed, settings), so an interrupted benchmark resumes.
+fewer steps; goal 5x. Every run is cached by its config (which holds the cache paths as given, so keep
+``--cache``), so an interrupted benchmark resumes.
 
-    python benchmarks/mobileclip_efficiency.py [--seeds 0 1 2] [--steps 600] [--eval-every 100] [--train-images 0]
+    python benchmarks/mobileclip_efficiency.py [--seeds 1 2 3] [--steps 600] [--eval-every 50] [--lam 0.5]
 """
 
 from __future__ import annotations
@@ -170,21 +176,22 @@ def summarise(curves: dict[str, list[list[dict]]], metric: str = "R@1") -> dict:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
     ap.add_argument("--steps", type=int, default=600)
-    ap.add_argument("--eval-every", type=int, default=100)
+    ap.add_argument("--eval-every", type=int, default=50)
     ap.add_argument("--model", default="vfm-tiny-cnn")
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--lam", type=float, default=0.5)
-    ap.add_argument("--n-aug", type=int, default=10)
-    ap.add_argument("--train-images", type=int, default=0, help="first N sorted train images (0: all 6,091)")
+    ap.add_argument("--n-aug", type=int, default=5)
+    ap.add_argument("--train-images", type=int, default=2000, help="first N sorted train images (0: all)")
     ap.add_argument("--teacher", default="offline")
     ap.add_argument("--unseen", type=int, default=1, help="1: train only on images the offline teacher never saw")
     ap.add_argument("--aug", default="rrc", help="stored augmentation recipe (vfmkit.data.augment.RECIPES)")
     ap.add_argument("--aug-scale", type=float, default=0.9,
                     help="RandomResizedCrop min scale of the stored augmentations (0.9: open_clip's plain default)")
     ap.add_argument("--set", action="append", default=[], help="extra recipe overrides for both arms")
-    ap.add_argument("--cache", type=Path, default=ROOT / "benchmarks" / ".cache" / NAME)
+    ap.add_argument("--cache", type=Path, default=Path("benchmarks") / ".cache" / NAME,
+                    help="cache folder; runs are keyed by their config, which holds these paths as given")
     a = ap.parse_args()
     torch.manual_seed(0)
     t0 = time.perf_counter()
