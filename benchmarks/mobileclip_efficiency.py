@@ -189,7 +189,9 @@ def main() -> int:
     ap.add_argument("--aug", default="rrc", help="stored augmentation recipe (vfmkit.data.augment.RECIPES)")
     ap.add_argument("--aug-scale", type=float, default=0.9,
                     help="RandomResizedCrop min scale of the stored augmentations (0.9: open_clip's plain default)")
-    ap.add_argument("--set", action="append", default=[], help="extra recipe overrides for both arms")
+    ap.add_argument("--set", action="append", default=[], help="extra recipe overrides for both arms (the plain "
+                    "arm's method_args are replaced, so method_args.* overrides change only the reinforced arm)")
+    ap.add_argument("--no-record", action="store_true", help="print only (ablations): results/ is not touched")
     ap.add_argument("--cache", type=Path, default=Path("benchmarks") / ".cache" / NAME,
                     help="cache folder; runs are keyed by their config, which holds these paths as given")
     a = ap.parse_args()
@@ -245,7 +247,8 @@ def report(a: argparse.Namespace, s: dict, extra: list[dict], t_data: float, t_t
     text = "\n".join([headline, *lines, f"floor met: {res['floor_met']}",
                       f"date {res['date']}, {res['machine']}, {t_total:.0f}s"])
     print(text)
-    record(NAME, res, text)
+    if not a.no_record:
+        record(NAME, res, text)
     return 0
 
 
