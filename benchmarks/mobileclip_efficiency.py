@@ -40,13 +40,6 @@ NAME = "mobileclip_efficiency"
 FLICKR = Path("/work/shared/data/flickr8k")
 
 
-def teacher_seen(teacher: str) -> frozenset[str]:
-    """Flickr8k image names the offline teacher's heads were aligned on (empty for other teachers)."""
-    from vfmkit.models.offline_teacher import teacher_train_images
-
-    return teacher_train_images() if teacher == "offline" else frozenset()
-
-
 def import_split(cache: Path, split: str, limit: int, exclude: frozenset[str] = frozenset()) -> Path:
     """Flickr8k ``split`` (sorted names minus ``exclude``, the first ``limit`` if > 0) -> vfmkit shards, once."""
     from vfmkit.data.importer import import_captions
@@ -67,7 +60,7 @@ def reinforce_train(cache: Path, train: Path, teacher: str, n_aug: int, recipe: 
     out = cache / f"{train.name}_reinforced_{tag}_a{n_aug}_{teacher.replace(':', '_').replace('/', '_')}"
     caps = cache / f"{train.name}_captions.jsonl"
     n_syn = write_caption_pool(str(train), caps)
-    args = ReinforceArgs(mode="clip", teachers=[teacher], n_aug=n_aug, recipe={"size": 224, **recipe},
+    args = ReinforceArgs(mode="clip", teachers=[teacher], n_aug=n_aug, recipe=recipe,
                          images=True, captions=str(caps), n_syn=n_syn)
     res = reinforce(str(train), out, args, progress=False)
     if res["manifest"] is None:
@@ -197,11 +190,13 @@ def main() -> int:
     a = ap.parse_args()
     torch.manual_seed(0)
     t0 = time.perf_counter()
+    from vfmkit.commands.quickstart import aug_recipe, teacher_seen
+
     # The transfer set excludes the images the offline teacher was aligned on: on those its targets are nearly
     # one-hot (it memorised them), so there would be little knowledge to transfer (see docs/mobileclip.md).
-    train = import_split(a.cache, "train", a.train_images, teacher_seen(a.teacher) if a.unseen else frozenset())
+    train = import_split(a.cache, "train", a.train_images, teacher_seen([a.teacher]) if a.unseen else frozenset())
     val_dir = import_split(a.cache, "val", 0)
-    recipe = {"name": a.aug, **({"scale": [a.aug_scale, 1.0]} if a.aug_scale else {})}
+    recipe = aug_recipe(a)  # the same --aug / --aug-scale flags as vfmkit quickstart
     rdir = reinforce_train(a.cache, train, a.teacher, a.n_aug, recipe)
     t_data = time.perf_counter() - t0
     from vfmkit.models.factory import create_clip

@@ -40,7 +40,7 @@ def reinforced_data(cache: Path, teacher: str, n_aug: int, data: str, recipe: di
     out = cache / f"reinforced_{teacher.replace(':', '_').replace('/', '_')}_{tag}_a{n_aug}"
     caps = cache / "captions.jsonl"
     n_syn = write_caption_pool(data, caps)
-    args = ReinforceArgs(mode="clip", teachers=[teacher], n_aug=n_aug, recipe={"size": 224, **recipe},
+    args = ReinforceArgs(mode="clip", teachers=[teacher], n_aug=n_aug, recipe=recipe,
                          images=True, captions=str(caps), n_syn=n_syn)
     reinforce(data, out, args, progress=False)
     return out
@@ -113,7 +113,9 @@ def main() -> int:
     a = ap.parse_args()
 
     t_start = time.perf_counter()
-    recipe = {"name": a.aug, **({"scale": [a.aug_scale, 1.0]} if a.aug_scale else {})}
+    from vfmkit.commands.quickstart import aug_recipe
+
+    recipe = aug_recipe(a)  # the same --aug / --aug-scale flags as vfmkit quickstart
     rdir = a.reinforced or reinforced_data(a.cache, a.teacher, a.n_aug, a.data, recipe)
     t_reinf = time.perf_counter() - t_start
     base = {"seed": 0, "model": {"name": a.model},

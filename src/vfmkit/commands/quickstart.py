@@ -50,7 +50,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def _aug_recipe(args: argparse.Namespace) -> dict:
+def aug_recipe(args: argparse.Namespace) -> dict:
+    """The stored-augmentation recipe from ``--aug`` / ``--aug-scale`` (generation size 224)."""
     return {"name": args.aug, "size": 224, **({"scale": [args.aug_scale, 1.0]} if args.aug_scale else {})}
 
 
@@ -82,9 +83,8 @@ def write_caption_pool(data: str, path: Path) -> int:
     (``caption: random`` over all five). A captioner (``vfmkit reinforce clip --captions``) can fill it instead.
     Returns the number of extra captions per image (the minimum over the data).
     """
-    from vfmkit.data.shards import list_shards
+    from vfmkit.data.shards import iter_shard, list_shards
     from vfmkit.methods.captions import write_captions_jsonl
-    from vfmkit.methods.reinforce import iter_shard
 
     table: dict[str, list[str]] = {}
     for url in list_shards(data):
@@ -328,7 +328,7 @@ def run(args: argparse.Namespace) -> int:
             "batch_size": reinf_cfg.data.batch_size, "recipe": args.recipe, "seed": args.seed,
             "n_aug": meta.n_aug, "n_syn": meta.n_syn, "teacher_scales": [t.logit_scale for t in meta.teachers],
             "lam": reinf_cfg.method_args.get("lam"), "val_data": args.val_data, "data": args.data,
-            "excluded_teacher_images": excluded, "aug": _aug_recipe(args),
+            "excluded_teacher_images": excluded, "aug": aug_recipe(args),
             "zeroshot_data": args.zeroshot_data, "rows": rows, "stage_seconds": st.seconds,
         "stage_cpu_seconds": st.cpu_seconds,
             "gain_R@1": rows["reinforced student"]["retrieval/R@1"] - rows["plain CLIP student"]["retrieval/R@1"],
@@ -355,7 +355,7 @@ def _reinforce_with(ens, args: argparse.Namespace, rdir: Path, captions: Path | 
     from vfmkit.methods.reinforce import ReinforceArgs, Reinforcer, reinforce
 
     ra = ReinforceArgs(mode="clip", teachers=list(args.teachers or ["offline"]), n_aug=args.n_aug,
-                       recipe=_aug_recipe(args), seed=args.seed, images=True,
+                       recipe=aug_recipe(args), seed=args.seed, images=True,
                        captions=str(captions) if captions else None, n_syn=n_syn)
     res = reinforce(args.data, rdir, ra, progress=False, reinforcer=Reinforcer(ra, teachers=ens))
     if res["manifest"] is None:

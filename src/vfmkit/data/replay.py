@@ -5,7 +5,8 @@ synthetic caption), re-renders the stored crop at the student's resolution, then
 The choice depends on the epoch, so the decoders keep an ``epoch`` attribute: :class:`ReplayShardLoader` sets it
 before every epoch (use it, or call ``decoder.set_epoch(e)`` yourself before iterating a plain ``ShardLoader``).
 
-:func:`read_npz` is the fast reader of the small ``np.savez`` blobs (top-k targets) that replay reads every step.
+:func:`~vfmkit.data.reinforced.read_npz` (used here) is the fast reader of the small ``np.savez`` blobs
+(top-k targets, teacher embeddings) that replay reads every step.
 """
 
 from __future__ import annotations

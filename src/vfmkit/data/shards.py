@@ -19,7 +19,7 @@ import json
 import os
 import re
 import tarfile
-from collections.abc import Collection, Iterable
+from collections.abc import Collection, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -299,6 +299,35 @@ def shard_counts(urls: list[str]) -> dict[str, int] | None:
     return counts
 
 
+def iter_shard(url: str) -> Iterator[dict]:
+    """Samples of one webdataset tar in file order: ``{"__key__", "__url__", ext: bytes}``.
+
+    Read sequentially (no shuffling) so that a shard always yields the same samples in the same order, which
+    the byte-for-byte resume guarantee relies on. A truncated or corrupt tar raises ``ValueError`` naming it.
+    """
+    cur: dict | None = None
+    try:
+        with tarfile.open(url, "r|*") as tar:
+            for member in tar:
+                if not member.isfile():
+                    continue
+                base = os.path.basename(member.name)
+                key, _, ext = base.partition(".")
+                if not ext:
+                    continue
+                data = tar.extractfile(member).read()
+                if cur is not None and cur["__key__"] != key:
+                    yield cur
+                    cur = None
+                if cur is None:
+                    cur = {"__key__": key, "__url__": url}
+                cur[ext] = data
+    except (tarfile.TarError, EOFError, OSError) as e:
+        raise ValueError(f"corrupt input shard {url}: {e}") from e
+    if cur is not None:
+        yield cur
+
+
 def exclude_uids(spec: str | os.PathLike, out_dir: str | os.PathLike, drop: Collection[str],
                  max_count: int = 1000) -> dict:
     """Copy the samples of ``spec`` whose json ``uid`` is not in ``drop`` into ``out_dir`` (members unchanged).
@@ -307,8 +336,6 @@ def exclude_uids(spec: str | os.PathLike, out_dir: str | os.PathLike, drop: Coll
     manifest for the same source and drop set is returned as is (a rerun resumes). The manifest records
     ``source``, ``kept`` and ``dropped``.
     """
-    from vfmkit.methods.reinforce import iter_shard
-
     out = Path(out_dir)
     drop = frozenset(drop)
     tag = {"source": str(spec), "drop_sha256": hashlib.sha256("\n".join(sorted(drop)).encode()).hexdigest()}

@@ -342,7 +342,7 @@ def read_image_captions(urls: list[str], image_size: int, max_images: int | None
     N caption lists). Images are shrunk once to the captioner's size so a few thousand fit in memory."""
     from torchvision.io import decode_jpeg
 
-    from vfmkit.methods.reinforce import iter_shard
+    from vfmkit.data.shards import iter_shard
 
     images, captions = [], []
     for url in urls:
@@ -426,7 +426,8 @@ def caption_shards(captioner: Captioner, urls: list[str], out_path: str | Path, 
 
     Batch b is sampled with seed ``seed + b``: the same inputs and settings give the same file. Returns the count.
     """
-    from vfmkit.methods.reinforce import decode_image, iter_shard
+    from vfmkit.data.shards import iter_shard
+    from vfmkit.methods.reinforce import decode_image
 
     table: dict[str, list[str]] = {}
     uids: list[str] = []

@@ -30,40 +30,13 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from vfmkit.data.shards import iter_shard
+
 DONE_SUFFIX = ".done.json"
 METADATA = "reinforced.json"
 
 
 # ----------------------------------------------------------------------------------------------- input shards
-
-
-def iter_shard(url: str) -> Iterator[dict]:
-    """Samples of one webdataset tar in file order: ``{"__key__", "__url__", ext: bytes}``.
-
-    Read sequentially (no shuffling) so that a shard always yields the same samples in the same order, which
-    the byte-for-byte resume guarantee relies on. A truncated or corrupt tar raises ``ValueError`` naming it.
-    """
-    cur: dict | None = None
-    try:
-        with tarfile.open(url, "r|*") as tar:
-            for member in tar:
-                if not member.isfile():
-                    continue
-                base = os.path.basename(member.name)
-                key, _, ext = base.partition(".")
-                if not ext:
-                    continue
-                data = tar.extractfile(member).read()
-                if cur is not None and cur["__key__"] != key:
-                    yield cur
-                    cur = None
-                if cur is None:
-                    cur = {"__key__": key, "__url__": url}
-                cur[ext] = data
-    except (tarfile.TarError, EOFError, OSError) as e:
-        raise ValueError(f"corrupt input shard {url}: {e}") from e
-    if cur is not None:
-        yield cur
 
 
 def dist_env() -> tuple[int, int]:
