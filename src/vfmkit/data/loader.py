@@ -124,6 +124,30 @@ class ShardLoader:
         self._corrupt_pos: list[tuple[int, int, int]] = []  # (epoch, worker, index) of each corrupt entry
         self._reset_position()
 
+    @classmethod
+    def from_config(cls, cfg: Any, decode_fn: Callable[[dict], dict], dist_info: Any = None,
+                    **overrides: Any) -> ShardLoader:
+        """The training loader of a run config: ``cfg.data`` (train shards, batch size, shuffle buffer, workers,
+        resampling, corrupt policy), ``cfg.seed`` and the rank split of ``dist_info`` (None: one process),
+        ``drop_last=True``. ``overrides`` replace any of those keyword arguments (``urls=`` the shards, e.g. a
+        reinforced set; ``collate_fn=``...). A bad ``data.on_corrupt`` is a ConfigError naming the key."""
+        from vfmkit.config import ConfigError
+
+        d = cfg.data
+        if d.on_corrupt not in ("skip", "raise"):
+            raise ConfigError(f"config key 'data.on_corrupt': {d.on_corrupt!r} is not 'skip' or 'raise'")
+        kw: dict[str, Any] = dict(
+            urls=d.train, batch_size=d.batch_size, shuffle_buffer=d.shuffle_buffer, seed=cfg.seed,
+            num_workers=d.num_workers, rank=getattr(dist_info, "rank", 0),
+            world_size=getattr(dist_info, "world_size", 1), resampled=d.resampled, on_corrupt=d.on_corrupt,
+            drop_last=True,
+        )
+        unknown = set(overrides) - set(kw) - {"collate_fn"}
+        if unknown:
+            raise TypeError(f"ShardLoader.from_config: unknown override(s) {', '.join(sorted(unknown))}")
+        kw.update(overrides)
+        return cls(kw.pop("urls"), decode_fn, kw.pop("batch_size"), **kw)
+
     # ---- stream definition (a pure function of seed, epoch, rank, worker) ----
     def _shard_source(self, epoch: int, rank: int, worker: int) -> list:
         """Pipeline stages that yield ``{"url": ...}`` for one slot's shards, in read order."""

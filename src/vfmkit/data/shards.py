@@ -25,6 +25,8 @@ from typing import Any
 
 import braceexpand
 
+from vfmkit.data.io import atomic_write_bytes, atomic_write_json  # noqa: F401  (re-exported for old importers)
+
 MANIFEST = "manifest.json"
 SHARD_EXTS = (".tar", ".tar.gz", ".tgz")
 FORMAT = "vfmkit-shards/1"
@@ -35,27 +37,6 @@ _EXT_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]*$")
 
 class ShardError(ValueError):
     """A shard or manifest that cannot be read; the message names the file."""
-
-
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that readers see either the old file or the whole new one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
-def atomic_write_json(path: str | os.PathLike, obj: Any, indent: int | None = 1) -> None:
-    """Serialise ``obj`` as UTF-8 JSON and write it atomically."""
-    atomic_write_bytes(path, (json.dumps(obj, indent=indent, ensure_ascii=False) + "\n").encode("utf-8"))
 
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
