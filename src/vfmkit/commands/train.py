@@ -24,6 +24,8 @@ def run(args: argparse.Namespace) -> int:
         overrides.append(f"out_dir={args.out}")
     cfg = load_config(args.recipe, overrides)
     res = run_method(cfg)
-    if res.history:
+    from vfmkit.engine.distributed import is_main
+
+    if res.history and is_main():  # one result line per run, not one per rank
         print(json.dumps({"step": res.step, "out_dir": str(res.out_dir), **res.final_logs}))
     return 0

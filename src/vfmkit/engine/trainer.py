@@ -28,6 +28,14 @@ from vfmkit.engine.checkpoint import (
     set_rng_state,
 )
 from vfmkit.engine.distributed import DistInfo, all_reduce_mean, barrier, init_distributed
+from vfmkit.engine.parallel import (
+    FullParams,
+    apply_channels_last,
+    clip_grad_norm_,
+    is_sharded,
+    optimizer_groups,
+    parallelize,
+)
 
 LossFn = Callable[[nn.Module, Any, int], tuple[torch.Tensor, dict[str, float]]]
 
@@ -103,22 +111,6 @@ def autocast_ctx(cfg: RunConfig, device: torch.device):
     return nullcontext()
 
 
-def _wrap_parallel(model: nn.Module, cfg: RunConfig, dist_info: DistInfo, find_unused: bool) -> nn.Module:
-    if not dist_info.distributed:
-        return model
-    if cfg.train.parallel == "fsdp2":
-        from torch.distributed.fsdp import fully_shard
-
-        for child in model.children():
-            if any(p.requires_grad for p in child.parameters()):
-                fully_shard(child)
-        return fully_shard(model)
-    if cfg.train.parallel != "ddp":
-        raise ValueError(f"config key 'train.parallel': unknown value {cfg.train.parallel!r} (ddp, fsdp2)")
-    ids = [dist_info.device.index] if dist_info.device.type == "cuda" else None
-    return nn.parallel.DistributedDataParallel(model, device_ids=ids, find_unused_parameters=find_unused)
-
-
 class _Logger:
     def __init__(self, out_dir: Path, enabled: bool, tensorboard: bool):
         self.enabled = enabled
@@ -169,155 +161,225 @@ def train(
     ``stop_after`` ends the call after that many steps of this invocation (a deliberate interruption,
     as a kill would be) without changing the schedule; the next call resumes from the checkpoint.
     """
-    t = cfg.train
-    out = Path(out_dir or cfg.out_dir)
-    dist_info = dist_info or init_distributed()
-    device = dist_info.device
-    if dist_info.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
-    barrier()
+    run = _Run(cfg, model, loss_fn, loader, Path(out_dir or cfg.out_dir), dist_info or init_distributed(),
+               eval_fn, after_step)
+    run.prepare_output()
+    run.place_model()
+    state = run.restore_weights()  # before wrapping, so DDP and FSDP2 both start from the full checkpoint
+    run.parallelize(find_unused_parameters)
+    run.make_optimizer(groups)
+    run.restore_state(state)
+    run.open_logs()
+    started_at = run.step
+    while run.step < cfg.train.steps:
+        agg = run.train_step()
+        run.log(agg)
+        if run.eval_due():
+            run.evaluate()
+        if run.checkpoint_due():
+            run.save_checkpoint()
+        if stop_after is not None and run.step - started_at >= stop_after:
+            break
+    return run.finish()
 
-    model.to(device)
-    if t.channels_last:
-        model.to(memory_format=torch.channels_last)
-    ema = None
-    if t.ema_decay:
-        from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-        ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(t.ema_decay), use_buffers=True)
-    # Weights are restored before wrapping, so DDP and FSDP2 both start from the full checkpoint.
-    step, epoch, data_state, resumed, state = 0, 0, None, None, None
-    ckpt_root = out / "checkpoints"
-    last = latest_checkpoint(ckpt_root) if t.resume else None
-    if last is not None:
-        state = load_checkpoint(last, model, ema)
-    ddp_model = _wrap_parallel(model, cfg, dist_info, find_unused_parameters)
-    run_model = torch.compile(ddp_model) if t.compile else ddp_model
+class _Run:
+    """The state one ``train`` call shares between its named steps (in the order ``train`` calls them)."""
 
-    o = cfg.optim
-    opt = torch.optim.AdamW(
-        groups or param_groups(model, o.weight_decay), lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps,
-        fused=True,  # one fused kernel for all parameters, on CPU and GPU alike
-    )
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
-    if state is not None:
-        _load_optimizer_state(opt, model, state["optimizer"], cfg, dist_info)
-        sched.load_state_dict(state["scheduler"])
-        set_rng_state(state["rng"][min(dist_info.rank, len(state["rng"]) - 1)])
-        step, epoch, data_state = state["step"], state["epoch"], state.get("data")
-        resumed = step
-    if hasattr(loader, "set_epoch"):
-        loader.set_epoch(epoch)
-    if data_state is not None and hasattr(loader, "load_state_dict"):
-        loader.load_state_dict(data_state[min(dist_info.rank, len(data_state) - 1)])
+    def __init__(self, cfg: RunConfig, model: nn.Module, loss_fn: LossFn, loader: Iterable, out: Path,
+                 dist_info: DistInfo, eval_fn: Callable | None, after_step: Callable | None):
+        self.cfg, self.t = cfg, cfg.train
+        self.model, self.loss_fn, self.loader, self.out = model, loss_fn, loader, out
+        self.dist_info, self.device = dist_info, dist_info.device
+        self.eval_fn, self.after_step = eval_fn, after_step
+        self.sharded = is_sharded(cfg, dist_info)
+        self.ckpt_root = out / "checkpoints"
+        self.ema: nn.Module | None = None
+        self.step, self.epoch, self.resumed = 0, 0, None
+        self.history: list[dict] = []
+        self.logs: dict[str, float] = {}
 
-    logger = _Logger(out, dist_info.is_main, t.tensorboard)
-    history: list[dict] = []
-    it = iter(loader)
-    pbar = None
-    if t.progress and dist_info.is_main:
-        from tqdm import tqdm
-
-        pbar = tqdm(total=t.steps, initial=step, desc=f"train {cfg.method}", unit="step", dynamic_ncols=True)
-
-    def next_batch():
-        nonlocal it, epoch
-        for _ in range(2):
-            try:
-                return next(it)
-            except StopIteration:
-                epoch += 1
-                if hasattr(loader, "set_epoch"):
-                    loader.set_epoch(epoch)
-                it = iter(loader)
-        raise RuntimeError("the training loader yields no batch: is the dataset smaller than one batch?")
-
-    def checkpoint(step: int) -> None:
-        data = [loader.state_dict()] if hasattr(loader, "state_dict") else None
-        rngs = [rng_state()]
-        if dist_info.distributed:
-            import torch.distributed as dist
-
-            gathered_d: list = [None] * dist_info.world_size
-            gathered_r: list = [None] * dist_info.world_size
-            dist.all_gather_object(gathered_d, data[0] if data else None)
-            dist.all_gather_object(gathered_r, rngs[0])
-            data, rngs = (gathered_d if data else None), gathered_r
-        model_to_save = model
-        if cfg.train.parallel == "fsdp2" and dist_info.distributed:
-            model_to_save = _full_state_module(model)
-        if dist_info.is_main:
-            state = {"optimizer": _optimizer_state(opt, model, cfg, dist_info), "scheduler": sched.state_dict(),
-                     "rng": rngs, "step": step, "epoch": epoch, "data": data}
-            save_checkpoint(ckpt_root, step, model_to_save, state, ema, keep=t.keep_ckpts)
+    # --- setup -------------------------------------------------------------------------------------------
+    def prepare_output(self) -> None:
+        if self.dist_info.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            (self.out / "config.json").write_text(json.dumps(to_dict(self.cfg), indent=2))
         barrier()
 
-    model.train()
-    seen, t0, window_t, window_n = 0, time.perf_counter(), time.perf_counter(), 0
-    started_at = step
-    logs: dict[str, float] = {}
-    while step < t.steps:
-        opt.zero_grad(set_to_none=True)
+    def place_model(self) -> None:
+        """Model on its device (channels_last if asked), and the EMA copy."""
+        self.model.to(self.device)
+        if self.t.channels_last:
+            apply_channels_last(self.model)
+        if self.t.ema_decay:
+            from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+            self.ema = AveragedModel(self.model, multi_avg_fn=get_ema_multi_avg_fn(self.t.ema_decay),
+                                     use_buffers=True)
+
+    def restore_weights(self) -> dict | None:
+        """Load the latest checkpoint's weights (model, EMA); return its training state, or None."""
+        last = latest_checkpoint(self.ckpt_root) if self.t.resume else None
+        return load_checkpoint(last, self.model, self.ema) if last is not None else None
+
+    def parallelize(self, find_unused_parameters: bool) -> None:
+        """DDP or FSDP2 when distributed, then compile (engine/parallel.py)."""
+        self._names = {id(p): n for n, p in self.model.named_parameters()}
+        self.wrapped, self.run_model = parallelize(self.model, self.cfg, self.dist_info, find_unused_parameters)
+
+    def make_optimizer(self, groups: list[dict] | None) -> None:
+        o = self.cfg.optim
+        if groups is not None and self.sharded:  # fully_shard replaced the parameters: map them by name
+            now = dict(self.model.named_parameters())
+            groups = [{**g, "params": [now[self._names[id(p)]] for p in g["params"]]} for g in groups]
+        groups = optimizer_groups(groups or param_groups(self.model, o.weight_decay), self.sharded)
+        self.opt = torch.optim.AdamW(
+            groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps,
+            fused=True,  # one fused kernel for all parameters, on CPU and GPU alike
+        )
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lr_lambda(self.cfg))
+
+    def restore_state(self, state: dict | None) -> None:
+        """Optimizer, scheduler, RNG, step, epoch and data position from a checkpoint's state."""
+        data_state = None
+        if state is not None:
+            _load_optimizer_state(self.opt, self.model, state["optimizer"], self.cfg, self.dist_info)
+            self.sched.load_state_dict(state["scheduler"])
+            set_rng_state(state["rng"][min(self.dist_info.rank, len(state["rng"]) - 1)])
+            self.step, self.epoch, data_state = state["step"], state["epoch"], state.get("data")
+            self.resumed = self.step
+        if hasattr(self.loader, "set_epoch"):
+            self.loader.set_epoch(self.epoch)
+        if data_state is not None and hasattr(self.loader, "load_state_dict"):
+            self.loader.load_state_dict(data_state[min(self.dist_info.rank, len(data_state) - 1)])
+
+    def open_logs(self) -> None:
+        """log.jsonl (+ TensorBoard), the progress bar, the data iterator and the throughput clocks."""
+        self.logger = _Logger(self.out, self.dist_info.is_main, self.t.tensorboard)
+        self.it = iter(self.loader)
+        self.pbar = None
+        if self.t.progress and self.dist_info.is_main:
+            from tqdm import tqdm
+
+            self.pbar = tqdm(total=self.t.steps, initial=self.step, desc=f"train {self.cfg.method}", unit="step",
+                             dynamic_ncols=True)
+        self.model.train()
+        self.seen, self.window_n = 0, 0
+        self.t0 = self.window_t = time.perf_counter()
+
+    # --- the loop ----------------------------------------------------------------------------------------
+    def next_batch(self) -> Any:
+        for _ in range(2):
+            try:
+                return next(self.it)
+            except StopIteration:
+                self.epoch += 1
+                if hasattr(self.loader, "set_epoch"):
+                    self.loader.set_epoch(self.epoch)
+                self.it = iter(self.loader)
+        raise RuntimeError("the training loader yields no batch: is the dataset smaller than one batch?")
+
+    def train_step(self) -> dict[str, Any]:
+        """One optimizer step over ``grad_accum`` micro-batches; returns the step's logs (still tensors)."""
+        t = self.t
+        self.opt.zero_grad(set_to_none=True)
         # Logged values stay tensors until a log step: no host-device sync on the hot path.
         agg: dict[str, Any] = {}
         n_batch = 0
         for micro in range(t.grad_accum):
-            batch = to_device(next_batch(), device, t.channels_last)
+            batch = to_device(self.next_batch(), self.device, t.channels_last)
             n_batch += batch_size_of(batch)
             sync = micro == t.grad_accum - 1
-            ctx = ddp_model.no_sync() if (not sync and hasattr(ddp_model, "no_sync")) else nullcontext()
-            with ctx, autocast_ctx(cfg, device):
-                loss, mlogs = loss_fn(run_model, batch, step)
+            no_sync = not sync and hasattr(self.wrapped, "no_sync")
+            with self.wrapped.no_sync() if no_sync else nullcontext(), autocast_ctx(self.cfg, self.device):
+                loss, mlogs = self.loss_fn(self.run_model, batch, self.step)
             (loss / t.grad_accum).backward()
             for k, v in {"loss": loss, **mlogs}.items():
                 v = v.detach().float() if isinstance(v, torch.Tensor) else float(v)
                 agg[k] = agg.get(k, 0.0) + v / t.grad_accum
         if t.grad_clip:
-            agg["grad_norm"] = torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
-        opt.step()
-        sched.step()
-        if after_step is not None:
-            after_step(model)
-        if ema is not None:
-            ema.update_parameters(model)
-        step += 1
-        seen += n_batch * dist_info.world_size
-        window_n += n_batch * dist_info.world_size
-        if step % t.log_every == 0 or step == t.steps:
-            logs = {k: float(v) for k, v in agg.items()}
+            agg["grad_norm"] = clip_grad_norm_(self.model.parameters(), t.grad_clip)
+        self.opt.step()
+        self.sched.step()
+        if self.after_step is not None:
+            self.after_step(self.model)
+        if self.ema is not None:
+            self.ema.update_parameters(FullParams(self.model) if self.sharded else self.model)
+        self.step += 1
+        self.seen += n_batch * self.dist_info.world_size
+        self.window_n += n_batch * self.dist_info.world_size
+        return agg
+
+    def log(self, agg: dict[str, Any]) -> None:
+        """Every ``log_every`` steps and at the end: the rank-averaged logs to log.jsonl/TensorBoard/the bar."""
+        step = self.step
+        if step % self.t.log_every == 0 or step == self.t.steps:
+            self.logs = logs = {k: float(v) for k, v in agg.items()}
             if not math.isfinite(logs["loss"]):
                 raise FloatingPointError(f"loss is {logs['loss']} at step {step}")
             now = time.perf_counter()
-            rec = {"step": step, "epoch": epoch, "lr": sched.get_last_lr()[0],
-                   "samples_per_s": window_n / max(now - window_t, 1e-9)}
-            rec.update({k: all_reduce_mean(v, device) for k, v in logs.items()})
-            window_t, window_n = now, 0
-            history.append(rec)
-            logger.log(rec)
-            if pbar is not None:
-                pbar.set_postfix(loss=f"{logs['loss']:.4f}",
-                                 sps=f"{seen / max(time.perf_counter() - t0, 1e-9):.1f}")
-        if pbar is not None:
-            pbar.update(1)
-        if eval_fn is not None and t.eval_every and step % t.eval_every == 0 and step < t.steps:
-            _run_eval(eval_fn, model, ema, step, history, logger)
-        if (t.ckpt_every and step % t.ckpt_every == 0) or step == t.steps:
-            checkpoint(step)
-        if stop_after is not None and step - started_at >= stop_after:
-            break
-    elapsed = time.perf_counter() - t0
-    if pbar is not None:
-        pbar.close()
-    final = dict(logs)
-    if eval_fn is not None and step == t.steps:
-        final.update(_run_eval(eval_fn, model, ema, step, history, logger))
-    if dist_info.is_main and step == t.steps:
-        save_final_weights(out, model if not (cfg.train.parallel == "fsdp2" and dist_info.distributed)
-                           else _full_state_module(model), ema)
-    barrier()
-    logger.close()
-    return TrainResult(step, out, history, final, seen / max(elapsed, 1e-9), resumed)
+            rec = {"step": step, "epoch": self.epoch, "lr": self.sched.get_last_lr()[0],
+                   "samples_per_s": self.window_n / max(now - self.window_t, 1e-9)}
+            rec.update({k: all_reduce_mean(v, self.device) for k, v in logs.items()})
+            self.window_t, self.window_n = now, 0
+            self.history.append(rec)
+            self.logger.log(rec)
+            if self.pbar is not None:
+                self.pbar.set_postfix(loss=f"{logs['loss']:.4f}",
+                                      sps=f"{self.seen / max(time.perf_counter() - self.t0, 1e-9):.1f}")
+        if self.pbar is not None:
+            self.pbar.update(1)
+
+    def eval_due(self) -> bool:
+        t = self.t
+        return self.eval_fn is not None and bool(t.eval_every) and self.step % t.eval_every == 0 and self.step < t.steps
+
+    def evaluate(self) -> dict:
+        return _run_eval(self.eval_fn, self.model, self.ema, self.step, self.history, self.logger)
+
+    def checkpoint_due(self) -> bool:
+        t = self.t
+        return bool(t.ckpt_every and self.step % t.ckpt_every == 0) or self.step == t.steps
+
+    def save_checkpoint(self) -> None:
+        """Gather on every rank (data positions, RNG states, and under FSDP2 the full weights and optimizer
+        state: collectives), then rank 0 writes."""
+        data = [self.loader.state_dict()] if hasattr(self.loader, "state_dict") else None
+        rngs = [rng_state()]
+        if self.dist_info.distributed:
+            import torch.distributed as dist
+
+            gathered_d: list = [None] * self.dist_info.world_size
+            gathered_r: list = [None] * self.dist_info.world_size
+            dist.all_gather_object(gathered_d, data[0] if data else None)
+            dist.all_gather_object(gathered_r, rngs[0])
+            data, rngs = (gathered_d if data else None), gathered_r
+        model_to_save = _full_state_module(self.model) if self.sharded else self.model
+        optimizer = _optimizer_state(self.opt, self.model, self.cfg, self.dist_info)
+        if self.dist_info.is_main:
+            state = {"optimizer": optimizer, "scheduler": self.sched.state_dict(), "rng": rngs, "step": self.step,
+                     "epoch": self.epoch, "data": data}
+            save_checkpoint(self.ckpt_root, self.step, model_to_save, state, self.ema, keep=self.t.keep_ckpts)
+        barrier()
+
+    # --- the end -----------------------------------------------------------------------------------------
+    def finish(self) -> TrainResult:
+        """Final evaluation and, when the schedule is done, the final weights (gathered on every rank under
+        FSDP2, written by rank 0)."""
+        elapsed = time.perf_counter() - self.t0
+        if self.pbar is not None:
+            self.pbar.close()
+        final = dict(self.logs)
+        done = self.step == self.t.steps
+        if self.eval_fn is not None and done:
+            final.update(self.evaluate())
+        if done:
+            weights = _full_state_module(self.model) if (self.sharded and self.ema is None) else self.model
+            if self.dist_info.is_main:
+                save_final_weights(self.out, weights, self.ema)
+        barrier()
+        self.logger.close()
+        return TrainResult(self.step, self.out, self.history, final, self.seen / max(elapsed, 1e-9), self.resumed)
 
 
 def _run_eval(eval_fn, model, ema, step, history, logger) -> dict:
