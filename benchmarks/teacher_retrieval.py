@@ -23,17 +23,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from vfmkit.models.offline_teacher import (
-    OfflineHeads,
-    cache_image_features,
-    cache_text_features,
-    decode_image,
-    load_offline_heads,
-    read_flickr8k,
-    read_tar_images,
-    retrieval_on_features,
-    shipped_teacher_dir,
-)
+from vfmkit.data.flickr8k import read_flickr8k, read_tar_images
+from vfmkit.methods.teacher_align import cache_image_features, cache_text_features, retrieval_on_features
+from vfmkit.models.offline_teacher import OfflineHeads, decode_image, load_offline_heads, shipped_teacher_dir
 from vfmkit.models.teachers import load_teacher
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/ (for _record)
@@ -63,9 +55,10 @@ def check_end_to_end(heads: OfflineHeads, images: dict, names: list, caps: dict,
 def compare_sizes(args: argparse.Namespace, sizes: list[int]) -> dict:
     """Heads trained (same engine, same steps) on the first ``--cmp-train`` train images at each size, scored on the
     first ``--cmp-val`` val images (5 captions each) at that size. A small-subset comparison, reported as such."""
-    from vfmkit.models.offline_teacher import _split_names, train_heads
+    from vfmkit.methods.teacher_align import split_names
+    from vfmkit.pipelines.teacher import train_heads
 
-    caps, train, val, _ = _split_names(args.data, ("flickr8k/heldout",))
+    caps, train, val, _ = split_names(args.data, ("flickr8k/heldout",))
     train, val = train[: args.cmp_train], val[: args.cmp_val]
     images = read_tar_images(Path(args.data) / "images.tar", train + val)
     cache = Path(args.cache or tempfile.mkdtemp())

@@ -45,7 +45,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _build(args: argparse.Namespace) -> int:
-    from vfmkit.models.offline_teacher import build_offline_teacher
+    from vfmkit.pipelines.teacher import build_offline_teacher
 
     t0 = time.time()
     record = build_offline_teacher(
@@ -70,7 +70,7 @@ def _build(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from vfmkit.models.offline_teacher import encode_flickr_split
+    from vfmkit.pipelines.teacher import encode_flickr_split
     from vfmkit.models.teachers import load_teacher
 
     teacher = load_teacher(args.teacher)

