@@ -10,12 +10,15 @@ from typing import Any
 from torch import nn
 
 from vfmkit.config import ConfigError, RunConfig
+from vfmkit.engine.distributed import DistInfo
 
 METHODS = {
     "clip": "vfmkit.methods.clip",
     "mobileclip": "vfmkit.methods.mobileclip",
     "dr": "vfmkit.methods.dr",
     "catlip": "vfmkit.methods.catlip",
+    "teacher_align": "vfmkit.methods.teacher_align",
+    "tic": "vfmkit.methods.tic",
 }
 
 
@@ -29,22 +32,36 @@ class Job:
     after_step: Callable[[nn.Module], None] | None = None
     eval_fn: Callable[[nn.Module, int], dict] | None = None
     find_unused_parameters: bool = False
+    groups: list[dict] | None = None  # optimizer parameter groups (engine.train's ``groups``)
     extra: dict[str, Any] | None = None
 
 
-def build_job(cfg: RunConfig, dist_info) -> Job:
+def build_job(cfg: RunConfig, dist_info: DistInfo) -> Job:
     if cfg.method not in METHODS:
         raise ConfigError(f"config key 'method': unknown method {cfg.method!r} (known: {', '.join(METHODS)})")
     mod = importlib.import_module(METHODS[cfg.method])
     return mod.build(cfg, dist_info)
 
 
-def run(cfg: RunConfig, eval_fn: Callable[[nn.Module, int], dict] | None = None, **train_kwargs: Any):
-    """Build the method's job and train it with the one engine (``eval_fn`` replaces the method's own)."""
+def run_job(cfg: RunConfig, eval_fn: Callable[[nn.Module, int], dict] | None = None,
+            **train_kwargs: Any) -> tuple[Job, Any]:
+    """Build the method's job and train it with the one engine -> (job, TrainResult).
+
+    ``eval_fn`` replaces the method's own; the trained model is ``job.model`` (a pipeline that goes on to
+    evaluate or save it uses this rather than :func:`run`).
+    """
     from vfmkit.engine import init_distributed, train
 
     dist_info = init_distributed()
     job = build_job(cfg, dist_info)
-    return train(cfg, job.model, job.loss_fn, job.loader, out_dir=cfg.out_dir, eval_fn=eval_fn or job.eval_fn,
-                 after_step=job.after_step, find_unused_parameters=job.find_unused_parameters,
-                 dist_info=dist_info, **train_kwargs)
+    if job.groups is not None:
+        train_kwargs.setdefault("groups", job.groups)
+    res = train(cfg, job.model, job.loss_fn, job.loader, out_dir=cfg.out_dir, eval_fn=eval_fn or job.eval_fn,
+                after_step=job.after_step, find_unused_parameters=job.find_unused_parameters,
+                dist_info=dist_info, **train_kwargs)
+    return job, res
+
+
+def run(cfg: RunConfig, eval_fn: Callable[[nn.Module, int], dict] | None = None, **train_kwargs: Any):
+    """Build the method's job and train it with the one engine (``eval_fn`` replaces the method's own)."""
+    return run_job(cfg, eval_fn, **train_kwargs)[1]
