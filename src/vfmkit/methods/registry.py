@@ -18,7 +18,9 @@ METHODS = {
     "dr": "vfmkit.methods.dr",
     "catlip": "vfmkit.methods.catlip",
     "teacher_align": "vfmkit.methods.teacher_align",
+    "coca": "vfmkit.methods.coca",
     "tic": "vfmkit.methods.tic",
+    "seg": "vfmkit.methods.seg",
 }
 
 
