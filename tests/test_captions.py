@@ -9,9 +9,9 @@ import open_clip
 import pytest
 import torch
 
-from vfmkit.data.shards import ShardWriter, list_shards
+from vfmkit.data.shards import ShardWriter, iter_shard, list_shards
 from vfmkit.methods import captions as C
-from vfmkit.methods.reinforce import iter_shard
+from vfmkit.pipelines.captioner import train_captioner
 
 
 def _tiny_captioner(captions: list[str], seed: int = 0) -> C.Captioner:
@@ -96,7 +96,7 @@ def test_tiny_coca_trains_through_engine_and_reloads(flickr, tmp_path):
     cfg = load_config("coca_tiny", [f"data.train={root}", "data.batch_size=8", "train.steps=12",
                                     "train.log_every=1", "train.progress=false", "train.ckpt_every=0",
                                     "optim.warmup_steps=2", "optim.lr=0.002"])
-    cap = C.train_tiny_coca(cfg, out_dir=tmp_path / "run")
+    cap = train_captioner(cfg, out_dir=tmp_path / "run")
     log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
     losses = [h["caption_loss"] for h in log if "caption_loss" in h]
     assert len(losses) == 12 and sum(losses[-3:]) < sum(losses[:3])  # teacher-forced caption loss falls

@@ -213,3 +213,17 @@ def load_config(src: str | Path | dict | None = None, overrides: list[str] | Non
 
 def to_dict(cfg: Any) -> dict:
     return dataclasses.asdict(cfg)
+
+
+def _merge(base: dict, upd: dict) -> dict:
+    out = dict(base)
+    for k, v in upd.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def derive(cfg: RunConfig, updates: dict | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """A new validated RunConfig: ``cfg`` with ``updates`` (a nested dict, merged section by section) and dotted
+    ``overrides`` applied. ``cfg`` itself is never changed (a validated config is not edited in place)."""
+    return load_config(_merge(to_dict(cfg), updates or {}), overrides)
+

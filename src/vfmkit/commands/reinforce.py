@@ -153,10 +153,10 @@ def _captions(args: argparse.Namespace) -> int:
 
 def _train_captioner(args: argparse.Namespace) -> int:
     from vfmkit.config import load_config
-    from vfmkit.methods.captions import train_tiny_coca
+    from vfmkit.pipelines.captioner import train_captioner
 
     cfg = load_config(args.recipe, args.overrides)
     out = args.out or Path(cfg.out_dir)
-    train_tiny_coca(cfg, out_dir=out)
+    train_captioner(cfg, out_dir=out)
     print(f"captioner saved to {out / 'captioner'} (use --captions {out / 'captioner'})")
     return 0

@@ -391,43 +391,14 @@ def coca_loss_fn(args: CocaArgs, mean: Tensor, std: Tensor):
     return loss_fn
 
 
-def train_tiny_coca(cfg, out_dir: str | Path | None = None, stop_after: int | None = None) -> Captioner:
-    """Train the tiny CoCa of ``cfg`` (a RunConfig, e.g. ``load_config("coca_tiny")``) through ``engine.train``
-    on ``cfg.data.train`` and save it as a captioner in ``<out_dir>/captioner``. Returns the trained captioner."""
-    from vfmkit.config import parse_section
-    from vfmkit.data.loader import TensorLoader
-    from vfmkit.data.shards import list_shards
-    from vfmkit.engine import train
-
-    args = parse_section(CocaArgs, cfg.method_args, "method_args")
-    out = Path(out_dir or cfg.out_dir)
-    images, captions = read_image_captions(list_shards(cfg.data.train), args.image_size, args.max_images)
-    tok = open_clip.SimpleTokenizer()
-    vocab = build_vocab([c for caps in captions for c in caps], tok)
-    model_cfg = json.loads(json.dumps(TINY_COCA_CFG))
-    model_cfg["vision_cfg"]["image_size"] = args.image_size
-    model_cfg["text_cfg"]["vocab_size"] = model_cfg["multimodal_cfg"]["vocab_size"] = len(vocab)
-    torch.manual_seed(cfg.seed)
-    captioner = Captioner(create_tiny_coca(model_cfg), args.image_size, open_clip.OPENAI_DATASET_MEAN,
-                          open_clip.OPENAI_DATASET_STD, model_cfg=model_cfg, name="vfm-tiny-coca", vocab=vocab)
-    table = caption_table(captioner, images, captions, args.captions_per_image)
-    loader = TensorLoader(table, batch_size=cfg.data.batch_size, seed=cfg.seed)
-    res = train(cfg, captioner.model, coca_loss_fn(args, captioner.mean, captioner.std), loader, out_dir=out,
-                stop_after=stop_after)
-    captioner.model.cpu().eval()
-    if res.step >= cfg.train.steps:  # an interrupted run (stop_after) resumes from its checkpoint instead
-        save_captioner(captioner, out / "captioner")
-    return captioner
-
-
 def caption_shards(captioner: Captioner, urls: list[str], out_path: str | Path, n: int = 5, *,
                    top_p: float = 0.9, seed: int = 0, batch_size: int = 16, seq_len: int = 30) -> int:
     """Caption every image of ``urls`` (``n`` top-p captions each, batched) and write a JSONL (uid -> captions).
 
     Batch b is sampled with seed ``seed + b``: the same inputs and settings give the same file. Returns the count.
     """
+    from vfmkit.data.decode import decode_uint8
     from vfmkit.data.shards import iter_shard
-    from vfmkit.methods.reinforce import decode_image
 
     table: dict[str, list[str]] = {}
     uids: list[str] = []
@@ -447,7 +418,7 @@ def caption_shards(captioner: Captioner, urls: list[str], out_path: str | Path, 
         for raw in iter_shard(url):
             meta = json.loads(raw["json"]) if "json" in raw else {}
             try:
-                img = decode_image(raw)
+                img = decode_uint8(raw, backend="torchvision")
             except (KeyError, RuntimeError) as e:
                 raise ValueError(f"{url}: sample {raw['__key__']}: unreadable image ({e})") from e
             uids.append(str(meta.get("uid", raw["__key__"])))
