@@ -75,7 +75,7 @@ def import_subset(tar_path: Path, out: Path, per_class: int, shards: int = 4) ->
 
 def generate(src: Path, out: Path, args: argparse.Namespace) -> dict:
     """The reinforced set (resumable by the generator itself); returns its one-off generation stats."""
-    from vfmkit.commands.reinforce import parse_class_index
+    from vfmkit.data.builtin import parse_class_index
     from vfmkit.methods.reinforce import ReinforceArgs, reinforce
 
     stats_path = out / "generation.json"

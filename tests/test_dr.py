@@ -37,7 +37,7 @@ def _one_thread():
 def dset(tmp_path_factory) -> dict:
     """30 real Imagenette train photos (3 per class, 2 shards) and their reinforced set (2 augmentations each,
     EfficientNet-Lite0 at 128 px, top-5; images not stored, so training joins them by uid)."""
-    from vfmkit.commands.reinforce import parse_class_index
+    from vfmkit.data.builtin import parse_class_index
     from vfmkit.methods.reinforce import ReinforceArgs, iter_shard, reinforce
 
     root = tmp_path_factory.mktemp("dr")

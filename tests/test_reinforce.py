@@ -131,7 +131,7 @@ def test_coca_captioner_path_and_bf16_storage(setup, tmp_path):
 
 
 def test_classify_with_real_efficientnet_lite0(tmp_path):
-    from vfmkit.commands.reinforce import parse_class_index
+    from vfmkit.data.builtin import parse_class_index
 
     samples = _reshard("builtin:imagenette/train", tmp_path / "src", 6, 6)
     ci = parse_class_index("imagenette")

@@ -14,7 +14,6 @@ DATA is any shard spec (directory, pattern, tar, builtin:NAME). Under ``torchrun
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 
@@ -75,26 +74,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     tr.set_defaults(func=_train_captioner)
 
 
-def parse_class_index(spec: str | None) -> list[int] | None:
-    """'imagenette' | a classes.json path (wnid -> {"imagenet_index"}) | '1,2,3' -> indices in label order.
-
-    Label order is the sorted wnid order, which is how ``vfmkit data import --class-folders`` numbers labels.
-    """
-    if spec is None:
-        return None
-    if spec == "imagenette":
-        from vfmkit.data.builtin import imagenette_classes
-
-        return [v["imagenet_index"] for v in imagenette_classes().values()]
-    if Path(spec).is_file():
-        data = json.loads(Path(spec).read_text(encoding="utf-8"))
-        return [int(data[k]["imagenet_index"]) for k in sorted(data)]
-    try:
-        return [int(x) for x in spec.split(",") if x.strip()]
-    except ValueError as e:
-        raise ValueError(f"--class-index {spec!r}: not 'imagenette', a classes.json file or integers") from e
-
-
 def _recipe(args: argparse.Namespace) -> dict:
     import yaml
 
@@ -121,6 +100,8 @@ def build_args(args: argparse.Namespace):
         ci = args.class_index
         if ci is None and str(args.data).startswith("builtin:imagenette"):
             ci = "imagenette"  # the embedded Imagenette labels are the 10 sorted wnids
+        from vfmkit.data.builtin import parse_class_index
+
         kw.update(class_index=parse_class_index(ci), temperature=args.temperature, topk=args.topk,
                   densify=args.densify)
     return ReinforceArgs(**kw)

@@ -43,3 +43,21 @@ def imagenette_classes() -> dict[str, dict]:
     """wnid -> ``{"imagenet_index": int, "name": str}`` for the 10 Imagenette classes, in sorted wnid order."""
     data = json.loads(builtin_path("imagenette/classes.json").read_text(encoding="utf-8"))
     return {k: data[k] for k in sorted(data)}
+
+
+def parse_class_index(spec: str | None) -> list[int] | None:
+    """'imagenette' | a classes.json path (wnid -> {"imagenet_index"}) | '1,2,3' -> indices in label order.
+
+    Label order is the sorted wnid order, which is how ``vfmkit data import --class-folders`` numbers labels.
+    """
+    if spec is None:
+        return None
+    if spec == "imagenette":
+        return [v["imagenet_index"] for v in imagenette_classes().values()]
+    if Path(spec).is_file():
+        data = json.loads(Path(spec).read_text(encoding="utf-8"))
+        return [int(data[k]["imagenet_index"]) for k in sorted(data)]
+    try:
+        return [int(x) for x in spec.split(",") if x.strip()]
+    except ValueError as e:
+        raise ValueError(f"--class-index {spec!r}: not 'imagenette', a classes.json file or integers") from e

@@ -300,7 +300,7 @@ class DrSetup:
 def _class_index(spec: str | list[int] | None) -> list[int] | None:
     if spec is None or isinstance(spec, list):
         return spec
-    from vfmkit.commands.reinforce import parse_class_index
+    from vfmkit.data.builtin import parse_class_index
 
     return parse_class_index(spec)
 
