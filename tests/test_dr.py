@@ -38,7 +38,7 @@ def dset(tmp_path_factory) -> dict:
     """30 real Imagenette train photos (3 per class, 2 shards) and their reinforced set (2 augmentations each,
     EfficientNet-Lite0 at 128 px, top-5; images not stored, so training joins them by uid)."""
     from vfmkit.data.builtin import parse_class_index
-    from vfmkit.methods.reinforce import ReinforceArgs, iter_shard, reinforce
+    from vfmkit.pipelines.reinforce import ReinforceArgs, iter_shard, reinforce
 
     root = tmp_path_factory.mktemp("dr")
     by_label: dict[int, list[dict]] = {}
@@ -276,7 +276,7 @@ def test_reinforced_mode_replays_the_set_as_generated(dset):
     from vfmkit.data.augment import ReplayableAugment
     from vfmkit.data.reinforced import ImageIndex, decode_classification, densify
     from vfmkit.data.replay import ClassificationReplay, decode_image, replay_rng
-    from vfmkit.methods.reinforce import iter_shard
+    from vfmkit.pipelines.reinforce import iter_shard
 
     job = build_job(_cfg(dset, mode="reinforced", p=0.6), init_distributed())
     dec, meta = job.loader.decode_fn, job.extra["setup"].meta

@@ -26,7 +26,7 @@ from vfmkit.methods.captions import (
     create_tiny_coca,
     write_captions_jsonl,
 )
-from vfmkit.methods.reinforce import (
+from vfmkit.pipelines.reinforce import (
     DONE_SUFFIX,
     ReinforceArgs,
     Reinforcer,

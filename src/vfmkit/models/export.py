@@ -561,13 +561,18 @@ def export_model(
     quantize: str | None = None,
     fmt: str = "onnx",
     opset: int = DEFAULT_OPSET,
-) -> dict:
-    """``vfmkit export``: resolve the model, export both towers; returns the manifest."""
+    check_parity: bool = False,
+) -> tuple[dict, dict | None]:
+    """``vfmkit export``: resolve the model, export both towers -> (manifest, parity or None).
+
+    ``check_parity``: compare every variant with PyTorch eager on the embedded data (``parity``) and write the
+    result to ``parity.json`` beside the manifest (not part of the checked file set).
+    """
     if fmt != "onnx":
         raise ExportError(f"format {fmt!r} is not supported (onnx only; see docs/export.md for the others)")
     torch.manual_seed(0)  # random-weight exports (latency runs) are reproducible
     bundle, name, source = load_source(spec, pretrained, model_name, image_size)
-    return export_clip(
+    m = export_clip(
         bundle.model,
         bundle.tokenizer,
         out_dir,
@@ -579,6 +584,14 @@ def export_model(
         quantize=quantize,
         opset=opset,
     )
+    if not check_parity:
+        return m, None
+    par = {
+        v: parity(load_export(out_dir, v), bundle.model, bundle.tokenizer, bundle.preprocess_val)
+        for v in m["variants"]
+    }
+    atomic_write_json(Path(out_dir) / "parity.json", par)
+    return m, par
 
 
 # ---------------------------------------------------------------------------------------------------------------
