@@ -6,7 +6,7 @@
 
 Real data: a fixed subset of Imagenette train (the first ``--per-class`` images of each class in sorted file
 order) and of val (the first ``--val-per-class``), imported with ``import_class_folders`` into
-``.cache/bench/dr_imagenette``. The reinforced set is written once by ``vfmkit.methods.reinforce`` (the real
+``.cache/bench/dr_imagenette``. The reinforced set is written once by ``vfmkit.pipelines.reinforce`` (the real
 ImageNet EfficientNet-Lite0 restricted to Imagenette's 10 classes, ``rrc_flip_ra_re`` at 128 px, top-10,
 images stored) and reused by later runs; its generation time is reported separately (one-off).
 
@@ -76,7 +76,7 @@ def import_subset(tar_path: Path, out: Path, per_class: int, shards: int = 4) ->
 def generate(src: Path, out: Path, args: argparse.Namespace) -> dict:
     """The reinforced set (resumable by the generator itself); returns its one-off generation stats."""
     from vfmkit.data.builtin import parse_class_index
-    from vfmkit.methods.reinforce import ReinforceArgs, reinforce
+    from vfmkit.pipelines.reinforce import ReinforceArgs, reinforce
 
     stats_path = out / "generation.json"
     if stats_path.is_file() and (out / "manifest.json").is_file():

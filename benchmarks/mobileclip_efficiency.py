@@ -54,7 +54,7 @@ def import_split(cache: Path, split: str, limit: int, exclude: frozenset[str] = 
 
 def reinforce_train(cache: Path, train: Path, teacher: str, n_aug: int, recipe: dict) -> Path:
     from vfmkit.commands.quickstart import write_caption_pool
-    from vfmkit.methods.reinforce import ReinforceArgs, reinforce
+    from vfmkit.pipelines.reinforce import ReinforceArgs, reinforce
 
     tag = f"{recipe['name']}{recipe.get('scale', [0.08])[0]:g}"
     out = cache / f"{train.name}_reinforced_{tag}_a{n_aug}_{teacher.replace(':', '_').replace('/', '_')}"

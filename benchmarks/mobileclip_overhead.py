@@ -34,7 +34,7 @@ FLOOR = 0.97  # reinforced samples/s >= 97% of plain
 def reinforced_data(cache: Path, teacher: str, n_aug: int, data: str, recipe: dict) -> Path:
     """Reinforce ``data`` once (resumable, reused across runs) with the jpg stored, as quickstart does."""
     from vfmkit.commands.quickstart import write_caption_pool
-    from vfmkit.methods.reinforce import ReinforceArgs, reinforce
+    from vfmkit.pipelines.reinforce import ReinforceArgs, reinforce
 
     tag = f"{recipe['name']}{recipe.get('scale', [0.08])[0]:g}"
     out = cache / f"reinforced_{teacher.replace(':', '_').replace('/', '_')}_{tag}_a{n_aug}"

@@ -2,7 +2,7 @@
 
     python benchmarks/reinforce_generation.py [--n 300] [--n-aug 2] [--rounds 2] [--data /work/shared/data/flickr8k]
 
-~300 real Flickr8k TRAIN photos (160 px) are sharded (3 shards); one run of ``vfmkit.methods.reinforce``
+~300 real Flickr8k TRAIN photos (160 px) are sharded (3 shards); one run of ``vfmkit.pipelines.reinforce``
 (read tar, decode, draw + render the augmentations at the teacher's size, teacher image + text forwards, encode
 npz, write tar + sha256 + done marker) is timed against the teacher alone (``encode_image`` on exactly the
 rendered batches the generator feeds it, ``encode_text`` on the same caption batches). Synthetic captions come
@@ -28,7 +28,7 @@ import torch
 
 from vfmkit.data.shards import ShardWriter, list_shards
 from vfmkit.methods.captions import write_captions_jsonl
-from vfmkit.methods.reinforce import ReinforceArgs, Reinforcer, iter_shard, reinforce
+from vfmkit.pipelines.reinforce import ReinforceArgs, Reinforcer, iter_shard, reinforce
 from vfmkit.models.teachers import TeacherEnsemble, load_teacher
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/ (for _record)

@@ -352,7 +352,7 @@ def teacher_seen(teachers: list[str]) -> frozenset[str]:
 
 def _reinforce_with(ens, args: argparse.Namespace, rdir: Path, captions: Path | None, n_syn: int) -> dict:
     """Reinforce with the already-loaded teacher ensemble (it is loaded once for reinforcement and evaluation)."""
-    from vfmkit.methods.reinforce import ReinforceArgs, Reinforcer, reinforce
+    from vfmkit.pipelines.reinforce import ReinforceArgs, Reinforcer, reinforce
 
     ra = ReinforceArgs(mode="clip", teachers=list(args.teachers or ["offline"]), n_aug=args.n_aug,
                        recipe=aug_recipe(args), seed=args.seed, images=True,

@@ -87,8 +87,8 @@ def _recipe(args: argparse.Namespace) -> dict:
 
 
 def build_args(args: argparse.Namespace):
-    """argparse namespace -> :class:`~vfmkit.methods.reinforce.ReinforceArgs`."""
-    from vfmkit.methods.reinforce import ReinforceArgs
+    """argparse namespace -> :class:`~vfmkit.pipelines.reinforce.ReinforceArgs`."""
+    from vfmkit.pipelines.reinforce import ReinforceArgs
 
     kw = dict(mode=args.mode, teachers=args.teachers or [args.default_teacher], n_aug=args.n_aug,
               recipe=_recipe(args), seed=args.seed, batch_size=args.batch_size, chunk=args.chunk,
@@ -108,7 +108,7 @@ def build_args(args: argparse.Namespace):
 
 
 def _run(args: argparse.Namespace) -> int:
-    from vfmkit.methods.reinforce import reinforce
+    from vfmkit.pipelines.reinforce import reinforce
 
     res = reinforce(args.data, args.out, build_args(args), progress=not args.no_progress)
     print(f"reinforce: {res['samples']} samples in {len(res['done'])} shards ({res['resumed']} resumed) "

@@ -209,7 +209,7 @@ class Reinforcer:
         from vfmkit.data.reinforced import ReinforcedMeta, TeacherSpec
 
         a = self.args
-        extra = {"seed": a.seed, "chunk": a.chunk, "images": a.images, "generator": "vfmkit.methods.reinforce"}
+        extra = {"seed": a.seed, "chunk": a.chunk, "images": a.images, "generator": "vfmkit.pipelines.reinforce"}
         if a.mode == "clip":
             specs = tuple(TeacherSpec(t.name, t.embed_dim, t.logit_scale, s)
                           for t, s in zip(self.teachers.teachers, a.teachers, strict=False))
