@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from vfmkit.data.builtin import builtin_path, imagenette_classes
-from vfmkit.data.shards import ShardWriter, list_shards, read_manifest
+from vfmkit.data.shards import ShardWriter, iter_shard, list_shards, read_manifest
 from vfmkit.methods import catlip
 from vfmkit.text.nouns import CaptionTagger, clean_caption
 from vfmkit.text.vocab import Vocabulary
@@ -161,8 +161,8 @@ def small_shards(tmp_path_factory):
     out = tmp_path_factory.mktemp("flickr_small")
     n = 0
     with ShardWriter(out, max_count=24) as w:
-        for _, key, raw in catlip.iter_shard_samples(list_shards("builtin:flickr8k/train")):
-            w.write({"__key__": key, **raw})
+        for raw in (s for u in list_shards("builtin:flickr8k/train") for s in iter_shard(u)):
+            w.write(raw)
             n += 1
             if n == 48:
                 break
@@ -174,8 +174,8 @@ def test_labels_are_cached_in_shards(small_shards, vocab, tagger, tmp_path):
     m = catlip.label_shards(str(small_shards), vocab, out, tagger=tagger, shard_size=20)
     assert m["count"] == 48 and m["catlip_vocab"] == vocab.sha256() and len(m["shards"]) == 3
     assert Vocabulary.load(out / "vocab.json").sha256() == vocab.sha256()
-    samples = list(catlip.iter_shard_samples(list_shards(str(out))))
-    raw = samples[0][2]
+    samples = [s for u in list_shards(str(out)) for s in iter_shard(u)]
+    raw = samples[0]
     assert len(samples) == 48
     caps = json.loads(raw["json"])["captions"]
     want = vocab.encode(o for s in tagger.synsets(caps) for o in s)
@@ -196,7 +196,7 @@ def test_corrupt_shard_is_named(tmp_path):
     bad = tmp_path / "bad-000000.tar"
     bad.write_bytes(b"this is not a tar file" * 50)
     with pytest.raises(ValueError, match="bad-000000.tar"):
-        list(catlip.iter_shard_samples([str(bad)]))
+        list(iter_shard(str(bad)))
 
 
 def test_short_pretraining_lowers_bce(small_shards, vocab, tagger, tmp_path):
@@ -212,7 +212,7 @@ def test_short_pretraining_lowers_bce(small_shards, vocab, tagger, tmp_path):
     torch.manual_seed(cfg.seed)
     model0, bundle = catlip.create_catlip_model("vfm-tiny-vit", vocab, image_size=32)
     decode = catlip.make_catlip_decoder(bundle.preprocess_val, vocab)
-    batch = [decode(raw) for _, _, raw in catlip.iter_shard_samples(list_shards(str(labelled)))]
+    batch = [decode(raw) for u in list_shards(str(labelled)) for raw in iter_shard(u)]
     x, y = torch.stack([b["image"] for b in batch]), torch.stack([b["target"] for b in batch])
     res = run(cfg)
     assert res.step == 30 and [h["step"] for h in res.history if "loss" in h] == [5, 10, 15, 20, 25, 30]

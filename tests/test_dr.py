@@ -106,7 +106,7 @@ def test_config_errors_name_the_key(dset):
 def test_fresh_augment_draws_one_augmentation_for_both_views(dset):
     """plain/online draw new params each epoch from the same family; the student and the teacher view are the
     same draw at two sizes; p=0 falls back to the plain view and the one-hot label."""
-    from vfmkit.data.replay import decode_image
+    from vfmkit.data.decode import decode_uint8 as decode_image
 
     recipe = AugRecipe("rrc_flip_ra_re", size=64)
     aug = ReplayableAugment(recipe)
@@ -275,7 +275,8 @@ def test_reinforced_mode_replays_the_set_as_generated(dset):
     drawn stored augmentation (or plain view) with the stored teacher target."""
     from vfmkit.data.augment import ReplayableAugment
     from vfmkit.data.reinforced import ImageIndex, decode_classification, densify
-    from vfmkit.data.replay import ClassificationReplay, decode_image, replay_rng
+    from vfmkit.data.decode import decode_uint8 as decode_image
+    from vfmkit.data.replay import ClassificationReplay, replay_rng
     from vfmkit.pipelines.reinforce import iter_shard
 
     job = build_job(_cfg(dset, mode="reinforced", p=0.6), init_distributed())

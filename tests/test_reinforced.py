@@ -25,7 +25,6 @@ from vfmkit.data.reinforced import (
     densify,
     encode_classification,
     encode_multimodal,
-    iter_tar_samples,
     join_by_uid,
     read_metadata,
     sample_params,
@@ -34,6 +33,7 @@ from vfmkit.data.reinforced import (
     topk_encode,
     write_metadata,
 )
+from vfmkit.data.shards import iter_shard
 
 DATA = Path(__file__).parent / "data"
 JPGS = [DATA / "flickr8k_1000268201_693b08cb0e_160x120.jpg", DATA / "imagenette_n01440764_ILSVRC2012_val_00000293.JPEG"]
@@ -84,7 +84,7 @@ def test_handwritten_datacompdr_sample_decodes(tmp_path, storage):
     img, txt = _embs(0)
     tar = _write_tar(tmp_path / "dr-000.tar", _handwritten_datacompdr("u-1", "ab" * 32, img, txt, "000000001",
                                                                        storage))
-    (raw,) = list(iter_tar_samples(str(tar)))
+    (raw,) = list(iter_shard(str(tar)))
     rec = decode_multimodal(raw, _meta(storage=storage))
     assert rec.uid == "u-1" and rec.sha256 == "ab" * 32 and rec.jpg is None
     assert rec.syn_text == ["a dog on grass", "a brown dog"]
@@ -144,7 +144,7 @@ def test_join_by_uid_reports_sha256_mismatch(tmp_path, caplog):
     assert [json.loads(r["json"])["uid"] for r in joined] == ["img0"] and joined[0]["jpg"] == jpgs[0]
     assert report.joined == 1 and report.mismatched == ["img1"] and report.missing == ["img9"]
     assert "img1" in caplog.text
-    raw1 = next(r for r in iter_tar_samples(str(reinforced)) if r["__key__"] == "000000001")
+    raw1 = next(r for r in iter_shard(str(reinforced)) if r["__key__"] == "000000001")
     with pytest.raises(ImageMismatchError, match="img1"):
         index.attach(raw1)
     assert decode_multimodal(joined[0], _meta()).jpg == jpgs[0]
@@ -228,14 +228,15 @@ def _mm_shards(tmp_path, with_jpg: bool, bad_sha_for: str | None = None):
 
 
 def decode_image_size(jpg: bytes) -> tuple[int, int]:
-    from vfmkit.data.replay import decode_image
+    from vfmkit.data.decode import decode_uint8 as decode_image
 
     return tuple(decode_image(jpg).shape[-2:])
 
 
 def test_multimodal_replay_through_loader(tmp_path):
     from vfmkit.data.augment import ReplayableAugment, to_student
-    from vfmkit.data.replay import MultimodalReplay, ReplayShardLoader, decode_image
+    from vfmkit.data.decode import decode_uint8 as decode_image
+    from vfmkit.data.replay import MultimodalReplay, ReplayShardLoader
 
     meta, jpgs = _mm_shards(tmp_path, with_jpg=True)
     dec = MultimodalReplay(meta, 32, seed=3)
@@ -246,7 +247,7 @@ def test_multimodal_replay_through_loader(tmp_path):
         (batch,) = list(loader)
         assert batch["image"].shape == (2, 3, 32, 32) and batch["image_emb"].shape == (2, 7)
         picks.append(tuple(batch["aug_index"].tolist()))
-        raws = list(iter_tar_samples(loader.urls[0]))
+        raws = list(iter_shard(loader.urls[0]))
         for b, raw in enumerate(raws):
             rec = decode_multimodal(raw, meta)
             a, s = int(batch["aug_index"][b]), int(batch["syn_index"][b])
@@ -313,7 +314,8 @@ def test_classification_replay_equals_full_record_decode(tmp_path):
     from torchvision.transforms.v2 import functional as F
 
     from vfmkit.data.augment import ReplayableAugment, to_student
-    from vfmkit.data.replay import ClassificationReplay, decode_image, replay_rng
+    from vfmkit.data.decode import decode_uint8 as decode_image
+    from vfmkit.data.replay import ClassificationReplay, replay_rng
     from vfmkit.data.shards import ShardWriter
 
     jpgs = [p.read_bytes() for p in JPGS]
@@ -399,7 +401,7 @@ def test_image_index_reads_embedded_compressed_shards():
     urls = list_shards(str(builtin_path("imagenette/val")))[:1]
     assert urls[0].endswith(".tar.gz")
     index = ImageIndex(urls)
-    raws = list(iter_tar_samples(urls[0]))[:3]
+    raws = list(iter_shard(urls[0]))[:3]
     assert len(index) >= len(raws) > 0
     for raw in raws:
         info = json.loads(raw["json"])

@@ -18,7 +18,6 @@ for every op except the crop. Normalisation and any resize to the student's size
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import math
 import random
 from collections.abc import Sequence
@@ -29,6 +28,8 @@ import torch
 from torchvision.transforms.v2 import InterpolationMode
 from torchvision.transforms.v2 import RandAugment as _TVRandAugment
 from torchvision.transforms.v2 import functional as F
+
+from vfmkit.data.rng import seeded_rng
 
 # torchvision's RandAugment op names in torchvision's (and DataCompDR's) order: the op index stored in paug.json.
 RA_OP_NAMES: tuple[str, ...] = tuple(_TVRandAugment._AUGMENTATION_SPACE.keys())
@@ -45,8 +46,7 @@ def make_rng(seed: int, uid: str | int, aug_index: int) -> random.Random:
 
     Why sha256 and not ``hash()``: Python salts str hashes per process, which would break determinism.
     """
-    digest = hashlib.sha256(f"{int(seed)}|{uid}|{int(aug_index)}".encode()).digest()
-    return random.Random(int.from_bytes(digest[:8], "little"))
+    return seeded_rng(int(seed), uid, int(aug_index))
 
 
 def image_hw(img: torch.Tensor) -> tuple[int, int]:

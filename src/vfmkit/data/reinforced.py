@@ -46,7 +46,8 @@ from .augment import (
     paug_from_json,
     paug_to_json,
 )
-from .shards import atomic_write_bytes, list_shards
+from .io import atomic_write_bytes
+from .shards import iter_shard, list_shards, split_member_name
 
 log = logging.getLogger(__name__)
 
@@ -446,32 +447,6 @@ def sample_params(meta: ReinforcedMeta, seed: int, uid: str, image_size: tuple[i
 
 
 # ------------------------------------------------------------------------------------------- join by uid
-def _split_name(name: str) -> tuple[str, str]:
-    """webdataset's convention: key = path up to the first '.' of the basename, ext = the rest."""
-    d, base = os.path.split(name)
-    stem, _, ext = base.partition(".")
-    return (f"{d}/{stem}" if d else stem), ext
-
-
-def iter_tar_samples(url: str) -> Iterator[dict[str, Any]]:
-    """Raw webdataset samples (``{"__key__", "__url__", ext: bytes}``) of one local tar, in order."""
-    cur: dict[str, Any] | None = None
-    with tarfile.open(url, "r") as tf:
-        for m in tf:
-            if not m.isfile():
-                continue
-            key, ext = _split_name(m.name)
-            if cur is not None and cur["__key__"] != key:
-                yield cur
-                cur = None
-            if cur is None:
-                cur = {"__key__": key, "__url__": url}
-            f = tf.extractfile(m)
-            cur[ext] = f.read() if f is not None else b""
-    if cur is not None:
-        yield cur
-
-
 @dataclass
 class JoinReport:
     """Outcome of a join: counts plus the uids that were left out and why."""
@@ -511,7 +486,7 @@ class ImageIndex:
                 for m in tf:
                     if not m.isfile():
                         continue
-                    key, ext = _split_name(m.name)
+                    key, ext = split_member_name(m.name)
                     entry = pending.setdefault(key, {})
                     if ext == self.image_ext:
                         f = None if seekable else tf.extractfile(m)
@@ -570,7 +545,7 @@ def join_by_uid(reinforced: str | os.PathLike | Sequence[str | os.PathLike], ind
     sha256 does not match are left out, counted in ``report`` and logged by uid."""
     report = report if report is not None else JoinReport()
     for url in list_shards(reinforced):
-        for raw in iter_tar_samples(url):
+        for raw in iter_shard(url):
             try:
                 out = index.attach(raw)
             except ImageMismatchError as e:

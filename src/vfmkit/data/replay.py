@@ -11,8 +11,6 @@ before every epoch (use it, or call ``decoder.set_epoch(e)`` yourself before ite
 
 from __future__ import annotations
 
-import hashlib
-import io
 import random
 import struct
 import zipfile
@@ -21,27 +19,19 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
-from torchvision.transforms.v2 import InterpolationMode
-from torchvision.transforms.v2 import functional as F
 
 from .augment import OPENAI_MEAN, OPENAI_STD, AugParams, ReplayableAugment, params_from_json, to_student
+from .decode import decode_uint8, plain_view
 from .loader import ShardLoader
 from .reinforced import ImageIndex, ReinforcedMeta, _json_field, decode_multimodal, densify, read_npz
+from .rng import seeded_rng
 
 Tokenizer = Callable[[list[str]], torch.Tensor]
 
 
-def decode_image(data: bytes) -> torch.Tensor:
-    """JPEG/PNG bytes -> uint8 ``[3, H, W]`` (RGB)."""
-    with Image.open(io.BytesIO(data)) as im:
-        return F.pil_to_tensor(im.convert("RGB"))
-
-
 def replay_rng(seed: int, epoch: int, uid: str) -> random.Random:
     """The per-(seed, epoch, sample) generator of the training-time choices (process-independent)."""
-    digest = hashlib.sha256(f"replay|{int(seed)}|{int(epoch)}|{uid}".encode()).digest()
-    return random.Random(int.from_bytes(digest[:8], "little"))
+    return seeded_rng("replay", int(seed), int(epoch), uid)
 
 
 class _EpochDecoder:
@@ -87,7 +77,7 @@ class MultimodalReplay(_EpochDecoder):
         rng = replay_rng(self.seed, self.epoch, rec.uid)
         a = rng.randrange(self.meta.n_aug)
         s = rng.randrange(self.meta.n_syn) if self.meta.n_syn else -1
-        img = self.aug.apply(decode_image(rec.jpg or b""), rec.params[a], self.size)
+        img = self.aug.apply(decode_uint8(rec.jpg or b""), rec.params[a], self.size)
         caption = rec.caption if rec.caption is not None else ""
         syn = rec.syn_text[s] if s >= 0 else caption
         out: dict[str, Any] = {
@@ -100,12 +90,6 @@ class MultimodalReplay(_EpochDecoder):
         elif self.tokenizer is not None:
             out["caption"] = self.tokenizer([caption])[0]
         return out
-
-
-def _plain_view(img: torch.Tensor, size: int) -> torch.Tensor:
-    """The un-augmented view: resize the short side to ``size`` then centre-crop (the usual eval transform)."""
-    img = F.resize(img, size, interpolation=InterpolationMode.BICUBIC, antialias=True)
-    return F.center_crop(img, [size, size])
 
 
 class ClassificationReplay(_EpochDecoder):
@@ -137,7 +121,7 @@ class ClassificationReplay(_EpochDecoder):
         data = self.partners.read(str(partner))
         if data is None:
             raise KeyError(f"no image for mixing partner {partner!r}")
-        return decode_image(data)
+        return decode_uint8(data)
 
     def _stored(self, raw: dict[str, Any], a: int, where: str) -> tuple[AugParams, torch.Tensor]:
         """Stored augmentation ``a`` of ``raw``: its params and densified target ``[num_classes]``."""
@@ -163,9 +147,9 @@ class ClassificationReplay(_EpochDecoder):
         info = _json_field(raw, "json")
         label, uid = int(info["label"]), str(info["uid"])
         rng = replay_rng(self.seed, self.epoch, uid)
-        src = decode_image(raw["jpg"])
+        src = decode_uint8(raw["jpg"])
         if rng.random() >= self.p:
-            img, a = _plain_view(src, self.size), -1
+            img, a = plain_view(src, self.size), -1
             target = torch.nn.functional.one_hot(torch.tensor(label), int(self.meta.num_classes or 0)).float()
         else:
             a = rng.randrange(self.meta.n_aug)

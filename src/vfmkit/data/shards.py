@@ -280,8 +280,17 @@ def shard_counts(urls: list[str]) -> dict[str, int] | None:
     return counts
 
 
+def split_member_name(name: str) -> tuple[str, str]:
+    """The one key convention, webdataset's (what the training loader sees): a tar member ``dir/key.ext.more``
+    is sample key ``dir/key`` with extension ``ext.more`` (split at the first dot of the basename)."""
+    d, base = os.path.split(name)
+    stem, _, ext = base.partition(".")
+    return (f"{d}/{stem}" if d else stem), ext
+
+
 def iter_shard(url: str) -> Iterator[dict]:
-    """Samples of one webdataset tar in file order: ``{"__key__", "__url__", ext: bytes}``.
+    """Samples of one webdataset tar in file order: ``{"__key__", "__url__", ext: bytes}`` (keys by
+    :func:`split_member_name`). The one tar-sample reader: every place that reads a shard by hand uses it.
 
     Read sequentially (no shuffling) so that a shard always yields the same samples in the same order, which
     the byte-for-byte resume guarantee relies on. A truncated or corrupt tar raises ``ValueError`` naming it.
@@ -292,8 +301,7 @@ def iter_shard(url: str) -> Iterator[dict]:
             for member in tar:
                 if not member.isfile():
                     continue
-                base = os.path.basename(member.name)
-                key, _, ext = base.partition(".")
+                key, ext = split_member_name(member.name)
                 if not ext:
                     continue
                 data = tar.extractfile(member).read()

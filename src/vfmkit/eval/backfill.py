@@ -12,14 +12,16 @@ query, so they are never retrieved, yet they still count as positives for mAP.
 
 from __future__ import annotations
 
+import io
 import json
 import math
-import os
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 from torch import Tensor
+
+from vfmkit.data.io import atomic_write_bytes, atomic_write_text
 
 METRICS = ("top1", "top5", "mAP")
 
@@ -184,16 +186,8 @@ def rank_correlation(a: Tensor, b: Tensor) -> float:
 def save_report(curves: dict[str, dict], path: str | Path, extra: dict | None = None) -> Path:
     """Write ``{"curves": {name: curve}, **extra}`` as JSON atomically; returns the path."""
     p = Path(path)
-    _atomic_write_text(p, json.dumps({"curves": curves, **(extra or {})}, indent=2))
+    atomic_write_text(p, json.dumps({"curves": curves, **(extra or {})}, indent=2))
     return p
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    """tmp + os.replace, so a crash never leaves a half-written report."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def plot_curves(curves: dict[str, dict], path: str | Path, title: str = "Backfilling") -> Path:
@@ -214,10 +208,8 @@ def plot_curves(curves: dict[str, dict], path: str | Path, title: str = "Backfil
         ax.legend(fontsize=7)
     fig.suptitle(title)
     fig.tight_layout()
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_name(p.name + ".tmp.png")
-    fig.savefig(tmp, dpi=110)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
     plt.close(fig)
-    tmp.replace(p)
-    return p
+    atomic_write_bytes(path, buf.getvalue())
+    return Path(path)

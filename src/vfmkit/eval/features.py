@@ -7,7 +7,7 @@ from collections.abc import Callable
 
 import torch
 
-from vfmkit.methods.clip import decode_image
+from vfmkit.data.decode import decode_image
 
 
 def ordered_loader(spec: str, decode: Callable, batch_size: int = 128, on_corrupt: str = "skip"):

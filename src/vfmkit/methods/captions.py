@@ -19,6 +19,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from vfmkit.data.decode import resize_center_crop
+from vfmkit.data.io import atomic_save_safetensors, atomic_write_bytes
+
 CAPTIONER_FORMAT = "vfmkit-captioner/1"
 SOT_ID, EOT_ID = 49406, 49407  # open_clip SimpleTokenizer's <start_of_text> / <end_of_text>
 
@@ -37,29 +40,6 @@ TINY_COCA_CFG: dict = {
         "context_length": 32, "vocab_size": 49408, "width": 128, "heads": 4, "layers": 2, "attn_pooler_heads": 4,
     },
 }
-
-
-def resize_center_crop01(img: Tensor, size: int) -> Tensor:
-    """[3, H, W] uint8 or float in [0, 1] -> float [3, size, size] in [0, 1]: short side to ``size``, centre crop."""
-    im = img.float() / 255.0 if img.dtype == torch.uint8 else img.float()
-    h, w = im.shape[-2:]
-    scale = size / min(h, w)
-    nh, nw = max(size, round(h * scale)), max(size, round(w * scale))
-    im = F.interpolate(im[None], size=(nh, nw), mode="bilinear", antialias=True, align_corners=False)[0]
-    top, left = (nh - size) // 2, (nw - size) // 2
-    return im[:, top:top + size, left:left + size].clamp(0, 1)
-
-
-def _atomic_write(path: str | Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a sibling tmp file + ``os.replace`` (a crash never leaves half a file)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def _init_text_decoder(dec: torch.nn.Module) -> None:
@@ -107,7 +87,7 @@ class Captioner(torch.nn.Module):
 
     def preprocess(self, images: list[Tensor] | Tensor) -> Tensor:
         """Images (each [3, H, W], uint8 or float in [0, 1]) -> normalised [B, 3, S, S] (short-side resize + centre crop)."""
-        out = [resize_center_crop01(im, self.image_size) for im in images]
+        out = [resize_center_crop(im, self.image_size) for im in images]
         x = torch.stack(out).to(self.mean.device)
         return (x - self.mean) / self.std
 
@@ -207,17 +187,14 @@ def top_p_generate(model: open_clip.CoCa, images: Tensor, *, top_p: float = 0.9,
 
 def save_captioner(captioner: Captioner, out_dir: str | Path) -> Path:
     """Write ``captioner.json`` + ``model.safetensors`` atomically; reload with :func:`load_captioner`."""
-    from safetensors.torch import save as st_save
-
     if captioner.model_cfg is None:
         raise ValueError("only captioners built from a model config (e.g. the tiny CoCa) can be saved here")
     out = Path(out_dir)
-    state = {k: v.detach().cpu().contiguous() for k, v in captioner.model.state_dict().items()}
-    _atomic_write(out / "model.safetensors", st_save(state))
+    atomic_save_safetensors(out / "model.safetensors", captioner.model)
     meta = {"format": CAPTIONER_FORMAT, "name": captioner.name, "model_cfg": captioner.model_cfg,
             "image_size": captioner.image_size, "mean": captioner.mean.flatten().tolist(),
             "std": captioner.std.flatten().tolist(), "vocab": captioner.vocab}
-    _atomic_write(out / "captioner.json", json.dumps(meta, indent=1).encode())
+    atomic_write_bytes(out / "captioner.json", json.dumps(meta, indent=1).encode())
     return out
 
 
@@ -276,7 +253,7 @@ def write_captions_jsonl(path: str | Path, captions: dict[str, list[str]]) -> No
     buf = io.StringIO()
     for uid, caps in captions.items():
         buf.write(json.dumps({"uid": uid, "captions": list(caps)}, ensure_ascii=False) + "\n")
-    _atomic_write(path, buf.getvalue().encode("utf-8"))
+    atomic_write_bytes(path, buf.getvalue().encode("utf-8"))
 
 
 class CoCaCaptions:
@@ -352,7 +329,7 @@ def read_image_captions(urls: list[str], image_size: int, max_images: int | None
             if not caps or "jpg" not in sample:
                 raise KeyError(f"{url}: sample {sample['__key__']} lacks a jpg or a caption (json 'captions'/txt)")
             img = decode_jpeg(torch.frombuffer(bytearray(sample["jpg"]), dtype=torch.uint8))
-            images.append((resize_center_crop01(img, image_size) * 255).round().to(torch.uint8))
+            images.append((resize_center_crop(img, image_size) * 255).round().to(torch.uint8))
             captions.append(list(caps))
             if max_images is not None and len(images) >= max_images:
                 return torch.stack(images), captions
@@ -419,7 +396,7 @@ def caption_shards(captioner: Captioner, urls: list[str], out_path: str | Path, 
             meta = json.loads(raw["json"]) if "json" in raw else {}
             try:
                 img = decode_uint8(raw, backend="torchvision")
-            except (KeyError, RuntimeError) as e:
+            except (KeyError, ValueError) as e:
                 raise ValueError(f"{url}: sample {raw['__key__']}: unreadable image ({e})") from e
             uids.append(str(meta.get("uid", raw["__key__"])))
             images.append(img)

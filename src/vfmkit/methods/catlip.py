@@ -15,8 +15,6 @@ Pipeline:
 from __future__ import annotations
 
 import json
-import os
-import tarfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -57,27 +55,12 @@ def parse_args(cfg: RunConfig) -> CatlipArgs:
 
 
 # ---- reading captions from shards -------------------------------------------------------------------
-def iter_shard_samples(urls: list[str]) -> Iterator[tuple[str, str, dict[str, bytes]]]:
-    """``(url, key, {ext: bytes})`` per sample in tar order; a corrupt tar raises ValueError naming it."""
-    for url in urls:
-        try:
-            with tarfile.open(url) as tf:
-                key, cur = None, {}
-                for m in tf:
-                    if not m.isfile():
-                        continue
-                    d, base = os.path.split(m.name)
-                    k, _, ext = base.partition(".")
-                    k = f"{d}/{k}" if d else k
-                    if k != key and cur:
-                        yield url, key, cur
-                        cur = {}
-                    key = k
-                    cur[ext] = tf.extractfile(m).read()
-                if cur:
-                    yield url, key, cur
-        except (tarfile.TarError, OSError, EOFError) as e:
-            raise ValueError(f"corrupt shard {url}: {e}") from e
+def _samples(spec: str | list[str]) -> Iterator[dict]:
+    """Every raw sample of ``spec`` in shard and tar order (the one reader, ``shards.iter_shard``)."""
+    from vfmkit.data.shards import iter_shard, list_shards
+
+    for url in list_shards(spec):
+        yield from iter_shard(url)
 
 
 def sample_captions(raw: dict[str, bytes]) -> list[str]:
@@ -103,12 +86,11 @@ SampleSynsets = dict[tuple[str, str], list[list[int]]]
 def tag_shards(spec: str | list[str], tagger: Any) -> SampleSynsets:
     """``{(url, key): [synset offsets per caption]}`` for every sample in ``spec``: one tagging pass that
     both the vocabulary and the labels reuse."""
-    from vfmkit.data.shards import list_shards
 
     keys, caps = [], []
-    for url, key, raw in iter_shard_samples(list_shards(spec)):
+    for raw in _samples(spec):
         cs = sample_captions(raw)
-        keys.append(((url, key), len(cs)))
+        keys.append(((raw["__url__"], raw["__key__"]), len(cs)))
         caps.extend(cs)
     flat = tagger.synsets(caps) if caps else []
     out: SampleSynsets = {}
@@ -143,7 +125,7 @@ def label_shards(spec: str | list[str], vocab: Vocabulary, out_dir: str | Path, 
     vocabulary's sha) so a trainer can refuse labels made with another vocabulary. ``tagged`` (from
     ``tag_shards``) skips re-parsing the captions.
     """
-    from vfmkit.data.shards import ShardWriter, list_shards, read_manifest
+    from vfmkit.data.shards import ShardWriter, read_manifest
 
     args = args or CatlipArgs()
     if tagged is None:
@@ -152,8 +134,9 @@ def label_shards(spec: str | list[str], vocab: Vocabulary, out_dir: str | Path, 
     extra = {"kind": "catlip-labelled", "catlip_vocab": sha, "vocab_size": len(vocab),
              "source": spec if isinstance(spec, str) else list(spec)}
     with ShardWriter(out_dir, max_count=shard_size, extra=extra) as w:
-        for url, key, raw in iter_shard_samples(list_shards(spec)):
-            rows = vocab.encode(o for s in tagged[(url, key)] for o in s)
+        for raw in _samples(spec):
+            key = raw["__key__"]
+            rows = vocab.encode(o for s in tagged[(raw["__url__"], key)] for o in s)
             n_empty += not rows
             w.write({"__key__": key, **{e: b for e, b in raw.items() if e != LABELS_MEMBER},
                      LABELS_MEMBER: {"rows": rows, "vocab": sha}})
@@ -221,7 +204,7 @@ def make_catlip_loss_fn() -> Callable:
 
 def make_catlip_decoder(transform: Callable, vocab: Vocabulary) -> Callable:
     """raw sample -> ``{"image": [3,H,W], "target": [V]}`` from the cached ``labels.json`` (no captions)."""
-    from vfmkit.methods.clip import decode_image
+    from vfmkit.data.decode import decode_image
 
     sha, size = vocab.sha256(), len(vocab)
 
@@ -421,11 +404,8 @@ def build(cfg: RunConfig, dist_info: Any) -> Any:
     torch.manual_seed(cfg.seed)
     model, bundle = create_catlip_model(cfg.model.name, vocab, pretrained=cfg.model.pretrained,
                                         image_size=cfg.data.image_size, head_bias=args.head_bias)
-    d = cfg.data
-    loader = ShardLoader(spec, make_catlip_decoder(bundle.preprocess_train, vocab), d.batch_size,
-                         shuffle_buffer=d.shuffle_buffer, seed=cfg.seed, num_workers=d.num_workers,
-                         rank=dist_info.rank, world_size=dist_info.world_size, resampled=d.resampled,
-                         on_corrupt=d.on_corrupt, drop_last=True)
+    loader = ShardLoader.from_config(cfg, make_catlip_decoder(bundle.preprocess_train, vocab), dist_info,
+                                     urls=spec)
     return Job(model, make_catlip_loss_fn(), loader, extra={"bundle": bundle, "vocab": vocab})
 
 
@@ -435,12 +415,11 @@ def load_class_shards(spec: str | list[str], transform: Callable,
     """Class shards (json ``label``/``wnid``) -> images [N,3,H,W], labels [N] (long).
 
     With ``classes`` (wnids), labels are positions in that list (so any class order works)."""
-    from vfmkit.data.shards import list_shards
-    from vfmkit.methods.clip import decode_image
+    from vfmkit.data.decode import decode_image
 
     pos = {c: i for i, c in enumerate(classes or [])}
     xs, ys = [], []
-    for url, key, raw in iter_shard_samples(list_shards(spec)):
+    for raw in _samples(spec):
         try:
             meta = json.loads(raw["json"])
             y = pos.get(meta.get("wnid"), meta.get("label"))
@@ -449,7 +428,7 @@ def load_class_shards(spec: str | list[str], transform: Callable,
             xs.append(transform(decode_image(raw)))
             ys.append(int(y))
         except (KeyError, ValueError, OSError) as e:
-            raise ValueError(f"bad sample {key!r} in {url}: {e}") from e
+            raise ValueError(f"bad sample {raw['__key__']!r} in {raw['__url__']}: {e}") from e
     if not xs:
         raise ValueError(f"no samples in {spec!r}")
     return torch.stack(xs), torch.tensor(ys, dtype=torch.long)
@@ -464,17 +443,6 @@ def _downstream_cfg(steps: int, lr: float, batch_size: int, seed: int, weight_de
                                   "tensorboard": False, "ckpt_every": 0, "resume": False}})
 
 
-class _FeatureHead(nn.Module):
-    """A head over cached features: batch ``{"x": [B,D]}`` through ``model(x)``."""
-
-    def __init__(self, head: nn.Linear):
-        super().__init__()
-        self.head = head
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(x)
-
-
 def fit_downstream(net: CatlipModel, train_x: torch.Tensor, train_y: torch.Tensor, *, mode: str, steps: int,
                    lr: float, batch_size: int, out_dir: str | Path, seed: int = 0) -> CatlipModel:
     """Train ``net`` (tower + C-way head) with CE through the engine: ``mode="probe"`` trains only the head
@@ -482,16 +450,16 @@ def fit_downstream(net: CatlipModel, train_x: torch.Tensor, train_y: torch.Tenso
     from vfmkit.data.loader import TensorLoader
     from vfmkit.engine import train
 
-    loss_fn = make_ce_loss_fn()
-    if mode == "probe":
+    if mode == "probe":  # the one engine-trained linear probe, on cached tower features
+        from vfmkit.eval.probe import fit_linear_head
+
         feats = predict(_Features(net), train_x)
-        cfg = _downstream_cfg(steps, lr, batch_size, seed, weight_decay=0.0)
-        loader = TensorLoader({"image": feats, "label": train_y}, min(batch_size, len(feats)), seed=seed)
-        train(cfg, _FeatureHead(net.head), loss_fn, loader, out_dir=out_dir)
+        fit_linear_head(net.head, feats, train_y, _downstream_cfg(steps, lr, batch_size, seed, weight_decay=0.0),
+                        out_dir)
     elif mode == "finetune":
         cfg = _downstream_cfg(steps, lr, batch_size, seed, weight_decay=0.05)
         loader = TensorLoader({"image": train_x, "label": train_y}, min(batch_size, len(train_x)), seed=seed)
-        train(cfg, net, loss_fn, loader, out_dir=out_dir)
+        train(cfg, net, make_ce_loss_fn(), loader, out_dir=out_dir)
     else:
         raise ValueError(f"mode must be 'probe' or 'finetune', got {mode!r}")
     return net

@@ -7,16 +7,15 @@ single-process loss on the global batch).
 
 from __future__ import annotations
 
-import io
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import nn
 
 from vfmkit.config import ConfigError, RunConfig, parse_section
+from vfmkit.data.decode import decode_image
 from vfmkit.engine.distributed import DistInfo
 
 
@@ -65,17 +64,6 @@ def clamp_logit_scale(model: nn.Module, max_scale: float = 100.0) -> None:
             m.logit_scale.clamp_(0, math.log(max_scale))
 
 
-def decode_image(raw: dict, ext: tuple[str, ...] = ("jpg", "jpeg", "png", "webp")) -> Any:
-    from PIL import Image
-
-    for e in ext:
-        if e in raw:
-            img = Image.open(io.BytesIO(raw[e]))
-            img.load()
-            return img.convert("RGB")
-    raise KeyError(f"no image member ({'/'.join(ext)})")
-
-
 def pick_caption(raw: dict, mode: str) -> str:
     import json
 
@@ -107,17 +95,10 @@ def parse_args(cfg: RunConfig) -> ClipArgs:
 
 
 def make_train_loader(cfg: RunConfig, decode: Callable, dist_info: DistInfo):
+    """``ShardLoader.from_config`` (kept as a name for importers)."""
     from vfmkit.data.loader import ShardLoader
-    from vfmkit.data.shards import list_shards
 
-    d = cfg.data
-    if d.on_corrupt not in ("skip", "raise"):
-        raise ConfigError(f"config key 'data.on_corrupt': {d.on_corrupt!r} is not 'skip' or 'raise'")
-    return ShardLoader(
-        list_shards(d.train), decode, d.batch_size, shuffle_buffer=d.shuffle_buffer, seed=cfg.seed,
-        num_workers=d.num_workers, rank=dist_info.rank, world_size=dist_info.world_size,
-        resampled=d.resampled, on_corrupt=d.on_corrupt, drop_last=True,
-    )
+    return ShardLoader.from_config(cfg, decode, dist_info)
 
 
 def build(cfg: RunConfig, dist_info: DistInfo):

@@ -19,7 +19,6 @@ target of each image comes from:
 
 from __future__ import annotations
 
-import hashlib
 import json
 import random
 from collections.abc import Callable, Sequence
@@ -31,10 +30,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import default_collate
-from torchvision.transforms.v2 import InterpolationMode
-from torchvision.transforms.v2 import functional as TF
 
 from vfmkit.config import ConfigError, RunConfig, parse_section
+from vfmkit.data.decode import decode_uint8, plain_view
+from vfmkit.data.rng import seeded_rng
 
 MODES = ("reinforced", "plain", "online")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -138,28 +137,19 @@ def make_loss_fn(mode: str, temperature: float = 1.0, label_smoothing: float = 0
 # ---------------------------------------------------------------------------------------------- decoding
 def decode_source(raw: dict) -> tuple[Tensor, int, str]:
     """A labelled source sample -> (uint8 image ``[3, H, W]``, label, uid); raises naming what is missing."""
-    from vfmkit.data.replay import decode_image
-
     ext = next((e for e in _IMAGE_EXTS if e in raw), None)
     if ext is None:
         raise KeyError("jpg")
     meta = json.loads(raw["json"]) if "json" in raw else {}
     if "label" not in meta:
         raise KeyError("json label")
-    return decode_image(raw[ext]), int(meta["label"]), str(meta.get("uid", raw.get("__key__")))
-
-
-def plain_view(img: Tensor, size: int) -> Tensor:
-    """The un-augmented view: short side to ``size`` then centre crop (the usual eval transform)."""
-    img = TF.resize(img, size, interpolation=InterpolationMode.BICUBIC, antialias=True)
-    return TF.center_crop(img, [size, size])
+    return decode_uint8(raw[ext]), int(meta["label"]), str(meta.get("uid", raw.get("__key__")))
 
 
 def fresh_rng(seed: int, epoch: int, uid: str) -> random.Random:
     """The per-(seed, epoch, image) generator of plain/online draws: new params every epoch, yet exactly
     reproducible after a resume (process-independent, unlike ``hash``)."""
-    digest = hashlib.sha256(f"dr-fresh|{int(seed)}|{int(epoch)}|{uid}".encode()).digest()
-    return random.Random(int.from_bytes(digest[:8], "little"))
+    return seeded_rng("dr-fresh", int(seed), int(epoch), uid)
 
 
 class FreshAugment:
@@ -348,20 +338,10 @@ def student_norm(model: nn.Module) -> tuple[tuple, tuple, int]:
     return tuple(pc.get("mean", IMAGENET_MEAN)), tuple(pc.get("std", IMAGENET_STD)), size
 
 
-def _loader_kw(cfg: RunConfig, dist_info: Any) -> dict:
-    d = cfg.data
-    if d.on_corrupt not in ("skip", "raise"):
-        raise ConfigError(f"config key 'data.on_corrupt': {d.on_corrupt!r} is not 'skip' or 'raise'")
-    return dict(shuffle_buffer=d.shuffle_buffer, seed=cfg.seed, num_workers=d.num_workers,
-                rank=dist_info.rank, world_size=dist_info.world_size, resampled=d.resampled,
-                on_corrupt=d.on_corrupt)
-
-
 def make_train_loader(cfg: RunConfig, args: DrArgs, setup: DrSetup, size: int, norm: tuple, dist_info: Any):
     """The mode's resumable training loader (``ReplayShardLoader`` keeps the decoder's epoch in step)."""
     from vfmkit.data.replay import ClassificationReplay, ReplayShardLoader
 
-    kw = _loader_kw(cfg, dist_info)
     mean, std = norm
     if args.mode == "reinforced":
         from vfmkit.data.reinforced import ImageIndex
@@ -375,13 +355,12 @@ def make_train_loader(cfg: RunConfig, args: DrArgs, setup: DrSetup, size: int, n
             meta, size, p=args.p, densify_mode=args.densify or meta.extra.get("densify", "smooth"),
             partners=index if "mix" in meta.recipe.stages else None, seed=cfg.seed, mean=mean, std=std,
             images=index if not meta.extra.get("images", False) else None)
-        return ReplayShardLoader(args.reinforced, decode, cfg.data.batch_size, drop_last=True, **kw)
+        return ReplayShardLoader.from_config(cfg, decode, dist_info, urls=args.reinforced)
     teacher_size = setup.recipe.size if args.mode == "online" else None
     decode = FreshAugment(setup.recipe, size, setup.num_classes, p=args.p, seed=cfg.seed, mean=mean, std=std,
                           teacher_size=teacher_size)
     collate = MixCollate(setup.recipe) if "mix" in setup.recipe.stages else default_collate
-    return ReplayShardLoader(cfg.data.train, decode, cfg.data.batch_size, collate_fn=collate, drop_last=True,
-                             **kw)
+    return ReplayShardLoader.from_config(cfg, decode, dist_info, collate_fn=collate)
 
 
 def make_val_loader(cfg: RunConfig, args: DrArgs, size: int, norm: tuple):

@@ -262,25 +262,14 @@ def fit_probe(
     """A linear classifier ``[C, D]`` on (new) features ``[N, D]`` via the engine (the new head when the new model
     has none, or ``new_classifier: probe``). ``lr`` is its own (default ``cfg.optim.lr``): the head's logit scale
     matters, an overfit probe with huge weights pushes h(old) onto class prototypes (see docs/fastfill.md)."""
-    from vfmkit.data.loader import TensorLoader
-    from vfmkit.engine import train
+    from vfmkit.eval.probe import fit_linear_head
 
     torch.manual_seed(cfg.seed)
     head = nn.Linear(feats.shape[1], num_classes)
-
-    def loss_fn(m: nn.Module, batch: dict, step: int) -> tuple[Tensor, dict[str, float]]:
-        logits = m(batch["x"]).float()
-        return F.cross_entropy(logits, batch["y"]), {
-            "acc": float((logits.argmax(1) == batch["y"]).float().mean())
-        }
-
-    bs = min(cfg.data.batch_size, feats.shape[0])
-    loader = TensorLoader({"x": feats, "y": labels}, batch_size=bs, seed=cfg.seed)
-    pcfg = _sub_config(cfg, steps=steps)
-    pcfg.optim.weight_decay = 0.0
-    pcfg.optim.lr = cfg.optim.lr if lr is None else lr
-    train(pcfg, head, loss_fn, loader, out_dir=out_dir)
-    return head.eval()
+    d = to_dict(cfg)
+    d["train"].update(steps=steps)
+    d["optim"].update(weight_decay=0.0, lr=cfg.optim.lr if lr is None else lr)
+    return fit_linear_head(head, feats, labels, load_config(d), out_dir)
 
 
 @torch.no_grad()
@@ -301,14 +290,9 @@ def apply_transformation(
 
 def save_transformation(h: Transformation, path: str | Path) -> None:
     """Weights as safetensors + its dims in the metadata, written atomically."""
-    from safetensors.torch import save_file
+    from vfmkit.data.io import atomic_save_safetensors
 
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_name(p.name + ".tmp")
-    sd = {k: v.detach().cpu().contiguous() for k, v in h.state_dict().items()}
-    save_file(sd, str(tmp), metadata={"dims": json.dumps(h.dims)})
-    os.replace(tmp, p)
+    atomic_save_safetensors(path, h, metadata={"dims": json.dumps(h.dims)})
 
 
 def load_transformation(path: str | Path) -> Transformation:
@@ -358,7 +342,7 @@ class ImageEncoder(nn.Module):
 
     @torch.no_grad()
     def forward(self, images: Tensor) -> Tensor:
-        from vfmkit.models.teachers import resize_center_crop
+        from vfmkit.data.decode import resize_center_crop
 
         x = images.to(self.mean.device)
         x = x.float() / 255.0 if x.dtype == torch.uint8 else x.float()
@@ -366,18 +350,12 @@ class ImageEncoder(nn.Module):
         return self.fn(self.body, x).float()
 
 
-def _split_size(spec: str) -> tuple[str, int | None]:
-    base, at, size = spec.rpartition("@")
-    return (base, int(size)) if at and size.isdigit() else (spec, None)
-
-
-def _timm_encoder(spec: str, rest: str, size: int | None, num_classes: int, seed: int) -> ImageEncoder:
+def _timm_encoder(spec: str, name: str, src: str, size: int | None, num_classes: int, seed: int) -> ImageEncoder:
     """``timm:NAME:random`` (seeded init), ``timm:NAME:pretrained`` (timm hub) or ``timm:NAME:CKPT``."""
     import timm
 
     from vfmkit.models.factory import load_state_dict
 
-    name, _, src = rest.partition(":")
     if src in ("", "random"):
         torch.manual_seed(seed)
         model = timm.create_model(name, pretrained=False, num_classes=num_classes)
@@ -409,10 +387,9 @@ def _lite0_encoder(spec: str, size: int | None) -> ImageEncoder:
     return ImageEncoder(spec, model, fn, s, LITE_MEAN, LITE_STD, (model._fc.weight, model._fc.bias))
 
 
-def _clip_encoder(spec: str, rest: str, size: int | None) -> ImageEncoder:
+def _clip_encoder(spec: str, name: str, pretrained: str | None, size: int | None) -> ImageEncoder:
     from vfmkit.models.factory import create_clip
 
-    name, _, pretrained = rest.partition(":")
     b = create_clip(name, pretrained or None, image_size=size)
     fn = lambda m, x: m.encode_image(x)  # noqa: E731
     return ImageEncoder(spec, b.model, fn, size or b.image_size, b.mean, b.std, None, "bicubic")
@@ -427,14 +404,18 @@ def load_encoder(
     PRETRAINED a tag or a local file), ``efficientnet-lite0``. ``class_index`` selects the rows of the model's
     own classifier per label (e.g. Imagenette's ImageNet indices for EfficientNet-Lite0).
     """
-    base, size = _split_size(spec)
-    kind, _, rest = base.partition(":")
-    if kind == "timm":
-        enc = _timm_encoder(spec, rest, size, num_classes, seed)
-    elif kind == "clip":
-        enc = _clip_encoder(spec, rest, size)
-    elif base == "efficientnet-lite0":
-        enc = _lite0_encoder(spec, size)
+    from vfmkit.models.spec import ModelSpecError, parse_model_spec
+
+    try:
+        ms = parse_model_spec(spec)
+    except ModelSpecError as e:
+        raise ConfigError(str(e)) from e
+    if ms.kind == "timm":
+        enc = _timm_encoder(spec, ms.name, ms.source or "", ms.size, num_classes, seed)
+    elif ms.kind == "openclip":
+        enc = _clip_encoder(spec, ms.name, ms.source, ms.size)
+    elif ms.kind == "efficientnet-lite0":
+        enc = _lite0_encoder(spec, ms.size)
     else:
         raise ConfigError(
             f"unknown encoder spec {spec!r}: use timm:NAME:SRC, clip:NAME[:PRETRAINED], efficientnet-lite0"
@@ -457,18 +438,10 @@ def load_encoder(
 
 def _decode_fn(size: int):
     """Raw webdataset sample -> ``{"image": uint8 [3, size, size], "label": int, "key": str}``; raises if bad."""
-    import io
-
-    import numpy as np
-    from PIL import Image
-
-    from vfmkit.models.teachers import resize_center_crop
+    from vfmkit.data.decode import decode_uint8, resize_center_crop
 
     def decode(raw: dict) -> dict:
-        with Image.open(io.BytesIO(raw["jpg"])) as im:
-            arr = np.asarray(im.convert("RGB"))
-        img = torch.from_numpy(arr.copy()).permute(2, 0, 1)
-        img = resize_center_crop(img[None].float() / 255.0, size)[0]
+        img = resize_center_crop(decode_uint8(raw["jpg"], name=raw.get("__key__")), size)
         meta = json.loads(raw["json"])
         return {
             "image": (img * 255.0).round().to(torch.uint8),
@@ -480,13 +453,10 @@ def _decode_fn(size: int):
 
 
 def _save_features(path: Path, feats: Tensor, labels: Tensor, keys: list[str], meta: dict) -> None:
-    from safetensors.torch import save_file
+    from vfmkit.data.io import atomic_save_safetensors
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
     md = {"keys": json.dumps(keys), **{k: json.dumps(v) for k, v in meta.items()}}
-    save_file({"features": feats.contiguous(), "labels": labels.contiguous()}, str(tmp), metadata=md)
-    os.replace(tmp, path)
+    atomic_save_safetensors(path, {"features": feats, "labels": labels}, metadata=md)
 
 
 def load_features(path: str | Path) -> dict:
@@ -582,8 +552,9 @@ def _cache_name(role: str, spec: str, data: str, a: FastFillArgs) -> str:
     """File name keyed by everything that changes the features (a checkpoint's size and mtime included)."""
     import hashlib
 
-    base, _ = _split_size(spec)
-    ckpt = base.rsplit(":", 1)[-1]
+    from vfmkit.models.spec import parse_model_spec
+
+    ckpt = parse_model_spec(spec).source or ""
     stamp = [os.path.getsize(ckpt), os.path.getmtime(ckpt)] if os.path.isfile(ckpt) else None
     key = json.dumps([spec, data, a.init_seed, a.num_classes, stamp])
     return f"{role}-{hashlib.sha1(key.encode()).hexdigest()[:12]}.safetensors"
@@ -648,11 +619,9 @@ def _new_classifier(
         print("[backfill] fitting a linear probe on the new features as the new head", flush=True)
         lin = fit_probe(cfg, x, y, a.num_classes, a.probe_steps, out / "runs" / "probe", a.probe_lr)
         head = (lin.weight.detach().cpu(), lin.bias.detach().cpu())
-    from safetensors.torch import save_file
+    from vfmkit.data.io import atomic_save_safetensors
 
-    tmp = path.with_name(path.name + ".tmp")
-    save_file({"weight": head[0].contiguous(), "bias": head[1].contiguous()}, str(tmp))
-    os.replace(tmp, path)
+    atomic_save_safetensors(path, {"weight": head[0], "bias": head[1]})
     return head
 
 

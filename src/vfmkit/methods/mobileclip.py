@@ -198,17 +198,18 @@ class OnlineTeacher:
 
 def build(cfg: RunConfig, dist_info):
     """Reinforced (offline) MobileCLIP training, or online distillation with ``online_teachers``."""
+    from vfmkit.data.decode import decode_image
+    from vfmkit.data.loader import ShardLoader
     from vfmkit.data.reinforced import read_metadata
     from vfmkit.data.replay import ReplayShardLoader
     from vfmkit.data.shards import list_shards
-    from vfmkit.methods.clip import clamp_logit_scale, decode_image, make_train_loader, pick_caption
+    from vfmkit.methods.clip import clamp_logit_scale, pick_caption
     from vfmkit.methods.registry import Job
     from vfmkit.models.factory import create_clip
 
     args = parse_args(cfg)
     torch.manual_seed(cfg.seed)
     bundle = create_clip(cfg.model.name, cfg.model.pretrained, image_size=cfg.data.image_size, **cfg.model.kwargs)
-    d = cfg.data
     if args.online_teachers:
         from vfmkit.models.teachers import load_ensemble
 
@@ -219,7 +220,7 @@ def build(cfg: RunConfig, dist_info):
             return {"image": bundle.preprocess_train(decode_image(raw)), "text": bundle.tokenizer([text])[0],
                     "captions": text}
 
-        loader = make_train_loader(cfg, decode, dist_info)
+        loader = ShardLoader.from_config(cfg, decode, dist_info)
         teacher = OnlineTeacher(ens, bundle.mean, bundle.std)
     else:
         if not args.reinforced:
@@ -233,10 +234,8 @@ def build(cfg: RunConfig, dist_info):
         meta = read_metadata(meta_path)
         dims = [t.dim for t in meta.teachers]
         scales = args.teacher_scales or [t.logit_scale for t in meta.teachers]
-        loader = ReplayShardLoader(urls, _reinforced_decoder(cfg, args, bundle, meta), d.batch_size,
-                                   shuffle_buffer=d.shuffle_buffer, seed=cfg.seed, num_workers=d.num_workers,
-                                   rank=dist_info.rank, world_size=dist_info.world_size, resampled=d.resampled,
-                                   on_corrupt=d.on_corrupt, drop_last=True)
+        loader = ReplayShardLoader.from_config(cfg, _reinforced_decoder(cfg, args, bundle, meta), dist_info,
+                                               urls=urls)
         teacher = None
     loss = DistillClipLoss(dims, scales, args.lam, args.average_after_softmax, cfg.train.gather_with_grad,
                            rank=dist_info.rank, world_size=dist_info.world_size)
