@@ -17,6 +17,7 @@ COMMANDS = [
     "catlip",
     "subclone",
     "backfill",
+    "tic",
 ]
 
 

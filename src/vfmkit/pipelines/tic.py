@@ -326,3 +326,46 @@ def report(out: str | Path) -> dict:
     atomic_write_json(out / "summary.json", summary)
     compute_plot_png(summary["strategies"], out / "compute_vs_accuracy.png")
     return summary
+
+
+def prepare(
+    out: str | Path,
+    *,
+    emoji: str | Path | None = None,
+    shards: str | None = None,
+    by: str = "year",
+    boundaries: list | None = None,
+    timestamps_csv: str | None = None,
+    eval_frac: float = 0.2,
+) -> dict:
+    """A stream folder from the emoji source (``emoji``: a folder with ``images.tar`` + ``emoji.csv``; the default
+    is the embedded subset) or from any shards with times (``shards``); returns ``stream.json``'s dict."""
+    if shards:
+        from vfmkit.data.stream import tag_stream
+
+        return tag_stream(shards, out, by=by, boundaries=boundaries, timestamps_csv=timestamps_csv,
+                          eval_frac=eval_frac)  # fmt: skip
+    from vfmkit.data.builtin import assets_root
+    from vfmkit.data.emoji import EMOJI_CUTS, import_emoji
+
+    return import_emoji(emoji or assets_root() / "emoji", out, cuts=tuple(boundaries or EMOJI_CUTS),
+                        eval_frac=eval_frac)  # fmt: skip
+
+
+def format_table(rows: dict[str, dict]) -> str:
+    """One line per strategy: in-domain, backward, forward, final mean (retrieval R@1, mean +- std over seeds),
+    final zero-shot top-1 and cumulative compute (FLOPs, and relative to Oracle when it ran)."""
+    ref = rows.get("oracle", {}).get("compute_flops")
+    head = (f"{'strategy':<17} {'in-domain':>12} {'backward':>12} {'forward':>12} {'final mean':>12} "
+            f"{'zs final':>12} {'compute':>10} {'x oracle':>8}")  # fmt: skip
+    lines = [head]
+
+    def cell(r, k):
+        return "n/a" if r.get(k) is None else f"{r[k]:.2f}+-{r.get(k + '_std', 0):.2f}"
+
+    for name, r in rows.items():
+        rel = f"{r['compute_flops'] / ref:.3f}" if ref else "n/a"
+        lines.append(f"{name:<17} {cell(r, 'in_domain'):>12} {cell(r, 'backward'):>12} {cell(r, 'forward'):>12} "
+                     f"{cell(r, 'final_mean'):>12} {cell(r, 'zeroshot_final_mean'):>12} "
+                     f"{r['compute_flops']:>10.3g} {rel:>8}")  # fmt: skip
+    return "\n".join(lines)

@@ -1,0 +1,276 @@
+"""TiC-CLIP: the stream layer, replay buffer, data mixes, time matrix, LwF loss and a resumable multi-step run,
+on a tiny stream cut from the embedded emoji subset (``vfmkit/assets/emoji``: real Noto emoji, 311 images)."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from vfmkit.config import ConfigError, load_config
+from vfmkit.data.builtin import assets_root
+from vfmkit.data.emoji import emoji_text, import_emoji, read_emoji_csv
+from vfmkit.data.shards import ShardWriter, iter_shard, list_shards, read_manifest
+from vfmkit.data.stream import (
+    StreamError,
+    build_mix,
+    mix_counts,
+    read_stream,
+    replay_subset,
+    split_uids,
+    step_split,
+    tag_stream,
+)
+from vfmkit.eval.timematrix import transfer_metrics
+
+CUTS = (2015, 2017)  # 3 steps: 2010-2014, 2015-2016, 2017-2024
+
+
+@pytest.fixture(scope="module")
+def stream(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("tic") / "stream"
+    import_emoji(assets_root() / "emoji", out, cuts=CUTS, eval_frac=0.25)
+    return out
+
+
+def _metas(path: Path) -> list[dict]:
+    return [json.loads(r["json"]) for u in list_shards(path) for r in iter_shard(u)]
+
+
+def test_emoji_stream_steps_and_groups_never_split(stream):
+    s = read_stream(stream)
+    rows = read_emoji_csv(assets_root() / "emoji" / "emoji.csv")
+    assert len(s["steps"]) == 3 and s["n_skipped"] == 0
+    assert [st["label"] for st in s["steps"]] == ["2010-2014", "2015-2016", "2017-2024"]
+    sides: dict[str, set] = {}
+    n = 0
+    for st in s["steps"]:
+        assert st["n_train"] > 0 and st["n_eval"] > 0
+        for split in ("train", "eval"):
+            metas = _metas(step_split(stream, st["index"], split))
+            assert len(metas) == st[f"n_{split}"]
+            for m in metas:
+                lo, hi = [(None, 2015), (2015, 2017), (2017, None)][st["index"]]
+                assert (lo is None or m["year"] >= lo) and (hi is None or m["year"] < hi), m
+                sides.setdefault(m["group"], set()).add(split)
+                n += 1
+    assert n == len(rows)
+    # every skin-tone variant of an emoji is on the same side of the split, in every step
+    assert all(len(v) == 1 for v in sides.values()), [g for g, v in sides.items() if len(v) > 1]
+    multi = {r["name"] for r in rows if r["skin_tone"]}
+    assert multi and any("eval" in sides[g] for g in multi) and any("train" in sides[g] for g in multi)
+    assert s["classnames"] == sorted({r["category"] for r in rows})
+
+
+def test_emoji_text_from_name_short_names_and_tone():
+    assert (
+        emoji_text({"name": "keycap: *", "short_names": "keycap_star", "skin_tone": ""})
+        == "keycap: * (keycap star)"
+    )
+    t = emoji_text({"name": "waving hand", "short_names": "wave", "skin_tone": "1F3FD"})
+    assert t == "waving hand (wave), medium skin tone"
+
+
+def test_user_stream_csv_timestamps_by_month_and_bad_time(tmp_path, stream):
+    raws = [r for u in list_shards(step_split(stream, 1, "train")) for r in iter_shard(u)][:12]
+    src = tmp_path / "src"
+    times = {}
+    with ShardWriter(src) as w:
+        for i, r in enumerate(raws):
+            meta = json.loads(r["json"])
+            del meta["year"]
+            if i < 11:
+                times[meta["uid"]] = f"2021-{1 + i % 3:02d}-15T10:00:00Z"
+            w.write({"__key__": r["__key__"], "png": r["png"], "txt": r["txt"], "json": meta})
+    csv_path = tmp_path / "times.csv"
+    with open(csv_path, "w", newline="") as f:
+        cw = csv.writer(f)
+        cw.writerow(["uid", "timestamp"])
+        cw.writerows(times.items())
+    s = tag_stream(src, tmp_path / "by_month", by="month", timestamps_csv=csv_path, eval_frac=0.3)
+    assert [st["label"] for st in s["steps"]] == ["2021-01", "2021-02", "2021-03"]
+    assert sum(st["n_train"] + st["n_eval"] for st in s["steps"]) == 11
+    assert s["n_skipped"] == 1 and "not in" in s["skipped"][0]["reason"]  # the sample with no time, by name
+    assert s["skipped"][0]["key"] == raws[11]["__key__"]
+    # a sample's own json timestamp (unix seconds) and custom boundaries
+    src2 = tmp_path / "src2"
+    with ShardWriter(src2) as w:
+        for i, r in enumerate(raws):
+            meta = json.loads(r["json"])
+            meta["timestamp"] = (
+                1.6e9 + i * 1e7
+            )  # 2020-09-13 + i * 115.7 days: 5 before 2022, 3 in 2022, 4 after
+            w.write({"__key__": r["__key__"], "png": r["png"], "txt": r["txt"], "json": meta})
+    s2 = tag_stream(src2, tmp_path / "cuts", boundaries=["2022-01-01", 2023])
+    assert [st["n_train"] + st["n_eval"] for st in s2["steps"]] == [5, 3, 4]
+    with pytest.raises(StreamError, match="ascending"):
+        tag_stream(src2, tmp_path / "bad", boundaries=[2023, 2022])
+
+
+def test_replay_subset_deterministic_nested_and_within_budget(stream):
+    uids = split_uids(stream, 1)
+    a, b = replay_subset(uids, 30), replay_subset(list(reversed(uids)), 30)
+    assert a == b and len(a) == 30 and set(a) <= set(uids)
+    assert set(replay_subset(uids, 10)) <= set(a)  # a smaller buffer keeps a subset (nested)
+    assert replay_subset(uids, 30, salt="other") != a
+    sizes = [100, 80, 60, 40]
+    for kind in ("exp", "equal"):
+        for budget in (0, 7, 40, 1000):
+            c = mix_counts(sizes, 3, kind, budget)
+            assert c[3] == 40 and sum(c[:3]) <= budget and all(0 <= c[j] <= sizes[j] for j in range(3))
+    assert mix_counts(sizes, 3, "exp", 70) == [10, 20, 40, 40]  # shares halve with age: 1/7, 2/7, 4/7
+    assert mix_counts(sizes, 3, "equal", 60) == [20, 20, 20, 40]
+    assert mix_counts(sizes, 3, "exp") == [5, 11, 22, 40]  # default budget: the size of the new step
+    assert mix_counts(sizes, 2, "new") == [0, 0, 60] and mix_counts(sizes, 2, "all") == [100, 80, 60]
+
+
+def test_mixes_sequential_new_only_cumulative_all(stream, tmp_path):
+    steps = [set(split_uids(stream, j)) for j in range(3)]
+    seq = build_mix(stream, 2, "new", tmp_path / "new")
+    assert {
+        json.loads(r["json"])["uid"] for u in list_shards(tmp_path / "new") for r in iter_shard(u)
+    } == steps[2]
+    allm = build_mix(stream, 2, "all", tmp_path / "all")
+    got = [json.loads(r["json"]) for u in list_shards(tmp_path / "all") for r in iter_shard(u)]
+    assert {m["uid"] for m in got} == steps[0] | steps[1] | steps[2] and len(got) == allm["count"]
+    assert seq["count"] == len(steps[2])
+    eq = build_mix(stream, 2, "equal", tmp_path / "eq", budget=20)
+    u = eq["tic_mix"]["uids"]
+    assert len(u["0"]) == len(u["1"]) == 10 and set(u["2"]) == steps[2]
+    assert set(u["0"]) == set(replay_subset(steps[0], 10)) and set(u["1"]) == set(replay_subset(steps[1], 10))
+    again = build_mix(stream, 2, "equal", tmp_path / "eq2", budget=20)
+    assert again["tic_mix"]["uids"] == u and again["shards"][0]["sha256"] == eq["shards"][0]["sha256"]
+    assert build_mix(stream, 2, "equal", tmp_path / "eq", budget=20) == read_manifest(
+        tmp_path / "eq"
+    )  # reused
+
+
+def test_time_matrix_transfer_metrics_hand_computed():
+    E = [[50.0, 10.0, 4.0],
+         [40.0, 60.0, 8.0],
+         [30.0, 45.0, 70.0]]  # fmt: skip
+    m = transfer_metrics(E)
+    assert m["in_domain"] == pytest.approx((50 + 60 + 70) / 3)
+    assert m["backward"] == pytest.approx((40 + 30 + 45) / 3)
+    assert m["forward"] == pytest.approx((10 + 4 + 8) / 3)
+    assert m["final_mean"] == pytest.approx((30 + 45 + 70) / 3)
+    with pytest.raises(ValueError, match="square"):
+        transfer_metrics([[1.0, 2.0], [3.0]])
+
+
+def test_lwf_kl_zero_for_same_model_positive_otherwise():
+    from vfmkit.methods.tic import lwf_kl
+
+    g = torch.Generator().manual_seed(0)
+    f = lambda *s: torch.nn.functional.normalize(torch.randn(*s, generator=g), dim=-1)  # noqa: E731
+    st = {
+        "image_features": f(8, 16).requires_grad_(),
+        "text_features": f(8, 16),
+        "logit_scale": torch.tensor(10.0),
+    }
+    assert float(lwf_kl(st, {k: v.detach() for k, v in st.items()}).detach()) == pytest.approx(0.0, abs=1e-6)
+    te = {"image_features": f(8, 16), "text_features": f(8, 16), "logit_scale": torch.tensor(10.0)}
+    kl = lwf_kl(st, te)
+    assert float(kl.detach()) > 0.01
+    kl.backward()
+    assert st["image_features"].grad.abs().sum() > 0
+
+
+def _cfg(stream: Path, **over) -> object:
+    sets = [f"method_args.stream={stream}", "train.steps=4", "data.batch_size=16", "data.image_size=32",
+            "data.shuffle_buffer=64", "optim.warmup_steps=2", "train.ckpt_every=1", "train.log_every=1",
+            "train.keep_ckpts=1"]  # fmt: skip
+    return load_config("tic_emoji", sets + [f"{k}={v}" for k, v in over.items()])
+
+
+def _lrs(run_dir: Path) -> list[float]:
+    return [r["lr"] for r in map(json.loads, (run_dir / "log.jsonl").read_text().splitlines()) if "lr" in r]
+
+
+def test_run_resumes_after_interruption_in_step_2_with_same_weights(stream, tmp_path):
+    from safetensors.torch import load_file
+
+    from vfmkit.pipelines.tic import run_strategy
+
+    cfg = _cfg(stream)
+    ref = run_strategy(cfg, "cumulative-all", tmp_path / "ref")
+    cut = run_strategy(cfg, "cumulative-all", tmp_path / "cut", stop_at=(1, 2))  # stop 2 steps into step 2
+    assert cut == {"interrupted": {"strategy": "cumulative-all", "t": 1, "step": 2, "of": 4}}
+    assert not (tmp_path / "cut/cumulative-all/seed-0/step-01/done.json").exists()
+    res = run_strategy(cfg, "cumulative-all", tmp_path / "cut")
+    for t in range(3):
+        a = load_file(str(tmp_path / f"ref/cumulative-all/seed-0/step-{t:02d}/model.safetensors"))
+        b = load_file(str(tmp_path / f"cut/cumulative-all/seed-0/step-{t:02d}/model.safetensors"))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), t
+    assert res["matrix"] == ref["matrix"] and res["compute_steps"] == 12
+    # warm start from the previous step, a fresh warm-up + cosine schedule at every step
+    steps = res["steps"]
+    assert steps[0]["warm_start"] is None
+    assert steps[1]["warm_start"].endswith("step-00/model.safetensors")
+    assert steps[2]["warm_start"].endswith("step-01/model.safetensors")
+    lr0 = _lrs(tmp_path / "ref/step0/seed-0")
+    # the engine logs the lr for the next step: warm-up 2 steps, then cosine over the remaining 2, down to 0
+    assert lr0 == [
+        pytest.approx(1e-3),
+        pytest.approx(1e-3),
+        pytest.approx(5e-4),
+        pytest.approx(0.0, abs=1e-12),
+    ]
+    assert _lrs(tmp_path / "ref/cumulative-all/seed-0/step-01/train") == lr0
+    assert _lrs(tmp_path / "ref/cumulative-all/seed-0/step-02/train") == lr0
+    # Cumulative-All trained on every sample so far, and compute is counted from measured FLOPs
+    sizes = [st["n_train"] for st in read_stream(stream)["steps"]]
+    assert [s["mix_counts"] for s in steps] == [sizes[:1], sizes[:2], sizes[:3]]
+    assert steps[1]["flops_per_sample"] > 1e6 and res["compute_flops"] == pytest.approx(
+        sum(s["steps_run"] * 16 * s["flops_per_sample"] for s in steps)
+    )
+    E = res["matrix"]["retrieval_R@1"]
+    assert len(E) == 3 and all(len(r) == 3 and all(0 <= x <= 100 for x in r) for r in E)
+    assert (tmp_path / "ref/cumulative-all/seed-0/heatmap.png").stat().st_size > 1000
+
+
+def test_sequential_lwf_patching_oracle_step_plans(stream, tmp_path):
+    from safetensors.torch import load_file
+
+    from vfmkit.pipelines.tic import run_strategy, summarize
+
+    cfg = _cfg(stream, **{"train.steps": 2, "optim.warmup_steps": 1})
+    seq = run_strategy(cfg, "sequential", tmp_path)
+    sizes = [st["n_train"] for st in read_stream(stream)["steps"]]
+    assert [s["mix_counts"] for s in seq["steps"]] == [sizes[:1], [0, sizes[1]], [0, 0, sizes[2]]]
+    lwf = run_strategy(cfg, "lwf", tmp_path)
+    assert lwf["steps"][2]["lwf_teacher"].endswith("lwf/seed-0/step-01/model.safetensors")
+    assert (
+        lwf["steps"][2]["flops_per_sample"] > seq["steps"][2]["flops_per_sample"]
+    )  # + the teacher's forward
+    pat = run_strategy(cfg, "patching", tmp_path)
+    # step 1 of Patching trains exactly Sequential's step 1 (same start, data, seed), then averages with step 0
+    w0 = load_file(str(tmp_path / "patching/seed-0/step-00/model.safetensors"))
+    ws = load_file(str(tmp_path / "sequential/seed-0/step-01/model.safetensors"))
+    wp = load_file(str(tmp_path / "patching/seed-0/step-01/model.safetensors"))
+    k = "visual.conv1.weight"
+    assert torch.allclose(wp[k], 0.5 * (w0[k] + ws[k]), atol=1e-6) and not torch.equal(wp[k], ws[k])
+    assert pat["steps"][1]["patched"] and not pat["steps"][0]["patched"]
+    orc = run_strategy(cfg, "oracle", tmp_path)
+    assert [s["steps_run"] for s in orc["steps"]] == [2, 4, 6] and orc["steps"][1]["warm_start"] is None
+    rows = summarize([seq, lwf, pat, orc])
+    assert rows["oracle"]["compute_flops"] == pytest.approx(orc["compute_flops"])
+    assert rows["oracle"]["compute_steps"] == 12 and rows["sequential"]["compute_steps"] == 6
+    with pytest.raises(ConfigError, match="unknown TiC strategy"):
+        run_strategy(cfg, "replay-everything", tmp_path)
+    with pytest.raises(ConfigError, match="method_args.lwf_wieght"):
+        run_strategy(_cfg(stream, **{"method_args.lwf_wieght": 2}), "lwf", tmp_path)
+
+
+def test_cli_prepare_and_report(stream, tmp_path, capsys):
+    from vfmkit.cli import main
+
+    assert main(["tic", "prepare", "--out", str(tmp_path / "s"), "--boundaries", "2015,2017"]) == 0
+    assert "step 2 2017-2024" in capsys.readouterr().out
+    s = read_stream(tmp_path / "s")
+    assert [st["label"] for st in s["steps"]] == [st["label"] for st in read_stream(stream)["steps"]]
+    assert sum(st["n_train"] + st["n_eval"] for st in s["steps"]) == 311
+    assert main(["tic", "report", str(tmp_path / "nothing")]) == 2
