@@ -24,8 +24,12 @@ def rng_state() -> dict[str, Any]:
     state = {
         "torch": torch.get_rng_state(),
         "python": _to_lists(random.getstate()),
-        "numpy": {"key": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
-                  "has_gauss": int(np_state[3]), "gauss": float(np_state[4])},
+        "numpy": {
+            "key": torch.from_numpy(np_state[1].astype(np.int64)),
+            "pos": int(np_state[2]),
+            "has_gauss": int(np_state[3]),
+            "gauss": float(np_state[4]),
+        },
     }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
@@ -50,8 +54,12 @@ def _to_tuples(x: Any) -> Any:
 
 
 def save_checkpoint(
-    ckpt_root: Path, step: int, model: torch.nn.Module, state: dict[str, Any],
-    ema: torch.nn.Module | None = None, keep: int = 2,
+    ckpt_root: Path,
+    step: int,
+    model: torch.nn.Module,
+    state: dict[str, Any],
+    ema: torch.nn.Module | None = None,
+    keep: int = 2,
 ) -> Path:
     ckpt_root.mkdir(parents=True, exist_ok=True)
     final = ckpt_root / f"step-{step:09d}"

@@ -32,7 +32,9 @@ def apply_channels_last(model: nn.Module) -> nn.Module:
 
 def apply_ddp(model: nn.Module, dist_info: DistInfo, find_unused_parameters: bool = False) -> nn.Module:
     ids = [dist_info.device.index] if dist_info.device.type == "cuda" else None
-    return nn.parallel.DistributedDataParallel(model, device_ids=ids, find_unused_parameters=find_unused_parameters)
+    return nn.parallel.DistributedDataParallel(
+        model, device_ids=ids, find_unused_parameters=find_unused_parameters
+    )
 
 
 def replicated_params(model: nn.Module) -> list[nn.Parameter]:
@@ -69,8 +71,9 @@ def apply_compile(model: nn.Module) -> nn.Module:
     return torch.compile(model)
 
 
-def parallelize(model: nn.Module, cfg: RunConfig, dist_info: DistInfo,
-                find_unused_parameters: bool = False) -> tuple[nn.Module, nn.Module]:
+def parallelize(
+    model: nn.Module, cfg: RunConfig, dist_info: DistInfo, find_unused_parameters: bool = False
+) -> tuple[nn.Module, nn.Module]:
     """Apply what the config asks, in order: channels_last, then DDP or FSDP2 (when distributed), then compile.
 
     Returns ``(wrapped, run_model)``: ``wrapped`` is the DDP/FSDP2 module (``no_sync`` lives there),
@@ -83,7 +86,11 @@ def parallelize(model: nn.Module, cfg: RunConfig, dist_info: DistInfo,
         model = apply_channels_last(model)
     wrapped = model
     if dist_info.distributed:
-        wrapped = apply_fsdp2(model) if t.parallel == "fsdp2" else apply_ddp(model, dist_info, find_unused_parameters)
+        wrapped = (
+            apply_fsdp2(model)
+            if t.parallel == "fsdp2"
+            else apply_ddp(model, dist_info, find_unused_parameters)
+        )
     run_model = apply_compile(wrapped) if t.compile else wrapped
     return wrapped, run_model
 
@@ -109,12 +116,15 @@ def clip_grad_norm_(params: Iterable[torch.Tensor], max_norm: float) -> torch.Te
     sharded = [p.grad for p in params if _is_dtensor(p.grad)]
     if not sharded:
         return torch.nn.utils.clip_grad_norm_(params, max_norm)
-    plain = [p.grad for p in params if not _is_dtensor(p.grad)]
+    plain = [p for p in params if not _is_dtensor(p.grad)]
     norm = torch.nn.utils.get_total_norm(sharded).full_tensor()
     if plain:
-        norm = torch.linalg.vector_norm(torch.stack([norm, torch.nn.utils.get_total_norm(plain).to(norm.device)]))
-    torch.nn.utils.clip_grads_with_norm_(plain, max_norm, norm)
-    torch.nn.utils.clip_grads_with_norm_(sharded, max_norm, norm)
+        plain_norm = torch.nn.utils.get_total_norm([p.grad for p in plain]).to(norm.device)
+        norm = torch.linalg.vector_norm(torch.stack([norm, plain_norm]))
+    # clip_grads_with_norm_ takes the parameters (it scales their .grad)
+    torch.nn.utils.clip_grads_with_norm_([p for p in params if _is_dtensor(p.grad)], max_norm, norm)
+    if plain:
+        torch.nn.utils.clip_grads_with_norm_(plain, max_norm, norm)
     return norm
 
 

@@ -161,8 +161,16 @@ def train(
     ``stop_after`` ends the call after that many steps of this invocation (a deliberate interruption,
     as a kill would be) without changing the schedule; the next call resumes from the checkpoint.
     """
-    run = _Run(cfg, model, loss_fn, loader, Path(out_dir or cfg.out_dir), dist_info or init_distributed(),
-               eval_fn, after_step)
+    run = _Run(
+        cfg,
+        model,
+        loss_fn,
+        loader,
+        Path(out_dir or cfg.out_dir),
+        dist_info or init_distributed(),
+        eval_fn,
+        after_step,
+    )
     run.prepare_output()
     run.place_model()
     state = run.restore_weights()  # before wrapping, so DDP and FSDP2 both start from the full checkpoint
@@ -186,8 +194,17 @@ def train(
 class _Run:
     """The state one ``train`` call shares between its named steps (in the order ``train`` calls them)."""
 
-    def __init__(self, cfg: RunConfig, model: nn.Module, loss_fn: LossFn, loader: Iterable, out: Path,
-                 dist_info: DistInfo, eval_fn: Callable | None, after_step: Callable | None):
+    def __init__(
+        self,
+        cfg: RunConfig,
+        model: nn.Module,
+        loss_fn: LossFn,
+        loader: Iterable,
+        out: Path,
+        dist_info: DistInfo,
+        eval_fn: Callable | None,
+        after_step: Callable | None,
+    ):
         self.cfg, self.t = cfg, cfg.train
         self.model, self.loss_fn, self.loader, self.out = model, loss_fn, loader, out
         self.dist_info, self.device = dist_info, dist_info.device
@@ -214,8 +231,9 @@ class _Run:
         if self.t.ema_decay:
             from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-            self.ema = AveragedModel(self.model, multi_avg_fn=get_ema_multi_avg_fn(self.t.ema_decay),
-                                     use_buffers=True)
+            self.ema = AveragedModel(
+                self.model, multi_avg_fn=get_ema_multi_avg_fn(self.t.ema_decay), use_buffers=True
+            )
 
     def restore_weights(self) -> dict | None:
         """Load the latest checkpoint's weights (model, EMA); return its training state, or None."""
@@ -225,7 +243,9 @@ class _Run:
     def parallelize(self, find_unused_parameters: bool) -> None:
         """DDP or FSDP2 when distributed, then compile (engine/parallel.py)."""
         self._names = {id(p): n for n, p in self.model.named_parameters()}
-        self.wrapped, self.run_model = parallelize(self.model, self.cfg, self.dist_info, find_unused_parameters)
+        self.wrapped, self.run_model = parallelize(
+            self.model, self.cfg, self.dist_info, find_unused_parameters
+        )
 
     def make_optimizer(self, groups: list[dict] | None) -> None:
         o = self.cfg.optim
@@ -234,7 +254,10 @@ class _Run:
             groups = [{**g, "params": [now[self._names[id(p)]] for p in g["params"]]} for g in groups]
         groups = optimizer_groups(groups or param_groups(self.model, o.weight_decay), self.sharded)
         self.opt = torch.optim.AdamW(
-            groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps,
+            groups,
+            lr=o.lr,
+            betas=(o.beta1, o.beta2),
+            eps=o.eps,
             fused=True,  # one fused kernel for all parameters, on CPU and GPU alike
         )
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lr_lambda(self.cfg))
@@ -261,8 +284,13 @@ class _Run:
         if self.t.progress and self.dist_info.is_main:
             from tqdm import tqdm
 
-            self.pbar = tqdm(total=self.t.steps, initial=self.step, desc=f"train {self.cfg.method}", unit="step",
-                             dynamic_ncols=True)
+            self.pbar = tqdm(
+                total=self.t.steps,
+                initial=self.step,
+                desc=f"train {self.cfg.method}",
+                unit="step",
+                dynamic_ncols=True,
+            )
         self.model.train()
         self.seen, self.window_n = 0, 0
         self.t0 = self.window_t = time.perf_counter()
@@ -318,21 +346,32 @@ class _Run:
             if not math.isfinite(logs["loss"]):
                 raise FloatingPointError(f"loss is {logs['loss']} at step {step}")
             now = time.perf_counter()
-            rec = {"step": step, "epoch": self.epoch, "lr": self.sched.get_last_lr()[0],
-                   "samples_per_s": self.window_n / max(now - self.window_t, 1e-9)}
+            rec = {
+                "step": step,
+                "epoch": self.epoch,
+                "lr": self.sched.get_last_lr()[0],
+                "samples_per_s": self.window_n / max(now - self.window_t, 1e-9),
+            }
             rec.update({k: all_reduce_mean(v, self.device) for k, v in logs.items()})
             self.window_t, self.window_n = now, 0
             self.history.append(rec)
             self.logger.log(rec)
             if self.pbar is not None:
-                self.pbar.set_postfix(loss=f"{logs['loss']:.4f}",
-                                      sps=f"{self.seen / max(time.perf_counter() - self.t0, 1e-9):.1f}")
+                self.pbar.set_postfix(
+                    loss=f"{logs['loss']:.4f}",
+                    sps=f"{self.seen / max(time.perf_counter() - self.t0, 1e-9):.1f}",
+                )
         if self.pbar is not None:
             self.pbar.update(1)
 
     def eval_due(self) -> bool:
         t = self.t
-        return self.eval_fn is not None and bool(t.eval_every) and self.step % t.eval_every == 0 and self.step < t.steps
+        return (
+            self.eval_fn is not None
+            and bool(t.eval_every)
+            and self.step % t.eval_every == 0
+            and self.step < t.steps
+        )
 
     def evaluate(self) -> dict:
         return _run_eval(self.eval_fn, self.model, self.ema, self.step, self.history, self.logger)
@@ -357,8 +396,14 @@ class _Run:
         model_to_save = _full_state_module(self.model) if self.sharded else self.model
         optimizer = _optimizer_state(self.opt, self.model, self.cfg, self.dist_info)
         if self.dist_info.is_main:
-            state = {"optimizer": optimizer, "scheduler": self.sched.state_dict(), "rng": rngs, "step": self.step,
-                     "epoch": self.epoch, "data": data}
+            state = {
+                "optimizer": optimizer,
+                "scheduler": self.sched.state_dict(),
+                "rng": rngs,
+                "step": self.step,
+                "epoch": self.epoch,
+                "data": data,
+            }
             save_checkpoint(self.ckpt_root, self.step, model_to_save, state, self.ema, keep=self.t.keep_ckpts)
         barrier()
 
@@ -379,7 +424,9 @@ class _Run:
                 save_final_weights(self.out, weights, self.ema)
         barrier()
         self.logger.close()
-        return TrainResult(self.step, self.out, self.history, final, self.seen / max(elapsed, 1e-9), self.resumed)
+        return TrainResult(
+            self.step, self.out, self.history, final, self.seen / max(elapsed, 1e-9), self.resumed
+        )
 
 
 def _run_eval(eval_fn, model, ema, step, history, logger) -> dict:
@@ -425,11 +472,15 @@ class _StateHolder(nn.Module):
         return self._sd
 
 
-def _optimizer_state(opt: torch.optim.Optimizer, model: nn.Module, cfg: RunConfig, dist_info: DistInfo) -> dict:
+def _optimizer_state(
+    opt: torch.optim.Optimizer, model: nn.Module, cfg: RunConfig, dist_info: DistInfo
+) -> dict:
     if cfg.train.parallel == "fsdp2" and dist_info.distributed:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
-        return get_optimizer_state_dict(model, opt, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        return get_optimizer_state_dict(
+            model, opt, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+        )
     return opt.state_dict()
 
 
