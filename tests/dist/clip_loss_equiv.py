@@ -18,8 +18,11 @@ def global_batch(n: int, bundle):
     from vfmkit.eval.features import ordered_loader
     from vfmkit.methods.clip import make_clip_decoder
 
-    loader = ordered_loader("builtin:flickr8k/train", make_clip_decoder(bundle.preprocess_val, bundle.tokenizer,
-                                                                         "first"), batch_size=n)
+    loader = ordered_loader(
+        "builtin:flickr8k/train",
+        make_clip_decoder(bundle.preprocess_val, bundle.tokenizer, "first"),
+        batch_size=n,
+    )
     return next(iter(loader))
 
 
@@ -42,7 +45,7 @@ def main(out: str, loss_kind: str) -> None:
     # distributed: each rank its half of the global batch, DDP averages gradients
     ddp = torch.nn.parallel.DistributedDataParallel(model)
     half = 16 // info.world_size
-    local = {k: v[info.rank * half:(info.rank + 1) * half] for k, v in batch.items()}
+    local = {k: v[info.rank * half : (info.rank + 1) * half] for k, v in batch.items()}
     loss_fn = make_clip_loss_fn(make_contrastive_loss(loss_kind, cfg, info))
     loss, _ = loss_fn(ddp, local, 0)
     loss.backward()
@@ -50,13 +53,23 @@ def main(out: str, loss_kind: str) -> None:
     mean_loss = loss.detach().clone()
     dist.all_reduce(mean_loss)
     mean_loss /= info.world_size
-    max_diff = max((p.grad - ref_grads[n]).abs().max().item() for n, p in model.named_parameters()
-                   if p.grad is not None)
+    max_diff = max(
+        (p.grad - ref_grads[n]).abs().max().item() for n, p in model.named_parameters() if p.grad is not None
+    )
     n_grads = sum(1 for p in model.parameters() if p.grad is not None)
     if info.rank == 0:
         with open(out, "w") as f:
-            json.dump({"world_size": info.world_size, "ref_loss": ref_loss.item(), "dist_loss": mean_loss.item(),
-                       "max_grad_diff": max_diff, "n_grads": n_grads, "n_ref_grads": len(ref_grads)}, f)
+            json.dump(
+                {
+                    "world_size": info.world_size,
+                    "ref_loss": ref_loss.item(),
+                    "dist_loss": mean_loss.item(),
+                    "max_grad_diff": max_diff,
+                    "n_grads": n_grads,
+                    "n_ref_grads": len(ref_grads),
+                },
+                f,
+            )
     dist.destroy_process_group()
 
 

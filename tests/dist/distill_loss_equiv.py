@@ -47,8 +47,12 @@ def main(out: str, avg_after: str) -> None:
     args = MobileClipArgs(lam=0.75, average_after_softmax=avg_after == "1")
 
     def loss_fn(rank=0, world_size=1):
-        return make_loss_fn(DistillClipLoss([24, 16], [70.0, 60.0], args.lam, args.average_after_softmax,
-                                            rank=rank, world_size=world_size), args)
+        return make_loss_fn(
+            DistillClipLoss(
+                [24, 16], [70.0, 60.0], args.lam, args.average_after_softmax, rank=rank, world_size=world_size
+            ),
+            args,
+        )
 
     ref = create_clip("vfm-tiny-vit").model
     ref.load_state_dict(bundle.model.state_dict())
@@ -58,18 +62,29 @@ def main(out: str, avg_after: str) -> None:
 
     ddp = torch.nn.parallel.DistributedDataParallel(bundle.model)
     half = 16 // info.world_size
-    local = {k: v[info.rank * half:(info.rank + 1) * half] for k, v in batch.items()}
+    local = {k: v[info.rank * half : (info.rank + 1) * half] for k, v in batch.items()}
     loss, _ = loss_fn(info.rank, info.world_size)(ddp, local, 0)
     loss.backward()
     mean_loss = loss.detach().clone()
     dist.all_reduce(mean_loss)
     mean_loss /= info.world_size
-    diffs = [(p.grad - ref_grads[n]).abs().max().item() for n, p in bundle.model.named_parameters()
-             if p.grad is not None]
+    diffs = [
+        (p.grad - ref_grads[n]).abs().max().item()
+        for n, p in bundle.model.named_parameters()
+        if p.grad is not None
+    ]
     if info.rank == 0:
         with open(out, "w") as f:
-            json.dump({"ref_loss": ref_loss.item(), "dist_loss": mean_loss.item(), "max_grad_diff": max(diffs),
-                       "n_grads": len(diffs), "n_ref_grads": len(ref_grads)}, f)
+            json.dump(
+                {
+                    "ref_loss": ref_loss.item(),
+                    "dist_loss": mean_loss.item(),
+                    "max_grad_diff": max(diffs),
+                    "n_grads": len(diffs),
+                    "n_ref_grads": len(ref_grads),
+                },
+                f,
+            )
     dist.destroy_process_group()
 
 
