@@ -56,11 +56,12 @@ class ExportIntegrityError(ExportError):
 
 
 def _reparam_sites(model: nn.Module) -> int:
-    """Modules timm's reparameterize_model will fold (MobileOneBlock, ReparamLargeKernelConv, RepMixer, RepCPE...)."""
+    """Modules timm's reparameterize_model will fold (MobileOneBlock, ReparamLargeKernelConv, RepMixer, RepCPE,
+    ...): those with a fold method whose single deploy conv (``reparam_conv``) is not built yet."""
     n = 0
     for m in model.modules():
         if hasattr(m, "fuse") or hasattr(m, "reparameterize") or hasattr(m, "switch_to_deploy"):
-            n += 0 if getattr(m, "inference_mode", False) else 1
+            n += getattr(m, "reparam_conv", None) is None
     return n
 
 
