@@ -18,6 +18,7 @@ COMMANDS = [
     "subclone",
     "backfill",
     "tic",
+    "export",
 ]
 
 
