@@ -354,7 +354,7 @@ def _timm_encoder(spec: str, name: str, src: str, size: int | None, num_classes:
     """``timm:NAME:random`` (seeded init), ``timm:NAME:pretrained`` (timm hub) or ``timm:NAME:CKPT``."""
     import timm
 
-    from vfmkit.models.factory import load_state_dict
+    from vfmkit.models.factory import create_timm_from_state, load_state_dict
 
     if src in ("", "random"):
         torch.manual_seed(seed)
@@ -364,13 +364,7 @@ def _timm_encoder(spec: str, name: str, src: str, size: int | None, num_classes:
     else:
         if not Path(src).is_file():
             raise FileNotFoundError(f"encoder checkpoint not found: {src} (in spec {spec!r})")
-        sd = load_state_dict(src)
-        probe = timm.create_model(name, pretrained=False)
-        head = f"{probe.default_cfg.get('classifier', 'fc')}.weight"
-        model = timm.create_model(
-            name, pretrained=False, num_classes=int(sd[head].shape[0]) if head in sd else 0
-        )
-        model.load_state_dict(sd, strict=True)
+        model = create_timm_from_state(name, load_state_dict(src))
     dc = timm.data.resolve_data_config({}, model=model)
     head_mod = model.get_classifier()
     cls = (head_mod.weight, head_mod.bias) if isinstance(head_mod, nn.Linear) else None

@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from vfmkit.data.decode import resize_center_crop  # the one centre-crop view (re-exported)
+
 
 def freeze(module: nn.Module) -> nn.Module:
     """Eval mode and ``requires_grad=False`` on every parameter (teachers never train)."""
@@ -20,31 +22,6 @@ def freeze(module: nn.Module) -> nn.Module:
     for p in module.parameters():
         p.requires_grad_(False)
     return module
-
-
-def resize_center_crop(
-    images: Tensor, size: int, interpolation: str = "bilinear", mode: str = "shortest"
-) -> Tensor:
-    """Resize float images [B,3,H,W] in [0,1] to [B,3,size,size].
-
-    ``mode="shortest"`` resizes the short side to ``size`` and centre-crops (open_clip's eval transform);
-    ``"squash"`` resizes both sides. Antialiased, so downscaling does not alias; clamped because bicubic overshoots.
-    """
-    if images.dim() != 4 or images.shape[1] != 3:
-        raise ValueError(f"images must be [B,3,H,W], got {tuple(images.shape)}")
-    h, w = images.shape[-2:]
-    if h == size and w == size:
-        return images
-    if mode == "squash" or h == w:
-        out_hw = (size, size)
-    else:
-        scale = size / min(h, w)
-        out_hw = (max(size, round(h * scale)), max(size, round(w * scale)))
-    interp = interpolation if interpolation in ("bilinear", "bicubic", "nearest") else "bilinear"
-    kw = {"antialias": True, "align_corners": False} if interp != "nearest" else {}
-    x = F.interpolate(images.float(), size=out_hw, mode=interp, **kw).clamp_(0.0, 1.0)
-    top, left = (x.shape[-2] - size) // 2, (x.shape[-1] - size) // 2
-    return x[..., top : top + size, left : left + size]
 
 
 class ImageTextTeacher(nn.Module):

@@ -103,13 +103,29 @@ def create_classifier(
 
 
 def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """Load weights safely: safetensors, or a torch file with ``weights_only=True`` (never unpickles code)."""
+    """Load weights safely: safetensors, or a torch file with ``weights_only=True`` (never unpickles code).
+
+    A torch file's ``state_dict`` / ``model`` / ``model_state_dict`` entry is unwrapped and a DDP ``module.``
+    prefix dropped, so training checkpoints of the usual layouts load as plain state dicts."""
     p = Path(path)
     if p.suffix == ".safetensors":
         from safetensors.torch import load_file
 
         return load_file(str(p))
     sd = torch.load(p, map_location="cpu", weights_only=True)
-    if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
-        sd = sd["state_dict"]
+    for key in ("state_dict", "model", "model_state_dict"):
+        if isinstance(sd, dict) and isinstance(sd.get(key), dict):
+            sd = sd[key]
     return {k.removeprefix("module."): v for k, v in sd.items()}
+
+
+def create_timm_from_state(name: str, state: dict[str, torch.Tensor]) -> torch.nn.Module:
+    """The timm model ``name`` with ``state`` loaded strictly; its classifier width is read from the state
+    (the head's ``weight`` rows; no head in the state: a headless model)."""
+    import timm
+
+    probe = timm.create_model(name, pretrained=False)
+    head = f"{probe.default_cfg.get('classifier', 'fc')}.weight"
+    model = timm.create_model(name, pretrained=False, num_classes=int(state[head].shape[0]) if head in state else 0)
+    model.load_state_dict(state, strict=True)
+    return model

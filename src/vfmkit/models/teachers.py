@@ -122,18 +122,22 @@ def load_openclip_teacher(
 
 
 def load_teacher(spec: str, device: str | torch.device = "cpu") -> ImageTextTeacher:
-    """Spec string -> frozen teacher. See the module docstring for the accepted forms."""
-    if spec.startswith("openclip:"):
-        parts = spec.split(":", 2)
-        if len(parts) < 2 or not parts[1]:
-            raise ValueError(f"teacher spec '{spec}': expected openclip:NAME[:TAG_OR_PATH]")
-        return load_openclip_teacher(parts[1], parts[2] if len(parts) == 3 and parts[2] else None, device)
+    """Spec string (``models/spec.py`` grammar) -> frozen teacher: ``openclip:NAME[:TAG_OR_PATH]``, ``offline``
+    or a saved offline-teacher directory."""
+    from vfmkit.models.spec import ModelSpecError, parse_model_spec
+
+    try:
+        ms = parse_model_spec(spec)
+    except ModelSpecError as e:
+        raise ValueError(f"teacher spec '{spec}': expected openclip:NAME[:TAG_OR_PATH] ({e})") from e
+    if ms.kind == "openclip" and ms.size is None:
+        return load_openclip_teacher(ms.name, ms.source, device)
     from vfmkit.models.offline_teacher import load_offline_teacher
 
-    if spec == "offline":
+    if ms.kind == "offline":
         return load_offline_teacher(None, device=device)
-    if Path(spec).is_dir():
-        return load_offline_teacher(spec, device=device)
+    if ms.kind == "path":
+        return load_offline_teacher(ms.name, device=device)
     raise ValueError(
         f"unknown teacher spec '{spec}': use 'openclip:NAME:TAG_OR_PATH', 'offline' or a saved offline-teacher dir"
     )
@@ -240,32 +244,19 @@ class ClassifierTeacher(nn.Module):
         return logits if self.class_index is None else logits.index_select(-1, self.class_index)
 
 
-def _load_state_file(path: str) -> dict[str, Tensor]:
-    if not Path(path).is_file():
-        raise FileNotFoundError(f"classifier checkpoint not found: {path}")
-    if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
-
-        return load_file(path)
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    for key in ("state_dict", "model", "model_state_dict"):
-        if isinstance(state, dict) and isinstance(state.get(key), dict):
-            state = state[key]
-    return state
-
-
 def _timm_classifier(name: str, path: str | None) -> tuple[nn.Module, int, tuple, tuple, str, float]:
     import timm
 
     if path is None:
         model = timm.create_model(name, pretrained=True)  # timm hub weights: needs network
     else:
-        state = _load_state_file(path)
-        probe = timm.create_model(name, pretrained=False)
-        head_w = f"{probe.default_cfg.get('classifier', 'fc')}.weight"
-        n_cls = int(state[head_w].shape[0]) if head_w in state else probe.num_classes
-        model = timm.create_model(name, pretrained=False, num_classes=n_cls)
-        model.load_state_dict(state, strict=True)
+        from vfmkit.models.factory import create_timm_from_state, load_state_dict
+
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"classifier checkpoint not found: {path}")
+        model = create_timm_from_state(name, load_state_dict(path))
+        if model.num_classes == 0:
+            raise ValueError(f"classifier checkpoint {path} has no classifier head for timm:{name}")
     cfg = timm.data.resolve_data_config({}, model=model)
     size = cfg["input_size"][-1]
     interp, crop = cfg.get("interpolation", "bicubic"), float(cfg.get("crop_pct", 1.0))
@@ -275,18 +266,22 @@ def _timm_classifier(name: str, path: str | None) -> tuple[nn.Module, int, tuple
 def load_classifier(
     spec: str, class_index: Sequence[int] | None = None, device: str | torch.device = "cpu"
 ) -> ClassifierTeacher:
-    """``"efficientnet-lite0"`` | ``"efficientnet-lite0@SIZE"`` | ``"timm:NAME"`` | ``"timm:NAME:/path/ckpt"``."""
-    if spec.startswith("efficientnet-lite0"):
-        size = int(spec.split("@", 1)[1]) if "@" in spec else 224
+    """``"efficientnet-lite0"`` | ``"efficientnet-lite0@SIZE"`` | ``"timm:NAME"`` | ``"timm:NAME:/path/ckpt"``
+    (``models/spec.py`` grammar)."""
+    from vfmkit.models.spec import ModelSpecError, parse_model_spec
+
+    try:
+        ms = parse_model_spec(spec)
+    except ModelSpecError as e:
+        raise ValueError(f"unknown classifier spec '{spec}': {e}") from e
+    if ms.kind == "efficientnet-lite0":
+        size = ms.size or 224
         model = build_efficientnet_lite0(size)
         # TF EfficientNet(-Lite) eval: centre crop size/(size+32) of the image, bicubic resize to size.
         crop = size / (size + 32)
         teacher = ClassifierTeacher(spec, model, size, LITE_MEAN, LITE_STD, class_index, "bicubic", crop)
-    elif spec.startswith("timm:"):
-        parts = spec.split(":", 2)
-        model, size, mean, std, interp, crop = _timm_classifier(
-            parts[1], parts[2] if len(parts) == 3 else None
-        )
+    elif ms.kind == "timm" and ms.size is None:
+        model, size, mean, std, interp, crop = _timm_classifier(ms.name, ms.source)
         teacher = ClassifierTeacher(spec, model, size, mean, std, class_index, interp, crop)
     else:
         raise ValueError(f"unknown classifier spec '{spec}': use 'efficientnet-lite0', 'timm:NAME[:CKPT]'")
