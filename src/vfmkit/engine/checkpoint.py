@@ -18,6 +18,8 @@ import numpy as np
 import torch
 from safetensors.torch import load_model, save_model
 
+from vfmkit.data.io import atomic_write_text
+
 
 def rng_state() -> dict[str, Any]:
     np_state = np.random.get_state()
@@ -74,7 +76,7 @@ def save_checkpoint(
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
-    _write_text_atomic(ckpt_root / "latest", final.name)
+    atomic_write_text(ckpt_root / "latest", final.name)
     old = sorted(p for p in ckpt_root.glob("step-*") if p.is_dir())
     for p in old[: max(0, len(old) - keep)]:
         shutil.rmtree(p, ignore_errors=True)
@@ -96,7 +98,16 @@ def load_checkpoint(path: Path, model: torch.nn.Module, ema: torch.nn.Module | N
     return torch.load(path / "state.pt", map_location="cpu", weights_only=True)
 
 
-def _write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+def module_tensors(model: torch.nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str] | None]:
+    """A module's state dict as safetensors' ``save_model`` writes it: tensors sharing storage kept once
+    (the dropped names recorded in the metadata, which ``load_model`` reads), all contiguous."""
+    from safetensors.torch import _remove_duplicate_names
+
+    state = dict(model.state_dict())
+    metadata: dict[str, str] | None = None
+    for kept, dropped in _remove_duplicate_names(state).items():
+        for name in dropped:
+            metadata = metadata or {}
+            metadata.setdefault(name, kept)
+            del state[name]
+    return {k: v.contiguous() for k, v in state.items()}, metadata

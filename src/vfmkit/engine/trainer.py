@@ -20,9 +20,11 @@ import torch
 from torch import nn
 
 from vfmkit.config import RunConfig, to_dict
+from vfmkit.data.io import atomic_save_safetensors
 from vfmkit.engine.checkpoint import (
     latest_checkpoint,
     load_checkpoint,
+    module_tensors,
     rng_state,
     save_checkpoint,
     set_rng_state,
@@ -442,15 +444,10 @@ def _run_eval(eval_fn, model, ema, step, history, logger) -> dict:
 
 
 def save_final_weights(out: Path, model: nn.Module, ema: nn.Module | None) -> None:
-    """``out/model.safetensors``: the weights a user loads (the EMA weights when EMA is on)."""
-    import os
-
-    from safetensors.torch import save_model
-
+    """``out/model.safetensors``: the weights a user loads (the EMA weights when EMA is on), written atomically."""
     src = ema.module if ema is not None else model
-    tmp = out / f".model.safetensors.tmp-{os.getpid()}"
-    save_model(src, str(tmp))
-    os.replace(tmp, out / "model.safetensors")
+    state, metadata = module_tensors(src)
+    atomic_save_safetensors(out / "model.safetensors", state, metadata)
 
 
 def _full_state_module(model: nn.Module) -> nn.Module:
