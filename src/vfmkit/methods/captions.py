@@ -317,8 +317,7 @@ class CocaArgs:
 def read_image_captions(urls: list[str], image_size: int, max_images: int | None) -> tuple[Tensor, list[list[str]]]:
     """Shards with ``jpg`` + json ``captions`` (or ``txt``) -> (uint8 [N,3,S,S] short-side-resized centre crops,
     N caption lists). Images are shrunk once to the captioner's size so a few thousand fit in memory."""
-    from torchvision.io import decode_jpeg
-
+    from vfmkit.data.decode import decode_uint8
     from vfmkit.data.shards import iter_shard
 
     images, captions = [], []
@@ -328,7 +327,7 @@ def read_image_captions(urls: list[str], image_size: int, max_images: int | None
             caps = meta.get("captions") or ([sample["txt"].decode("utf-8")] if "txt" in sample else [])
             if not caps or "jpg" not in sample:
                 raise KeyError(f"{url}: sample {sample['__key__']} lacks a jpg or a caption (json 'captions'/txt)")
-            img = decode_jpeg(torch.frombuffer(bytearray(sample["jpg"]), dtype=torch.uint8))
+            img = decode_uint8(sample["jpg"], name=sample["__key__"], backend="torchvision")
             images.append((resize_center_crop(img, image_size) * 255).round().to(torch.uint8))
             captions.append(list(caps))
             if max_images is not None and len(images) >= max_images:
