@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import statistics
 from dataclasses import dataclass
 from pathlib import Path
@@ -167,6 +168,27 @@ def evaluate_model(cfg: RunConfig, weights: Path, stream: str) -> list[dict]:
     return evaluate_steps(b.model, b.tokenizer, b.preprocess_val, stream, device=init_distributed().device)
 
 
+def _drop_checkpoints(train_dir: Path) -> None:
+    import shutil
+
+    shutil.rmtree(train_dir / "checkpoints", ignore_errors=True)
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    tmp = dst.with_name(f".{dst.name}.{os.getpid()}.tmp")
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(src, tmp)
+    except OSError:
+        atomic_write_bytes(dst, src.read_bytes())
+        return
+    os.replace(tmp, dst)
+
+
+def _shared_eval(train_dir: Path) -> list[dict]:
+    return json.loads((train_dir / "eval.json").read_text())
+
+
 def run_strategy(
     cfg: RunConfig, strategy: str, out: str | Path, *, stop_at: tuple[int, int] | None = None
 ) -> dict:
@@ -214,20 +236,34 @@ def run_strategy(
             pretrained=str(prev) if (strat.warm and prev) else cfg.model.pretrained,
             lwf_teacher=str(prev) if (strat.lwf and prev) else None,
         )
-        res = run(scfg, stop_after=stop_at[1] if stop_at and stop_at[0] == t else None)
-        if res.step < steps:
-            return {"interrupted": {"strategy": strategy, "t": t, "step": res.step, "of": steps}}
+        shared_done = train_dir / "shared.json"
+        if shared and shared_done.is_file():  # step 0 trained and scored once, for every strategy
+            steps_run = json.loads(shared_done.read_text())["steps_run"]
+        else:
+            res = run(scfg, stop_after=stop_at[1] if stop_at and stop_at[0] == t else None)
+            if res.step < steps:
+                return {"interrupted": {"strategy": strategy, "t": t, "step": res.step, "of": steps}}
+            steps_run = res.step
+            if shared:
+                atomic_write_json(train_dir / "eval.json", evaluate_model(scfg, train_dir / "model.safetensors",
+                                                                          pargs.stream))  # fmt: skip
+                atomic_write_json(shared_done, {"steps_run": steps_run})
+                _drop_checkpoints(train_dir)
         final = train_dir / "model.safetensors"
         if strat.patch and prev is not None:
             atomic_save_safetensors(sd / "model.safetensors", _interpolate(prev, final, pargs.patch_alpha))
+        elif shared:
+            _link_or_copy(final, sd / "model.safetensors")
         else:
-            atomic_write_bytes(sd / "model.safetensors", final.read_bytes())
+            os.replace(
+                final, sd / "model.safetensors"
+            )  # a rerun before done.json rewrites it from the checkpoint
         fps = _flops_per_sample(scfg, out / "flops_per_sample.json")
-        samples = res.step * cfg.data.batch_size * cfg.train.grad_accum
+        samples = steps_run * cfg.data.batch_size * cfg.train.grad_accum
         rec = {
             "t": t,
             "label": stream["steps"][t]["label"],
-            "steps_run": res.step,
+            "steps_run": steps_run,
             "samples": samples,
             "flops_per_sample": fps,
             "flops": samples * fps,
@@ -236,9 +272,16 @@ def run_strategy(
             "warm_start": scfg.model.pretrained,
             "lwf_teacher": scfg.method_args.get("lwf_teacher"),
             "patched": bool(strat.patch and prev),
-            "eval": evaluate_model(scfg, sd / "model.safetensors", pargs.stream),
+            "eval": _shared_eval(train_dir)
+            if shared
+            else evaluate_model(scfg, sd / "model.safetensors", pargs.stream),
         }
         atomic_write_json(done, rec)
+        if not shared:
+            _drop_checkpoints(
+                train_dir
+            )  # the step is final: its checkpoints (weights + AdamW state) are not needed
+            (train_dir / "model.safetensors").unlink(missing_ok=True)
         rows.append(rec)
     labels = [s["label"] for s in stream["steps"]]
     mats = {
