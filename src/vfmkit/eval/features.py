@@ -10,12 +10,12 @@ import torch
 from vfmkit.data.decode import decode_image
 
 
-def ordered_loader(spec: str, decode: Callable, batch_size: int = 128, on_corrupt: str = "skip"):
+def ordered_loader(spec: str | list[str], decode: Callable, batch_size: int = 128, on_corrupt: str = "skip"):
+    """The one evaluation loader: shards in file order, no shuffling, one process, no sample dropped."""
     from vfmkit.data.loader import ShardLoader
-    from vfmkit.data.shards import list_shards
 
-    return ShardLoader(list_shards(spec), decode, batch_size, shuffle_buffer=0, seed=0, num_workers=0,
-                       on_corrupt=on_corrupt, drop_last=False)
+    return ShardLoader(spec, decode, batch_size, shuffle_buffer=0, seed=0, num_workers=0, on_corrupt=on_corrupt,
+                       drop_last=False)
 
 
 @torch.no_grad()

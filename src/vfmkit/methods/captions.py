@@ -200,10 +200,13 @@ def save_captioner(captioner: Captioner, out_dir: str | Path) -> Path:
 
 def load_captioner(spec: str, device: str = "cpu") -> Captioner:
     """``openclip:NAME:TAG_OR_FILE`` (an open_clip CoCa, e.g. ``openclip:coca_ViT-L-14:mscoco_finetuned_laion2B-s13B-b90k``)
-    or a directory written by :func:`save_captioner`."""
-    if spec.startswith("openclip:"):
-        _, name, pretrained = (spec.split(":", 2) + [""])[:3]
-        model = open_clip.create_model(name, pretrained=pretrained or None, device=device)
+    or a directory written by :func:`save_captioner` (the ``models/spec.py`` grammar)."""
+    from vfmkit.models.spec import parse_model_spec
+
+    ms = parse_model_spec(spec)
+    if ms.kind == "openclip":
+        name = ms.require("openclip", what="captioner", size=False).name
+        model = open_clip.create_model(name, pretrained=ms.source, device=device)
         if not isinstance(model, open_clip.CoCa):
             raise ValueError(f"captioner {spec!r}: {name} is not a CoCa model")
         pp = open_clip.get_model_preprocess_cfg(model)

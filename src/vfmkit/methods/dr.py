@@ -365,10 +365,9 @@ def make_train_loader(cfg: RunConfig, args: DrArgs, setup: DrSetup, size: int, n
 
 def make_val_loader(cfg: RunConfig, args: DrArgs, size: int, norm: tuple):
     """Val shards in file order, no sample dropped (``drop_last=False``)."""
-    from vfmkit.data.loader import ShardLoader
+    from vfmkit.eval.features import ordered_loader
 
-    return ShardLoader(cfg.data.val, EvalDecode(size, *norm), args.eval_batch_size, shuffle_buffer=0,
-                       drop_last=False, on_corrupt=cfg.data.on_corrupt)
+    return ordered_loader(cfg.data.val, EvalDecode(size, *norm), args.eval_batch_size, cfg.data.on_corrupt)
 
 
 def load_teacher(setup: DrSetup, device: str | torch.device = "cpu") -> nn.Module:

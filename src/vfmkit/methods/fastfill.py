@@ -483,10 +483,9 @@ def load_features(path: str | Path) -> dict:
 def _encode_shard(
     enc: ImageEncoder, url: str, batch_size: int, on_corrupt: str
 ) -> tuple[Tensor, Tensor, list, int]:
-    from vfmkit.data.loader import ShardLoader
+    from vfmkit.eval.features import ordered_loader
 
-    loader = ShardLoader([url], _decode_fn(enc.image_size), batch_size, shuffle_buffer=0, on_corrupt=on_corrupt,
-                         drop_last=False)  # fmt: skip
+    loader = ordered_loader(url, _decode_fn(enc.image_size), batch_size, on_corrupt)
     feats, labels, keys = [], [], []
     for batch in loader:
         feats.append(enc(batch["image"]).cpu())
