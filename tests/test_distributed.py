@@ -82,15 +82,19 @@ def test_ddp_and_fsdp2_give_the_single_process_weights(engine_runs_2proc, tmp_pa
     from vfmkit.engine import DistInfo
 
     engine_runs.clip_run(tmp_path / "single", DistInfo())
-    single = load_file(str(tmp_path / "single" / "model.safetensors"))
+    raw, ema = f"checkpoints/step-{engine_runs.STEPS:09d}/model.safetensors", "model.safetensors"
+    single = {w: load_file(str(tmp_path / "single" / w)) for w in (raw, ema)}
     init = engine_runs.make_model().state_dict()
-    assert _max_diff(init, single) > 1e-3  # training really moved the weights
+    assert _max_diff(init, single[raw]) > 1e-3  # training really moved the weights
+    assert _max_diff(single[raw], single[ema]) > 1e-4  # and the EMA is not the raw weights
     for kind in ("ddp", "fsdp2"):
-        got = load_file(str(engine_runs_2proc / kind / "model.safetensors"))
-        # saved as open_clip has it (a scalar), also under FSDP2
-        assert got["logit_scale"].shape == torch.Size([])
-        diff = _max_diff(single, got)
-        assert diff <= WEIGHT_TOL, f"{kind}: weights differ from one process by {diff}"
+        # the raw weights, and the EMA copy (kept whole, fed the gathered weights under FSDP2)
+        for w in (raw, ema):
+            got = load_file(str(engine_runs_2proc / kind / w))
+            # saved as open_clip has it (a scalar), also under FSDP2
+            assert got["logit_scale"].shape == torch.Size([])
+            diff = _max_diff(single[w], got)
+            assert diff <= WEIGHT_TOL, f"{kind} {w}: weights differ from one process by {diff}"
         # the logged (rank-averaged) losses are the single-process ones
         ref = [json.loads(x)["loss"] for x in (tmp_path / "single" / "log.jsonl").read_text().splitlines()]
         log = [

@@ -89,11 +89,12 @@ def config(**train):
 
 
 def clip_run(out: Path, info, **train):
-    """The CLIP loss (open_clip ClipLoss, gathered over ranks) on ``global_batches``; final weights in ``out``."""
+    """The CLIP loss (open_clip ClipLoss, gathered over ranks) on ``global_batches``, with EMA (0.9): the raw
+    final weights in ``out/checkpoints/step-{STEPS}/model.safetensors``, the EMA ones in ``out/model.safetensors``."""
     from vfmkit.engine import train as engine_train
     from vfmkit.methods.clip import clamp_logit_scale, make_clip_loss_fn, make_contrastive_loss
 
-    cfg = config(**train)
+    cfg = config(**{"ema_decay": 0.9, **train})
     loader = ListLoader(global_batches(STEPS, GLOBAL_BATCH), info.rank, info.world_size)
     loss_fn = make_clip_loss_fn(make_contrastive_loss("clip", cfg, info))
     return engine_train(
