@@ -53,7 +53,7 @@ def import_split(cache: Path, split: str, limit: int, exclude: frozenset[str] = 
 
 
 def reinforce_train(cache: Path, train: Path, teacher: str, n_aug: int, recipe: dict) -> Path:
-    from vfmkit.commands.quickstart import write_caption_pool
+    from vfmkit.pipelines.quickstart import write_caption_pool
     from vfmkit.pipelines.reinforce import ReinforceArgs, reinforce
 
     tag = f"{recipe['name']}{recipe.get('scale', [0.08])[0]:g}"
@@ -190,7 +190,7 @@ def main() -> int:
     a = ap.parse_args()
     torch.manual_seed(0)
     t0 = time.perf_counter()
-    from vfmkit.commands.quickstart import aug_recipe, teacher_seen
+    from vfmkit.pipelines.quickstart import aug_recipe, teacher_seen
 
     # The transfer set excludes the images the offline teacher was aligned on: on those its targets are nearly
     # one-hot (it memorised them), so there would be little knowledge to transfer (see docs/mobileclip.md).

@@ -33,7 +33,7 @@ FLOOR = 0.97  # reinforced samples/s >= 97% of plain
 
 def reinforced_data(cache: Path, teacher: str, n_aug: int, data: str, recipe: dict) -> Path:
     """Reinforce ``data`` once (resumable, reused across runs) with the jpg stored, as quickstart does."""
-    from vfmkit.commands.quickstart import write_caption_pool
+    from vfmkit.pipelines.quickstart import write_caption_pool
     from vfmkit.pipelines.reinforce import ReinforceArgs, reinforce
 
     tag = f"{recipe['name']}{recipe.get('scale', [0.08])[0]:g}"
@@ -113,7 +113,7 @@ def main() -> int:
     a = ap.parse_args()
 
     t_start = time.perf_counter()
-    from vfmkit.commands.quickstart import aug_recipe
+    from vfmkit.pipelines.quickstart import aug_recipe
 
     recipe = aug_recipe(a)  # the same --aug / --aug-scale flags as vfmkit quickstart
     rdir = a.reinforced or reinforced_data(a.cache, a.teacher, a.n_aug, a.data, recipe)

@@ -1,4 +1,5 @@
-"""``vfmkit eval``: zero-shot classification, image-text retrieval and linear probe for a CLIP model."""
+"""``vfmkit eval``: zero-shot classification, image-text retrieval and linear probe for a CLIP model; ``--tasks seg``:
+a dense probe (CamVid mIoU by default) of any image tower."""
 
 from __future__ import annotations
 
@@ -17,30 +18,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--probe-train", default="builtin:imagenette/train")
     p.add_argument("--classes", default=None, help="classes.json (default: the embedded Imagenette one)")
     p.add_argument("--out", default=None, help="write results JSON and a Markdown table here")
+    p.add_argument("--tower", default=None, help="task seg: any tower spec (efficientnet-lite0, timm:NAME[:CKPT], "
+                   "openclip:NAME[:WEIGHTS], a seg run dir); default: the image tower of --model/--pretrained")
+    p.add_argument("--seg-train", default="builtin:camvid/train", help="task seg: dense train shards")
+    p.add_argument("--seg-val", default="builtin:camvid/val", help="task seg: dense val shards")
+    p.add_argument("--seg-head", default="linear", choices=["linear", "aspp"], help="task seg: head on the frozen tower")
+    p.add_argument("--seg-steps", type=int, default=300, help="task seg: head training steps (through the engine)")
     p.set_defaults(func=run)
-
-
-def evaluate_clip(bundle, tasks: list[str], retrieval_data: str, zeroshot_data: str, probe_train: str,
-                  classes: str | None) -> dict[str, float]:
-    from vfmkit.data.builtin import builtin_path
-    from vfmkit.eval.features import encode_image_text, encode_images_labels
-    from vfmkit.eval.probe import linear_probe
-    from vfmkit.eval.retrieval import retrieval_metrics
-    from vfmkit.eval.zeroshot import class_names_from_json, zeroshot_eval
-
-    m, res = bundle.model, {}
-    if "retrieval" in tasks:
-        i, t, idx = encode_image_text(m, bundle.tokenizer, bundle.preprocess_val, retrieval_data)
-        res.update({f"retrieval/{k}": v for k, v in retrieval_metrics(i, t, idx).items()})
-    if "zeroshot" in tasks:
-        names = class_names_from_json(classes or Path(builtin_path("imagenette")) / "classes.json")
-        r = zeroshot_eval(m, bundle.tokenizer, bundle.preprocess_val, zeroshot_data, names)
-        res.update({f"zeroshot/{k}": v for k, v in r.items()})
-    if "probe" in tasks:
-        tx, ty = encode_images_labels(m.encode_image, bundle.preprocess_val, probe_train)
-        vx, vy = encode_images_labels(m.encode_image, bundle.preprocess_val, zeroshot_data)
-        res.update({f"probe/{k}": v for k, v in linear_probe(tx, ty, vx, vy).items()})
-    return res
 
 
 def markdown_table(rows: dict[str, dict[str, float]]) -> str:
@@ -52,11 +36,22 @@ def markdown_table(rows: dict[str, dict[str, float]]) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    from vfmkit.eval.clip import evaluate_clip
     from vfmkit.models.factory import create_clip
 
-    bundle = create_clip(args.model, args.pretrained)
-    res = evaluate_clip(bundle, args.tasks.split(","), args.retrieval_data, args.zeroshot_data,
-                        args.probe_train, args.classes)
+    tasks = args.tasks.split(",")
+    res: dict = {}
+    if [t for t in tasks if t != "seg"]:
+        bundle = create_clip(args.model, args.pretrained)
+        res = evaluate_clip(bundle, [t for t in tasks if t != "seg"], args.retrieval_data, args.zeroshot_data,
+                            args.probe_train, args.classes)
+    if "seg" in tasks:
+        from vfmkit.methods.seg import dense_probe
+
+        tower = args.tower or f"openclip:{args.model}" + (f":{args.pretrained}" if args.pretrained else "")
+        seg = dense_probe(tower, args.seg_train, args.seg_val, head=args.seg_head, steps=args.seg_steps,
+                          out_dir=Path(args.out or "runs/eval") / f"seg_{args.seg_head}")
+        res.update({f"seg/{k}": v for k, v in seg.items() if "/" not in k})
     print(markdown_table({args.model: res}))
     if args.out:
         out = Path(args.out)

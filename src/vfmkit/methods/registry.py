@@ -45,17 +45,21 @@ def build_job(cfg: RunConfig, dist_info: DistInfo) -> Job:
     return mod.build(cfg, dist_info)
 
 
-def run_job(cfg: RunConfig, eval_fn: Callable[[nn.Module, int], dict] | None = None,
+def run_job(cfg: RunConfig, eval_fn: Callable[[nn.Module, int], dict] | None = None, *,
+            eval_for: Callable[[Job], Callable[[nn.Module, int], dict]] | None = None,
             **train_kwargs: Any) -> tuple[Job, Any]:
     """Build the method's job and train it with the one engine -> (job, TrainResult).
 
-    ``eval_fn`` replaces the method's own; the trained model is ``job.model`` (a pipeline that goes on to
-    evaluate or save it uses this rather than :func:`run`).
+    ``eval_fn`` replaces the method's own; ``eval_for(job)`` builds one from the job (e.g. from the model bundle
+    in ``job.extra``). The trained model is ``job.model`` (a pipeline that goes on to evaluate or save it uses
+    this rather than :func:`run`).
     """
     from vfmkit.engine import init_distributed, train
 
     dist_info = init_distributed()
     job = build_job(cfg, dist_info)
+    if eval_for is not None:
+        eval_fn = eval_for(job)
     if job.groups is not None:
         train_kwargs.setdefault("groups", job.groups)
     res = train(cfg, job.model, job.loss_fn, job.loader, out_dir=cfg.out_dir, eval_fn=eval_fn or job.eval_fn,
