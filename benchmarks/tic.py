@@ -38,6 +38,11 @@ def cpu_s() -> float:
     return u.ru_utime + u.ru_stime
 
 
+def children_cpu_s() -> float:
+    u = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return u.ru_utime + u.ru_stime
+
+
 def spread(row: dict, key: str) -> float:
     v = row[f"{key}_all"]
     return max(v) - min(v) if v else 0.0
@@ -108,11 +113,12 @@ def main() -> int:
         "--measure", action="store_true", help="time Cumulative-All, seed 0, then stop (no record)"
     )
     ap.add_argument("--no-record", action="store_true")
+    ap.add_argument("--jobs", type=int, default=1, help="run the seeds in this many single-thread processes")
     a = ap.parse_args()
     torch.set_num_threads(1)
 
     from vfmkit.config import load_config
-    from vfmkit.pipelines.tic import STRATEGIES, format_table, prepare, run_all, run_strategy
+    from vfmkit.pipelines.tic import STRATEGIES, build_mixes, format_table, prepare, run_all, run_strategy
 
     out = Path(a.out) / f"C{a.steps}-s{a.image_size}-b{a.batch_size}"
     stream_dir = Path(a.out) / "stream"
@@ -136,8 +142,38 @@ def main() -> int:
     names = list(STRATEGIES) if a.strategies == "all" else a.strategies.split(",")
     seeds = [int(x) for x in a.seeds.split(",")]
     t0, c0 = time.perf_counter(), cpu_s()
+    if a.jobs > 1:  # seeds in parallel processes (mixes first: they are shared), then the summary below
+        import os
+        import subprocess
+
+        build_mixes(cfg, names, out)
+        base = [
+            sys.executable,
+            __file__,
+            a.data,
+            "--steps",
+            str(a.steps),
+            "--strategies",
+            a.strategies,
+            "--image-size",
+            str(a.image_size),
+            "--batch-size",
+            str(a.batch_size),
+            "--out",
+            a.out,
+            "--no-record",
+        ]
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        todo = list(seeds)
+        while todo:
+            procs = [subprocess.Popen([*base, "--seeds", str(sd)], env=env, stdout=subprocess.DEVNULL)
+                     for sd in todo[: a.jobs]]  # fmt: skip
+            todo = todo[a.jobs :]
+            if any(p.wait() for p in procs):
+                raise SystemExit("a seed process failed")
     summary = run_all(cfg, names, seeds, out)
-    wall, cpu = time.perf_counter() - t0, cpu_s() - c0
+    wall = time.perf_counter() - t0
+    cpu = cpu_s() - c0 + children_cpu_s()
     rows = summary["strategies"]
 
     lines = [f"emoji stream: {len(s['steps'])} steps " + ", ".join(

@@ -412,3 +412,17 @@ def format_table(rows: dict[str, dict]) -> str:
                      f"{cell(r, 'final_mean'):>12} {cell(r, 'zeroshot_final_mean'):>12} "
                      f"{r['compute_flops']:>10.3g} {rel:>8}")  # fmt: skip
     return "\n".join(lines)
+
+
+def build_mixes(cfg: RunConfig, strategies: list[str], out: str | Path) -> list[Path]:
+    """Write every data mix the strategies need (seed-independent), e.g. before running seeds in parallel."""
+    pargs, _ = pipeline_args(cfg)
+    n = len(read_stream(pargs.stream)["steps"])
+    dirs = []
+    for kind in sorted({"all"} | {check_strategy(s).mix for s in strategies}):
+        budget = None if kind in ("all", "new") else pargs.replay_budget
+        for t in range(1 if kind != "all" else 0, n):
+            d = _mix_dir(Path(out), kind, budget, t)
+            build_mix(pargs.stream, t, kind, d, budget=budget)
+            dirs.append(d)
+    return dirs
