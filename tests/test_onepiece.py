@@ -18,7 +18,15 @@ import webdataset as wds
 from PIL import Image
 
 from vfmkit.config import ConfigError, load_config
-from vfmkit.data.decode import decode_float, decode_image, decode_uint8, image_bytes, resize_center_crop
+from vfmkit.data.decode import (
+    decode_float,
+    decode_image,
+    decode_uint8,
+    image_bytes,
+    plain_view,
+    resize_center_crop,
+    square_crop_pil,
+)
 from vfmkit.data.io import atomic_save_safetensors, atomic_write_bytes, atomic_write_json, atomic_write_text
 from vfmkit.data.loader import ShardLoader
 from vfmkit.data.rng import seeded_rng
@@ -119,6 +127,16 @@ def test_center_crop_forms_agree():
     assert resize_center_crop(f[None], 48, mode="squash").shape == (1, 3, 48, 48)
     with pytest.raises(ValueError, match=r"\[B,3,H,W\]"):
         resize_center_crop(torch.zeros(2, 1, 8, 8), 4)
+
+
+def test_uint8_views_keep_the_centre():
+    data = JPEG.read_bytes()
+    u8 = decode_uint8(data)  # 3 x 120 x 160: the centre square is columns 20..139
+    assert torch.equal(square_crop_pil(decode_image(data), 120), u8[:, :, 20:140])
+    assert torch.equal(plain_view(u8, 120), u8[:, :, 20:140])
+    small = square_crop_pil(decode_image(data), 32)
+    assert small.shape == (3, 32, 32) and small.dtype == torch.uint8
+    assert plain_view(u8, 32).shape == (3, 32, 32)
 
 
 # ---- the seeded RNG -------------------------------------------------------------------------------------------

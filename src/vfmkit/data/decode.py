@@ -18,6 +18,11 @@ Centre-crop views (the eval transforms; short side to ``size``, then the central
 - :func:`plain_view`: ``uint8 [3, H, W]`` -> ``uint8 [3, S, S]`` with torchvision v2 (bicubic, antialiased)
   resize + centre crop: the classification replay's un-augmented view, kept in uint8 so it goes through the
   same ``to_student`` path as the stored augmentations.
+- :func:`square_crop_pil`: a PIL image -> ``uint8 [3, S, S]``: the central square of the short side, then a
+  PIL bicubic resize (the weight-subcloning readers' view).
+
+The three give slightly different pixels (float vs uint8 rounding, torchvision's vs floor centring, crop
+before vs after resize: up to a few grey levels); each caller keeps the one its recorded results used.
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ __all__ = [
     "decode_float",
     "resize_center_crop",
     "plain_view",
+    "square_crop_pil",
 ]
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
@@ -144,3 +150,15 @@ def plain_view(img: Tensor, size: int) -> Tensor:
 
     img = TF.resize(img, size, interpolation=InterpolationMode.BICUBIC, antialias=True)
     return TF.center_crop(img, [size, size])
+
+
+def square_crop_pil(img: Any, size: int) -> Tensor:
+    """PIL image (RGB) -> ``uint8 [3, size, size]``: centre square of side ``min(W, H)``, PIL bicubic resize."""
+    from PIL import Image
+
+    w, h = img.size
+    c = min(w, h)
+    img = img.crop(((w - c) // 2, (h - c) // 2, (w - c) // 2 + c, (h - c) // 2 + c)).resize(
+        (size, size), Image.BICUBIC
+    )
+    return torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8).view(size, size, 3).permute(2, 0, 1)
