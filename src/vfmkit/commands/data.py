@@ -3,6 +3,7 @@
     vfmkit data import --captions captions.csv --images images.tar --out shards/ [--shard-size N]
                        [--split-file splits.json --split train] [--resize 112 --quality 85] [--compress]
     vfmkit data import --class-folders train.tar --out shards/
+    vfmkit data import --dense camvid/train.tar --classes camvid/classes.json --out shards/   (image + mask pairs)
     vfmkit data info shards/ [--verify]          (also builtin:flickr8k/train)
 """
 
@@ -23,6 +24,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     src = imp.add_mutually_exclusive_group(required=True)
     src.add_argument("--captions", type=Path, help="CSV with an 'image,caption' header (several rows per image ok)")
     src.add_argument("--class-folders", type=Path, help="folder or tar laid out as <class>/<image>")
+    src.add_argument("--dense", type=Path, metavar="IMAGES_AND_LABELS",
+                     help="folder or tar of image + label-mask pairs (x.jpg + x.label.png) -> dense shards")
+    imp.add_argument("--classes", type=Path, help="with --dense: classes.json ({classes: [...], void_label})")
+    imp.add_argument("--void", type=int, default=None, help="with --dense: the ignored label id")
     imp.add_argument("--images", type=Path, help="image folder or tar (with --captions)")
     imp.add_argument("--out", type=Path, required=True)
     imp.add_argument("--shard-size", type=int, default=1000)
@@ -55,7 +60,12 @@ def _import(args: argparse.Namespace) -> int:
     kw = dict(max_size=args.resize, quality=args.quality, compress=args.compress)
     try:
         names = _split_names(args)
-        if args.captions is not None:
+        if args.dense is not None:
+            from vfmkit.data.dense import import_dense
+
+            m = import_dense(args.dense, args.out, args.shard_size, classes=args.classes, void=args.void,
+                             names=names, **kw)
+        elif args.captions is not None:
             if args.images is None:
                 raise ValueError("--captions needs --images")
             m = import_captions(args.images, args.captions, args.out, args.shard_size, names=names, **kw)
