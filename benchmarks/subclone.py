@@ -27,10 +27,12 @@ from pathlib import Path
 
 import torch
 
-from vfmkit.commands import subclone as cmd
-from vfmkit.commands.subclone import SubcloneTrainArgs
 from vfmkit.config import load_config
+from vfmkit.data.samples import decode_images, normalize, read_samples
 from vfmkit.methods import subclone as sc
+from vfmkit.methods.subclone import SubcloneTrainArgs, evaluate
+from vfmkit.pipelines.subclone import run_training
+from vfmkit.text.wordvocab import WordVocab
 
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))  # benchmarks/ (for _record)
@@ -48,11 +50,11 @@ def vit_data(n_train: int, n_val: int) -> dict:
     if f.is_file():
         return torch.load(f, weights_only=True)
     rng = random.Random(0)
-    tr = cmd.read_samples(str(SHARED / "imagenette" / "train.tar"))
-    va = cmd.read_samples(str(SHARED / "imagenette" / "val.tar"))
+    tr = read_samples(str(SHARED / "imagenette" / "train.tar"))
+    va = read_samples(str(SHARED / "imagenette" / "val.tar"))
     tr, va = rng.sample(tr, min(n_train, len(tr))), rng.sample(va, min(n_val, len(va)))
-    x, y = cmd.decode_images(tr, 32)
-    vx, vy = cmd.decode_images(va, 32)
+    x, y = decode_images(tr, 32)
+    vx, vy = decode_images(va, 32)
     data = {"train": {"x": x, "y": y}, "val": {"x": vx, "y": vy}}
     CACHE.mkdir(parents=True, exist_ok=True)
     torch.save(data, f.with_suffix(".tmp"))
@@ -72,7 +74,7 @@ def lm_data(n_heldout_images: int = 300, vocab_size: int = 1024, context: int = 
         rows = [r for r in csv.DictReader(fh) if r["image"] in keep]  # never Flickr8k val
     texts = [r["caption"] for r in rows if r["image"] not in held]
     vtexts = [r["caption"] for r in rows if r["image"] in held]
-    vocab = cmd.WordVocab.build(texts, vocab_size)
+    vocab = WordVocab.build(texts, vocab_size)
     ids, mask = vocab.encode(texts, context)
     vids, vmask = vocab.encode(vtexts, context)
     return {"train": {"x": ids, "mask": mask}, "val": {"x": vids, "mask": vmask}, "vocab": vocab}
@@ -87,7 +89,7 @@ def train_parent(name: str, recipe: str, overrides: list[str], data: dict) -> Pa
             return out
         shutil.rmtree(out)
     t0 = time.time()
-    r = cmd.run_training(load_config(recipe, COMMON + overrides), out, data=data)
+    r = run_training(load_config(recipe, COMMON + overrides), out, data=data)
     arch = json.loads((out / "arch.json").read_text())
     sc._atomic_write(out / "arch.json", json.dumps({**arch, "bench_stamp": stamp}, indent=1).encode())
     print(f"[{name}] trained parent {r['step']} steps in {time.time() - t0:.0f}s; last eval {r['evals'][-1]}")
@@ -99,7 +101,7 @@ def calib(task: str, data: dict, split: str, n: int) -> list[dict]:
     d, sl = data[split], slice(0, n)
     if task == "vit":
         mean, std = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)  # timm vit_tiny's pretrained_cfg stats (as in training)
-        x = cmd.normalize(d["x"][sl], mean, std)
+        x = normalize(d["x"][sl], mean, std)
         return [{"x": x[i:i + 64]} for i in range(0, len(x), 64)]
     return [{"x": d["x"][sl][i:i + 64], "mask": d["mask"][sl][i:i + 64]} for i in range(0, len(d["x"][sl]), 64)]
 
@@ -161,10 +163,10 @@ def train_children(task: str, recipe: str, sub_dir: Path, overrides: list[str], 
         extra = [f"optim.lr={lr / 4}", f"optim.weight_decay={wd / 4}"] if extra else []
         cfg = load_config(recipe, COMMON + overrides + [f"optim.lr={lr}", f"optim.weight_decay={wd}"] + extra + how)
         t0 = time.time()
-        r = cmd.run_training(cfg, out, data=data)
+        r = run_training(cfg, out, data=data)
         runs[arm] = {"lr": cfg.optim.lr, "weight_decay": cfg.optim.weight_decay, "seconds": round(time.time() - t0, 1),
                      "evals": [{"step": h["step"], f"eval/{key}": round(h[f"eval/{key}"], 4)} for h in r["evals"]]}
-    before = cmd.evaluate(sc.load_model(sub_dir)[0], SubcloneTrainArgs(task=task), data["val"])[key]
+    before = evaluate(sc.load_model(sub_dir)[0], SubcloneTrainArgs(task=task), data["val"])[key]
     target = runs["random"]["evals"][-1][f"eval/{key}"]
     out = {"metric": key, "target": target, "subclone_before_training": round(before, 4), "runs": runs}
     print(f"[{task}] subcloned child before any training: val {key} {before:.4f}; target = random init's final "

@@ -9,8 +9,10 @@ import math
 import pytest
 import torch
 
-from vfmkit.commands import subclone as cmd
+from vfmkit.data.samples import decode_images, normalize, read_samples
 from vfmkit.methods import subclone as sc
+from vfmkit.pipelines.subclone import run_training
+from vfmkit.text.wordvocab import WordVocab
 
 MEAN, STD = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
 
@@ -18,18 +20,18 @@ MEAN, STD = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
 @pytest.fixture(scope="module")
 def images() -> torch.Tensor:
     """Real Imagenette photos from the embedded subset at 32 px: [48, 3, 32, 32] normalised."""
-    x, _ = cmd.decode_images(cmd.read_samples("builtin:imagenette/train", 48), 32)
-    return cmd.normalize(x, MEAN, STD)
+    x, _ = decode_images(read_samples("builtin:imagenette/train", 48), 32)
+    return normalize(x, MEAN, STD)
 
 
 @pytest.fixture(scope="module")
 def captions() -> list[str]:
-    return [t for s in cmd.read_samples("builtin:flickr8k/train", 12) for t in s.texts][:48]
+    return [t for s in read_samples("builtin:flickr8k/train", 12) for t in s.texts][:48]
 
 
 @pytest.fixture(scope="module")
-def vocab(captions) -> cmd.WordVocab:
-    return cmd.WordVocab.build(captions, 120)
+def vocab(captions) -> WordVocab:
+    return WordVocab.build(captions, 120)
 
 
 def tiny_timm(**kw):
@@ -242,7 +244,7 @@ def test_word_vocab_round_trip(vocab, tmp_path):
     ids, mask = vocab.encode(["A dog runs on the grass ."], 12)
     assert ids[0, 0] == vocab.BOS and vocab.EOS in ids[0].tolist() and mask.sum() == int((ids != 0).sum())
     vocab.save(tmp_path / "v.json")
-    assert cmd.WordVocab.load(tmp_path / "v.json").itos == vocab.itos
+    assert WordVocab.load(tmp_path / "v.json").itos == vocab.itos
 
 
 def test_cli_run_end_to_end(tmp_path, capsys):
@@ -271,7 +273,7 @@ def test_train_recipe_runs_through_the_engine(tmp_path):
         "model.kwargs={patch_size: 8, embed_dim: 32, depth: 2, num_heads: 2}", "method_args.image_size=32",
         "method_args.max_train=64", "method_args.max_val=32", "train.steps=4", "train.eval_every=2",
         "train.progress=false", "data.batch_size=16"])
-    r = cmd.run_training(cfg, tmp_path / "p")
+    r = run_training(cfg, tmp_path / "p")
     assert r["step"] == 4 and r["evals"] and "eval/acc" in r["evals"][-1]
     model, arch = sc.load_model(tmp_path / "p")
     assert arch["task"]["task"] == "vit" and model.embed_dim == 32

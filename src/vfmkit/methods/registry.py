@@ -19,6 +19,7 @@ METHODS = {
     "catlip": "vfmkit.methods.catlip",
     "teacher_align": "vfmkit.methods.teacher_align",
     "coca": "vfmkit.methods.coca",
+    "subclone": "vfmkit.methods.subclone",
     "tic": "vfmkit.methods.tic",
     "seg": "vfmkit.methods.seg",
 }
@@ -38,16 +39,18 @@ class Job:
     extra: dict[str, Any] | None = None
 
 
-def build_job(cfg: RunConfig, dist_info: DistInfo) -> Job:
+def build_job(cfg: RunConfig, dist_info: DistInfo, **build_kwargs: Any) -> Job:
+    """The job of ``cfg.method``; ``build_kwargs`` go to the method's ``build`` (in-memory inputs a pipeline
+    already holds, e.g. subclone's loaded tensors)."""
     if cfg.method not in METHODS:
         raise ConfigError(f"config key 'method': unknown method {cfg.method!r} (known: {', '.join(METHODS)})")
     mod = importlib.import_module(METHODS[cfg.method])
-    return mod.build(cfg, dist_info)
+    return mod.build(cfg, dist_info, **build_kwargs)
 
 
 def run_job(cfg: RunConfig, eval_fn: Callable[[nn.Module, int], dict] | None = None, *,
             eval_for: Callable[[Job], Callable[[nn.Module, int], dict]] | None = None,
-            **train_kwargs: Any) -> tuple[Job, Any]:
+            build_kwargs: dict[str, Any] | None = None, **train_kwargs: Any) -> tuple[Job, Any]:
     """Build the method's job and train it with the one engine -> (job, TrainResult).
 
     ``eval_fn`` replaces the method's own; ``eval_for(job)`` builds one from the job (e.g. from the model bundle
@@ -57,7 +60,7 @@ def run_job(cfg: RunConfig, eval_fn: Callable[[nn.Module, int], dict] | None = N
     from vfmkit.engine import init_distributed, train
 
     dist_info = init_distributed()
-    job = build_job(cfg, dist_info)
+    job = build_job(cfg, dist_info, **(build_kwargs or {}))
     if eval_for is not None:
         eval_fn = eval_for(job)
     if job.groups is not None:

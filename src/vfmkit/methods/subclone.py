@@ -25,13 +25,20 @@ import json
 import math
 import os
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from vfmkit.config import ConfigError, RunConfig, parse_section
+from vfmkit.data.samples import decode_images, normalize, read_samples
+from vfmkit.engine.distributed import DistInfo
+from vfmkit.methods.registry import Job
+from vfmkit.text.wordvocab import WordVocab
 
 R, QKV, A, H = "R", "QKV", "A", "H"  # axis roles: residual stream, packed q/k/v, attention inner, MLP hidden
 SCALE_MODES = ("paper", "residual", "none")
@@ -727,22 +734,18 @@ def function_check(parent: nn.Module, child: nn.Module, batches: Iterable[dict])
 
 
 # ------------------------------------------------------------------------------------------------ files
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
 def save_model(out_dir: str | Path, model: nn.Module, arch: dict, extra: dict | None = None) -> Path:
     """Write ``arch.json`` (+ ``extra``) and ``model.safetensors`` atomically; returns ``out_dir``."""
     from safetensors.torch import save_model as st_save
+
+    from vfmkit.data.io import atomic_write_bytes
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tmp = out / f".model.safetensors.tmp-{os.getpid()}"
     st_save(model, str(tmp))  # handles GPT-2's tied lm_head / wte
     os.replace(tmp, out / "model.safetensors")
-    _atomic_write(out / "arch.json", json.dumps({**arch, **(extra or {})}, indent=1).encode())
+    atomic_write_bytes(out / "arch.json", json.dumps({**arch, **(extra or {})}, indent=1).encode())
     return out
 
 
@@ -775,3 +778,156 @@ def load_model(model_dir: str | Path, weights: str | Path | None = None) -> tupl
     except Exception as e:  # a truncated / foreign file: name it
         raise SubcloneError(f"cannot load weights {w} into {arch['family']}: {e}") from e
     return model.eval(), arch
+
+
+# ------------------------------------------------------------------------------------------- the method
+# ``method: subclone`` trains a parent (a timm ViT on images, a GPT-2 on captions), or a child from subclone
+# weights (``init``) or at random init (``arch``), through the one engine. Its run dir gets ``arch.json`` (+
+# ``vocab.json``) at build time, so a finished run is a loadable parent (``load_model``) for ``vfmkit subclone run``.
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+@dataclass
+class SubcloneTrainArgs:
+    """``method_args`` of the subclone training recipes (a parent, or a child from a subclone/random init)."""
+
+    task: str = "vit"  # "vit": image classification; "lm": next-token prediction on captions
+    init: str | None = None  # dir with arch.json + model.safetensors: start from these weights (a subclone)
+    arch: str | None = None  # dir or arch.json: this architecture, random init (the from-scratch baseline)
+    image_size: int = 64
+    num_classes: int = 10
+    vocab_size: int = 2048
+    context_length: int = 32
+    vocab: str | None = None  # vocab.json to reuse (a child must use its parent's); default: built from data
+    max_train: int = 0  # cap on training samples (0: all)
+    max_val: int = 500
+    flip: bool = True
+
+
+def model_stats(model: nn.Module) -> tuple[tuple, tuple]:
+    """Normalisation mean/std a vision model expects (timm pretrained_cfg, open_clip's, else ImageNet)."""
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    if "mean" in cfg:
+        return tuple(cfg["mean"]), tuple(cfg["std"])
+    pp = getattr(model, "preprocess_cfg", None) or {}
+    if type(model).__module__.startswith("open_clip"):
+        import open_clip
+
+        return tuple(pp.get("mean", open_clip.OPENAI_DATASET_MEAN)), tuple(pp.get("std", open_clip.OPENAI_DATASET_STD))
+    return IMAGENET_MEAN, IMAGENET_STD
+
+
+def load_task_data(cfg: RunConfig, args: SubcloneTrainArgs) -> dict[str, Any]:
+    """Real train/val tensors for the recipe: images ``uint8`` + labels, or caption ids + masks + vocab."""
+    train = read_samples(cfg.data.train, args.max_train if args.task == "vit" else 0)
+    val = read_samples(cfg.data.val, args.max_val) if cfg.data.val else []
+    if args.task == "vit":
+        x, y = decode_images(train, args.image_size)
+        vx, vy = decode_images(val, args.image_size) if val else (x[:0], y[:0])
+        return {"train": {"x": x, "y": y}, "val": {"x": vx, "y": vy}}
+    texts = [t for s in train for t in s.texts][: args.max_train or None]
+    vtexts = [t for s in val for t in s.texts][: args.max_val or None]
+    vocab = WordVocab.load(Path(args.vocab)) if args.vocab else WordVocab.build(texts, args.vocab_size)
+    ids, mask = vocab.encode(texts, args.context_length)
+    vids, vmask = vocab.encode(vtexts, args.context_length)
+    return {"train": {"x": ids, "mask": mask}, "val": {"x": vids, "mask": vmask}, "vocab": vocab}
+
+
+def build_task_model(cfg: RunConfig, args: SubcloneTrainArgs, data: dict) -> nn.Module:
+    """The model to train: subclone weights (``init``), an architecture at random init (``arch``), or a new
+    parent from ``cfg.model`` (timm ViT name / ``gpt2``)."""
+    if args.init and args.arch:
+        raise ValueError("method_args.init (subclone weights) and method_args.arch (random init) are exclusive; "
+                         "set the other to null")
+    if args.init:
+        return load_model(args.init)[0]
+    if args.arch:
+        return build_model(read_arch(args.arch))
+    if args.task == "vit":
+        from vfmkit.models.factory import create_classifier
+
+        return create_classifier(cfg.model.name, args.num_classes, img_size=args.image_size, **cfg.model.kwargs)
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    v = WordVocab
+    conf = GPT2Config(vocab_size=len(data["vocab"]), n_positions=args.context_length, bos_token_id=v.BOS,
+                      eos_token_id=v.EOS, pad_token_id=v.PAD, **cfg.model.kwargs)
+    return GPT2LMHeadModel(conf)
+
+
+def lm_loss(model: nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean next-token cross-entropy over real tokens, and the number of predicted tokens."""
+    ids, mask = batch["x"], batch["mask"]
+    logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1]
+    tgt = ids[:, 1:].masked_fill(~mask[:, 1:], -100)
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tgt.reshape(-1)), mask[:, 1:].sum()
+
+
+def make_loss(args: SubcloneTrainArgs, model: nn.Module) -> Callable:
+    mean, std = model_stats(model)
+
+    def vit_loss(m, batch, step):
+        x = batch["x"]
+        if args.flip and m.training:  # cheap real augmentation: per-sample horizontal flip
+            flip = torch.rand(x.shape[0], device=x.device) < 0.5
+            x = torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x)
+        logits = m(normalize(x, mean, std))
+        return F.cross_entropy(logits, batch["y"]), {"acc": float((logits.argmax(-1) == batch["y"]).float().mean())}
+
+    def text_loss(m, batch, step):
+        loss, _ = lm_loss(m, batch)
+        return loss, {}
+
+    return vit_loss if args.task == "vit" else text_loss
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, args: SubcloneTrainArgs, val: dict, batch_size: int = 256) -> dict[str, float]:
+    """Validation ``acc``/``loss`` (ViT) or ``loss``/``ppl`` per token (LM) over the whole val set."""
+    dev = next(model.parameters()).device
+    n = val["x"].shape[0]
+    tot_loss, tot_n, correct = 0.0, 0.0, 0.0
+    mean, std = model_stats(model)
+    for i in range(0, n, batch_size):
+        b = {k: v[i:i + batch_size].to(dev) for k, v in val.items()}
+        if args.task == "vit":
+            logits = model(normalize(b["x"], mean, std))
+            tot_loss += float(F.cross_entropy(logits, b["y"], reduction="sum"))
+            correct += float((logits.argmax(-1) == b["y"]).sum())
+            tot_n += b["x"].shape[0]
+        else:
+            loss, k = lm_loss(model, b)
+            tot_loss, tot_n = tot_loss + float(loss) * float(k), tot_n + float(k)
+    out = {"loss": tot_loss / max(tot_n, 1.0)}
+    out.update({"acc": correct / max(tot_n, 1.0)} if args.task == "vit" else {"ppl": float(torch.exp(torch.tensor(out["loss"])))})
+    return out
+
+
+def write_run_files(out_dir: str | Path, model: nn.Module, args: SubcloneTrainArgs, data: dict) -> None:
+    """``arch.json`` (the family's architecture + the task args) and, for a language model, ``vocab.json``."""
+    from vfmkit.data.io import atomic_write_bytes
+
+    out = Path(out_dir)
+    fam = family_of(model)
+    atomic_write_bytes(out / "arch.json", json.dumps({**fam.arch(model), "task": vars(args)}, indent=1).encode())
+    if "vocab" in data:
+        data["vocab"].save(out / "vocab.json")
+
+
+def build(cfg: RunConfig, dist_info: DistInfo, data: dict | None = None) -> Job:
+    """The subclone training job. ``data`` (``load_task_data``'s output) may be passed in already loaded."""
+    from vfmkit.data.loader import TensorLoader
+
+    args = parse_section(SubcloneTrainArgs, cfg.method_args, "method_args")
+    if args.task not in ("vit", "lm"):
+        raise ConfigError(f"config key 'method_args.task': must be 'vit' or 'lm', got {args.task!r}")
+    data = data or load_task_data(cfg, args)
+    torch.manual_seed(cfg.seed)
+    model = build_task_model(cfg, args, data)
+    if dist_info.is_main:
+        write_run_files(cfg.out_dir, model, args, data)
+    loader = TensorLoader(data["train"], cfg.data.batch_size, seed=cfg.seed, rank=dist_info.rank,
+                          world_size=dist_info.world_size)
+    has_val = data["val"]["x"].shape[0] > 0
+    eval_fn = (lambda m, step: evaluate(m, args, data["val"])) if has_val else None
+    return Job(model, make_loss(args, model), loader, eval_fn=eval_fn, extra={"data": data})
