@@ -3,6 +3,11 @@
 A method supplies ``model``, ``loss_fn(model, batch, step) -> (loss, logs)`` and a loader; the engine
 owns precision, DDP/FSDP2, gradient accumulation, clipping, AdamW + warm-up cosine, EMA, atomic
 checkpoints with exact resume (model, optimizer, scheduler, RNG, data position, step) and logging.
+
+``train`` reads as its steps: prepare the output, place the model (+ EMA), restore weights, parallelize
+(``engine/parallel.py``: DDP or FSDP2, compile), build the optimizer, restore the training state, then per
+step: train_step, log, evaluate, save_checkpoint; and finish (final eval and weights). Collectives
+(checkpoint gathers, FSDP2 full-state gathers) run on every rank; rank 0 writes.
 """
 
 from __future__ import annotations
