@@ -33,7 +33,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))  # for _record
 from _record import machine, now, record  # noqa: E402
 
 from vfmkit.config import load_config  # noqa: E402
-from vfmkit.methods.fastfill import run_backfill  # noqa: E402
+from vfmkit.pipelines.backfill import run_backfill  # noqa: E402
 
 DATA = Path(os.environ.get("VFMKIT_SHARED_DATA", ROOT.parent / "shared" / "data")) / "imagenette"
 ARCH, SIZE = "test_byobnet", 64

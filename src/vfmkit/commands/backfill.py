@@ -34,7 +34,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def _run(args: argparse.Namespace) -> int:
     from vfmkit.config import load_config
-    from vfmkit.methods.fastfill import run_backfill
+    from vfmkit.pipelines.backfill import run_backfill
 
     cfg = load_config(args.config, args.overrides)
     steps = [s.strip() for s in args.steps.split(",") if s.strip()]

@@ -15,7 +15,7 @@ error of the normalised h(old). (Aligning the raw h(old) let its norm absorb the
 correlate with the retrieval-space error at all.) Following the pilot note in METHODS.md, the uncertainty head reads h's last hidden layer
 (optionally through a stop-gradient), never the transformed feature itself. No BatchNorm: batch size 1 works.
 
-Pipeline (``run_backfill``, used by ``vfmkit backfill`` and ``benchmarks/fastfill.py``): cache features
+Pipeline (``vfmkit.pipelines.backfill.run_backfill``, used by ``vfmkit backfill`` and ``benchmarks/fastfill.py``): cache features
 (safetensors, one file per shard, resumable) -> train h with the engine (TensorLoader) -> simulate curves with
 ``vfmkit.eval.backfill`` -> JSON + PNG report.
 """
@@ -32,6 +32,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vfmkit.config import ConfigError, RunConfig, load_config, parse_section, to_dict
+from vfmkit.engine.distributed import DistInfo
+from vfmkit.methods.registry import Job
 
 OBJECTIVES = ("fct", "fastfill")
 UNCERTAINTY_INPUTS = ("hidden", "hidden_detached", "output")
@@ -64,6 +66,10 @@ class FastFillArgs:
     label_smoothing: float = 0.1
     probe_steps: int = 300
     probe_lr: float = 2e-3  # the probe's own lr: a soft head (train acc ~75%), not an overfit one (see docs)
+    # ``vfmkit train`` (method fastfill): which h one run trains ("": the first objective) and where the cached
+    # features and the new head live ("": out_dir). The backfill pipeline sets both per h.
+    objective: str = ""
+    work_dir: str = ""
     # Simulation: "<h>/<order>" with h in none|fct|fastfill and order in random|sigma|oracle.
     curves: list[str] = field(
         default_factory=lambda: [
@@ -217,17 +223,41 @@ def train_transformation(
     out_dir: str | Path,
     args: FastFillArgs | None = None,
 ) -> Transformation:
-    """Fit h on cached features with the engine; returns h in eval mode (weights also in ``out_dir``).
+    """Fit h on cached features (method ``fastfill`` through ``registry.run_job``); returns h in eval mode
+    (weights also in ``out_dir``).
 
     old: ``[N, D_old]``, new: ``[N, D_new]``, labels: ``[N]``; classifier: the frozen new head
     ``(W [C, D_new], b [C])`` used by ``fastfill``. ``cfg.data.batch_size``/``optim``/``train`` apply.
     """
-    from vfmkit.data.loader import TensorLoader
-    from vfmkit.engine import train
+    from vfmkit.config import derive
+    from vfmkit.methods.registry import run_job
 
     a = args or parse_args(cfg)
+    sub = derive(cfg, {"method": "fastfill", "out_dir": str(out_dir),
+                       "method_args": {**asdict(a), "objective": objective}})
+    job, _ = run_job(sub, build_kwargs={"tensors": (old, new, labels), "classifier": classifier})
+    return job.extra["h"].eval()
+
+
+def build(cfg: RunConfig, dist_info: DistInfo, tensors: tuple[Tensor, Tensor, Tensor] | None = None,
+          classifier: tuple[Tensor, Tensor] | None = None) -> Job:
+    """One h (``method_args.objective``, default the first of ``objectives``) on cached (old, new, label)
+    features. Without ``tensors`` the train-set features are cached (resumable) and the new head is taken or
+    fitted in ``method_args.work_dir`` (default ``out_dir``), as the backfill pipeline's first steps do."""
+    from vfmkit.data.loader import TensorLoader
+
+    a = parse_args(cfg)
+    objective = a.objective or a.objectives[0]
     if objective not in OBJECTIVES:
         raise ConfigError(f"unknown objective {objective!r} (known: {', '.join(OBJECTIVES)})")
+    if tensors is None:
+        work = Path(a.work_dir or cfg.out_dir)
+        paths = {r: p for r, p in step_cache(cfg, a, work, roles=("old_train", "new_train")).items()}
+        old, labels = _load_role(paths, "old_train", a.normalize)
+        new, _ = _load_role(paths, "new_train", a.normalize)
+        classifier = _new_classifier(cfg, a, new, labels, work)
+    else:
+        old, new, labels = tensors
     if objective == "fastfill" and classifier is None:
         raise ValueError("fastfill needs the new model's classifier (W, b)")
     torch.manual_seed(cfg.seed)  # h's init is part of the run, like the data order
@@ -245,9 +275,9 @@ def train_transformation(
         )  # fmt: skip
 
     bs = min(cfg.data.batch_size, old.shape[0])
-    loader = TensorLoader({"old": old, "new": new, "label": labels}, batch_size=bs, seed=cfg.seed)
-    train(cfg, model, loss_fn, loader, out_dir=out_dir)
-    return h.eval()
+    loader = TensorLoader({"old": old, "new": new, "label": labels}, batch_size=bs, seed=cfg.seed,
+                          rank=dist_info.rank, world_size=dist_info.world_size)
+    return Job(model, loss_fn, loader, extra={"h": h})
 
 
 def fit_probe(
@@ -538,9 +568,6 @@ def cache_features(
 
 # ----------------------------------------------------------------------------------------------- pipeline
 
-STEPS = ("cache", "train", "simulate", "report")
-
-
 def _cache_name(role: str, spec: str, data: str, a: FastFillArgs) -> str:
     """File name keyed by everything that changes the features (a checkpoint's size and mtime included)."""
     import hashlib
@@ -562,10 +589,12 @@ def _feature_jobs(a: FastFillArgs) -> dict[str, tuple[str, str]]:
     return jobs
 
 
-def step_cache(cfg: RunConfig, a: FastFillArgs, out: Path) -> dict[str, Path]:
-    """Encode train/gallery/query with both encoders (skipping caches already on disk)."""
+def step_cache(cfg: RunConfig, a: FastFillArgs, out: Path, roles: tuple[str, ...] | None = None) -> dict[str, Path]:
+    """Encode train/gallery/query (or only ``roles``) with both encoders (skipping caches already on disk)."""
     paths, encoders = {}, {}
     for role, (spec, data) in _feature_jobs(a).items():
+        if roles is not None and role not in roles:
+            continue
         p = out / "features" / _cache_name(role.split("_")[0], spec, data, a)
         if not p.is_file():
             if spec not in encoders:
@@ -623,25 +652,6 @@ def _cache_path(out: Path, role: str, a: FastFillArgs) -> Path:
     return out / "features" / _cache_name(role.split("_")[0], spec, data, a)
 
 
-def step_train(cfg: RunConfig, a: FastFillArgs, out: Path) -> dict:
-    """Train one h per objective (skipped when its weights exist); returns the new head's train accuracy."""
-    paths = {r: _cache_path(out, r, a) for r in ("old_train", "new_train")}
-    old, y = _load_role(paths, "old_train", a.normalize)
-    new, _ = _load_role(paths, "new_train", a.normalize)
-    w, b = _new_classifier(cfg, a, new, y, out)
-    info = {"new_head_train_acc": float(((new @ w.T + b).argmax(1) == y).float().mean()) * 100}
-    for obj in a.objectives:
-        p = out / f"h_{obj}.safetensors"
-        if p.is_file():
-            continue
-        print(
-            f"[backfill] training h ({obj}) on {old.shape[0]} pairs, {tuple(old.shape)} -> {tuple(new.shape)}"
-        )
-        h = train_transformation(cfg, old, new, y, obj, (w, b), out / "runs" / f"h_{obj}", a)
-        save_transformation(h, p)
-    return info
-
-
 def _gallery_query(a: FastFillArgs, out: Path) -> dict[str, Tensor]:
     paths = {r: _cache_path(out, r, a) for r in _feature_jobs(a)}
     g = {}
@@ -655,100 +665,3 @@ def _gallery_query(a: FastFillArgs, out: Path) -> dict[str, Tensor]:
     return g
 
 
-def step_simulate(cfg: RunConfig, a: FastFillArgs, out: Path) -> dict:
-    """Backfilling curves for every ``a.curves`` entry plus old/old and new/new references."""
-    from vfmkit.eval import backfill as bf
-
-    g = _gallery_query(a, out)
-    n, ex = g["new_g"].shape[0], a.query == "gallery"
-    kw = {"exclude_self": ex, "block_size": a.block_size}
-    mapped: dict[str, tuple[Tensor | None, Tensor | None]] = {}
-    same_dim = g["old_g"].shape[1] == g["new_g"].shape[1]
-    mapped["none"] = (g["old_g"] if same_dim else None, None)  # incompatible spaces: old items unsearchable
-    for obj in a.objectives:
-        z, s = apply_transformation(load_transformation(out / f"h_{obj}.safetensors"), g["old_g"])
-        mapped[obj] = (F.normalize(z, dim=1) if a.normalize else z, s)
-    curves = {}
-    for c in a.curves:
-        h, _, order_name = c.partition("/")
-        gal_old, s = mapped[h]
-        if order_name == "random":
-            order = bf.order_random(n, a.order_seed)
-        elif order_name == "sigma":
-            order = bf.order_by_uncertainty(s)
-        else:
-            if gal_old is None:
-                raise ConfigError(f"curve {c!r}: no oracle without comparable old features")
-            order = bf.order_oracle(g["new_g"], gal_old)
-        fr = bf.default_fractions(a.fraction_steps)
-        curves[c] = bf.backfill_curve(
-            g["new_q"], g["y_q"], g["new_g"], gal_old, g["y_g"], order, fractions=fr, **kw
-        )
-        print(
-            f"[backfill] {c:18s} AUC " + " ".join(f"{m} {v:.2f}" for m, v in curves[c]["auc"].items()),
-            flush=True,
-        )
-    refs = {
-        "old/old": bf.retrieval_scores(g["old_q"], g["y_q"], g["old_g"], g["y_g"], **kw),
-        "new/new": bf.retrieval_scores(g["new_q"], g["y_q"], g["new_g"], g["y_g"], **kw),
-    }
-    rho = {}
-    for obj in a.objectives:
-        z, s = mapped[obj]
-        refs[f"{obj}(old)/new"] = bf.retrieval_scores(g["new_q"], g["y_q"], z, g["y_g"], **kw)
-        if s is not None:  # does sigma predict the real (oracle) error on the gallery, unseen in training?
-            rho[obj] = bf.rank_correlation(s, (g["new_g"] - z).pow(2).sum(1))
-    result = {"curves": curves, "references": refs, "n_gallery": n, "n_query": int(g["y_q"].shape[0]),
-              "exclude_self": ex, "sigma_error_spearman": rho}  # fmt: skip
-    bf.save_report(curves, out / "curves.json", {k: v for k, v in result.items() if k != "curves"})
-    return result
-
-
-def step_report(cfg: RunConfig, a: FastFillArgs, out: Path, extra: dict | None = None) -> dict:
-    """``report.json`` (AUC table, references, args) and ``backfill.png`` from ``curves.json``."""
-    from vfmkit.eval import backfill as bf
-
-    p = out / "curves.json"
-    try:
-        sim = json.loads(p.read_text())
-    except (OSError, ValueError) as e:
-        raise ValueError(f"cannot read {p} (run the simulate step first): {e}") from e
-    auc = {name: c["auc"] for name, c in sim["curves"].items()}
-    report = {"auc": auc, **{k: v for k, v in sim.items() if k != "curves"}, "curves": sim["curves"],
-              "method_args": asdict(a), "config": to_dict(cfg), **(extra or {})}  # fmt: skip
-    bf.save_report(sim["curves"], out / "report.json", {k: v for k, v in report.items() if k != "curves"})
-    bf.plot_curves(
-        sim["curves"], out / "backfill.png", title=f"Backfilling: {a.old_encoder} -> {a.new_encoder}"
-    )
-    lines = [f"{'curve':18s} " + " ".join(f"{m:>7s}" for m in bf.METRICS)]
-    lines += [f"{n:18s} " + " ".join(f"{v[m]:7.2f}" for m in bf.METRICS) for n, v in auc.items()]
-    lines += [
-        f"{n:18s} " + " ".join(f"{v[m]:7.2f}" for m in bf.METRICS) for n, v in sim["references"].items()
-    ]
-    report["table"] = "\n".join(lines)
-    print(report["table"], flush=True)
-    return report
-
-
-def run_backfill(
-    cfg: RunConfig, steps: list[str] | tuple[str, ...] = STEPS, out_dir: str | Path | None = None
-) -> dict:
-    """Run the pipeline steps in order under ``out_dir`` (default ``cfg.out_dir``); each step is resumable."""
-    bad = [s for s in steps if s not in STEPS]
-    if bad:
-        raise ConfigError(f"unknown backfill step(s) {bad} (known: {', '.join(STEPS)})")
-    a = parse_args(cfg)
-    out = Path(out_dir or cfg.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    result: dict = {}
-    if "cache" in steps:
-        result["features"] = {k: str(v) for k, v in step_cache(cfg, a, out).items()}
-    if "train" in steps:
-        result["train"] = step_train(cfg, a, out)
-    if "simulate" in steps:
-        result["simulate"] = step_simulate(cfg, a, out)
-    if "report" in steps:
-        result["report"] = step_report(
-            cfg, a, out, {"train": result.get("train")} if "train" in result else None
-        )
-    return result

@@ -20,6 +20,7 @@ METHODS = {
     "teacher_align": "vfmkit.methods.teacher_align",
     "coca": "vfmkit.methods.coca",
     "subclone": "vfmkit.methods.subclone",
+    "fastfill": "vfmkit.methods.fastfill",
     "tic": "vfmkit.methods.tic",
     "seg": "vfmkit.methods.seg",
 }
