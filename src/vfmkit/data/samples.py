@@ -5,10 +5,7 @@ trees, image folders and caption files, read in stored order into :class:`Sample
 
 from __future__ import annotations
 
-import io
 import json
-import os
-import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,26 +47,12 @@ def _finish(key: str, parts: dict[str, bytes], wnids: dict[str, int], src: str) 
 
 
 def _iter_tar(path: str, wnids: dict[str, int]) -> Iterator[Sample]:
-    """webdataset layout (``key.ext`` members grouped by key) or a plain tar of images; names a bad file."""
-    try:
-        tf = tarfile.open(path, "r:*")
-    except (tarfile.TarError, OSError) as e:
-        raise ValueError(f"cannot read tar {path}: {e}") from e
-    with tf:
-        key, parts = None, {}
-        for mem in tf:
-            if not mem.isfile():
-                continue
-            d, base = os.path.split(mem.name)
-            k, _, ext = base.partition(".")
-            k = f"{d}/{k}" if d else k
-            if k != key and key is not None:
-                if (s := _finish(key, parts, wnids, path)) is not None:
-                    yield s
-                parts = {}
-            key = k
-            parts[ext] = tf.extractfile(mem).read()
-        if key is not None and (s := _finish(key, parts, wnids, path)) is not None:
+    """webdataset layout (``key.ext`` members grouped by key) or a plain tar of images, through the one tar
+    reader (``shards.iter_shard``: webdataset's key convention, a bad file named)."""
+    from vfmkit.data.shards import iter_shard
+
+    for raw in iter_shard(path):
+        if (s := _finish(raw["__key__"], raw, wnids, path)) is not None:
             yield s
 
 
@@ -109,25 +92,21 @@ def _read_texts(p: Path) -> list[str]:
 
 def decode_images(samples: list[Sample], size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """JPEG bytes -> ``uint8 [N, 3, size, size]`` (resize shorter side + centre crop) and labels ``[N]`` (-1: none)."""
-    from PIL import Image
+    from vfmkit.data.decode import decode_image, square_crop_pil
 
     imgs, labels = [], []
     for s in samples:
         if s.image is None:
             continue
         try:
-            im = Image.open(io.BytesIO(s.image)).convert("RGB")
-        except Exception as e:  # PIL raises many types for a broken file
+            im = decode_image(s.image, name=repr(s.key))
+        except ValueError as e:
             raise ValueError(f"corrupt image in sample {s.key!r}: {e}") from e
-        w, h = im.size
-        c = min(w, h)
-        im = im.crop(((w - c) // 2, (h - c) // 2, (w - c) // 2 + c, (h - c) // 2 + c))
-        im = im.resize((size, size), Image.BICUBIC)
-        imgs.append(torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8).view(size, size, 3))
+        imgs.append(square_crop_pil(im, size))
         labels.append(-1 if s.label is None else int(s.label))
     if not imgs:
         raise ValueError("no images in the given samples")
-    return torch.stack(imgs).permute(0, 3, 1, 2).contiguous(), torch.tensor(labels)
+    return torch.stack(imgs).contiguous(), torch.tensor(labels)
 
 
 def normalize(x: torch.Tensor, mean: tuple, std: tuple) -> torch.Tensor:
