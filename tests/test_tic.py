@@ -259,6 +259,14 @@ def test_sequential_lwf_patching_oracle_step_plans(stream, tmp_path):
     rows = summarize([seq, lwf, pat, orc])
     assert rows["oracle"]["compute_flops"] == pytest.approx(orc["compute_flops"])
     assert rows["oracle"]["compute_steps"] == 12 and rows["sequential"]["compute_steps"] == 6
+    from vfmkit.pipelines.tic import format_table, report
+
+    summary = report(tmp_path)  # every result.json under the run folder: summary.json + the compute plot
+    assert set(summary["strategies"]) == {"sequential", "lwf", "patching", "oracle"}
+    assert (tmp_path / "compute_vs_accuracy.png").stat().st_size > 1000
+    table = format_table(summary["strategies"]).splitlines()
+    by = {line.split()[0]: line.split() for line in table[1:]}
+    assert len(table) == 5 and by["oracle"][-1] == "1.000" and 0 < float(by["sequential"][-1]) < 1
     with pytest.raises(ConfigError, match="unknown TiC strategy"):
         run_strategy(cfg, "replay-everything", tmp_path)
     with pytest.raises(ConfigError, match="method_args.lwf_wieght"):
