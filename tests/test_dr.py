@@ -255,7 +255,7 @@ def test_online_mode_distils_from_the_sets_teacher(dset):
     job = build_job(cfg, di)
     setup = job.extra["setup"]
     assert setup.teachers == ["efficientnet-lite0@128"] and setup.recipe.name == "rrc_flip"
-    assert cfg.train.steps == 2 * 3  # epochs x batches per epoch
+    assert job.cfg.train.steps == 2 * 3 and cfg.train.steps != job.cfg.train.steps  # epochs x batches; cfg untouched
     batch = next(iter(job.loader))
     assert batch["teacher_image"].shape == (10, 3, 64, 64) and batch["image"].shape == (10, 3, SIZE, SIZE)
     loss, logs = job.loss_fn(job.model, batch, 0)
@@ -274,8 +274,8 @@ def test_reinforced_mode_replays_the_set_as_generated(dset):
     (the set stores none), the set's densify mode, the student's normalisation; its first batch is each image's
     drawn stored augmentation (or plain view) with the stored teacher target."""
     from vfmkit.data.augment import ReplayableAugment
-    from vfmkit.data.reinforced import ImageIndex, decode_classification, densify
     from vfmkit.data.decode import decode_uint8 as decode_image
+    from vfmkit.data.reinforced import ImageIndex, decode_classification, densify
     from vfmkit.data.replay import ClassificationReplay, replay_rng
     from vfmkit.pipelines.reinforce import iter_shard
 

@@ -66,8 +66,13 @@ def _scale_box(box: Sequence[int], ref: int, hw: tuple[int, int]) -> Box:
     return i2, j2, h2, w2
 
 
-def _sample_box(rng: random.Random, hw: tuple[int, int], scale: Sequence[float], ratio: Sequence[float],
-                ratio_is_h_over_w: bool) -> Box | None:
+def _sample_box(
+    rng: random.Random,
+    hw: tuple[int, int],
+    scale: Sequence[float],
+    ratio: Sequence[float],
+    ratio_is_h_over_w: bool,
+) -> Box | None:
     """torchvision's 10-try area/aspect box sampler, driven by ``rng``; None when no try fits."""
     H, W = hw
     log_r = (math.log(ratio[0]), math.log(ratio[1]))
@@ -109,8 +114,9 @@ class RandomResizedCropOp:
         """``[C, H, W]`` source -> ``[C, size, size]`` (``size`` defaults to the recipe's reference size)."""
         s = int(size or self.size)
         i, j, h, w = (int(v) for v in params)
-        return F.resized_crop(img, i, j, h, w, [s, s], interpolation=InterpolationMode(self.interpolation),
-                              antialias=True)
+        return F.resized_crop(
+            img, i, j, h, w, [s, s], interpolation=InterpolationMode(self.interpolation), antialias=True
+        )
 
 
 @dataclass(frozen=True)
@@ -133,8 +139,9 @@ def _ra_magnitude(name: str, bin_index: int, num_bins: int, hw: tuple[int, int])
     return 0.0 if mags is None else float(mags[bin_index])
 
 
-def apply_ra_op(img: torch.Tensor, name: str, magnitude: float, interpolation: str = "nearest",
-                fill: float | None = None) -> torch.Tensor:
+def apply_ra_op(
+    img: torch.Tensor, name: str, magnitude: float, interpolation: str = "nearest", fill: float | None = None
+) -> torch.Tensor:
     """One RandAugment op with torchvision's semantics, through the public ``v2.functional`` API."""
     interp = InterpolationMode(interpolation)
     fill_ = None if fill is None else [float(fill)]
@@ -143,15 +150,29 @@ def apply_ra_op(img: torch.Tensor, name: str, magnitude: float, interpolation: s
     if name in ("ShearX", "ShearY"):
         sh = math.degrees(math.atan(magnitude))
         shear = [sh, 0.0] if name == "ShearX" else [0.0, sh]
-        return F.affine(img, angle=0.0, translate=[0, 0], scale=1.0, shear=shear, interpolation=interp,
-                        fill=fill_, center=[0, 0])
+        return F.affine(
+            img,
+            angle=0.0,
+            translate=[0, 0],
+            scale=1.0,
+            shear=shear,
+            interpolation=interp,
+            fill=fill_,
+            center=[0, 0],
+        )
     if name in _RA_TRANSLATE:
         t = [int(magnitude), 0] if name == "TranslateX" else [0, int(magnitude)]
-        return F.affine(img, angle=0.0, translate=t, scale=1.0, shear=[0.0, 0.0], interpolation=interp, fill=fill_)
+        return F.affine(
+            img, angle=0.0, translate=t, scale=1.0, shear=[0.0, 0.0], interpolation=interp, fill=fill_
+        )
     if name == "Rotate":
         return F.rotate(img, angle=magnitude, interpolation=interp, fill=fill_)
-    simple = {"Brightness": F.adjust_brightness, "Color": F.adjust_saturation, "Contrast": F.adjust_contrast,
-              "Sharpness": F.adjust_sharpness}
+    simple = {
+        "Brightness": F.adjust_brightness,
+        "Color": F.adjust_saturation,
+        "Contrast": F.adjust_contrast,
+        "Sharpness": F.adjust_sharpness,
+    }
     if name in simple:
         return simple[name](img, 1.0 + magnitude)
     if name == "Posterize":
@@ -240,7 +261,7 @@ class RandomErasingOp:
         i, j, h, w = _scale_box(params, self.ref_size, image_hw(img))
         v = self.value if img.is_floating_point() else round(self.value * 255)
         out = img.clone()
-        out[..., i:i + h, j:j + w] = v
+        out[..., i : i + h, j : j + w] = v
         return out
 
 
@@ -292,7 +313,7 @@ class MixOp:
         if mix.kind != "cutmix" or mix.box is None:
             raise ValueError(f"bad mix params {mix}")
         i, j, h, w = _scale_box(mix.box, self.ref_size, image_hw(img))
-        a[..., i:i + h, j:j + w] = b[..., i:i + h, j:j + w]
+        a[..., i : i + h, j : j + w] = b[..., i : i + h, j : j + w]
         return a
 
 
@@ -397,12 +418,21 @@ class ReplayableAugment:
         self.crop = RandomResizedCropOp(r.size, tuple(r.scale), tuple(r.ratio), r.interpolation)
         st = r.stages
         self.flip = HorizontalFlipOp(r.flip_p) if "flip" in st else None
-        self.ra = (RandAugmentOp(r.ra_num_ops, r.ra_magnitude, r.ra_num_bins, r.ra_p, r.ra_interpolation,
-                                 None, r.size) if "ra" in st else None)
-        self.erase = (RandomErasingOp(r.erase_p, tuple(r.erase_scale), tuple(r.erase_ratio), r.erase_value, r.size)
-                      if "erase" in st else None)
-        self.mix = (MixOp(r.mixup_alpha, r.cutmix_alpha, r.mix_switch_prob, r.mix_p, r.size)
-                    if "mix" in st else None)
+        self.ra = (
+            RandAugmentOp(
+                r.ra_num_ops, r.ra_magnitude, r.ra_num_bins, r.ra_p, r.ra_interpolation, None, r.size
+            )
+            if "ra" in st
+            else None
+        )
+        self.erase = (
+            RandomErasingOp(r.erase_p, tuple(r.erase_scale), tuple(r.erase_ratio), r.erase_value, r.size)
+            if "erase" in st
+            else None
+        )
+        self.mix = (
+            MixOp(r.mixup_alpha, r.cutmix_alpha, r.mix_switch_prob, r.mix_p, r.size) if "mix" in st else None
+        )
 
     def sample_single(self, rng: random.Random, image_size: tuple[int, int]) -> AugParams:
         """Per-image params (no mixing) for a source image of ``image_size = (H, W)``."""
@@ -413,8 +443,13 @@ class ReplayableAugment:
         erase = self.erase.sample(rng, ref) if self.erase else None
         return AugParams(crop, flip, None if ra is None else tuple(ra), erase)
 
-    def sample(self, rng: random.Random, image_size: tuple[int, int], partner: int | str | None = None,
-               partner_size: tuple[int, int] | None = None) -> AugParams:
+    def sample(
+        self,
+        rng: random.Random,
+        image_size: tuple[int, int],
+        partner: int | str | None = None,
+        partner_size: tuple[int, int] | None = None,
+    ) -> AugParams:
         """Full params; with a mixing recipe and a ``partner`` id, also the partner's own params and the mix."""
         p = self.sample_single(rng, image_size)
         if self.mix is None or partner is None:
@@ -426,8 +461,15 @@ class ReplayableAugment:
         kind, lam, box = draw
         return dataclasses.replace(p, mix=MixParams(kind, lam, box, partner, pp))
 
-    def sample_for(self, seed: int, uid: str | int, aug_index: int, image_size: tuple[int, int],
-                   partner: int | str | None = None, partner_size: tuple[int, int] | None = None) -> AugParams:
+    def sample_for(
+        self,
+        seed: int,
+        uid: str | int,
+        aug_index: int,
+        image_size: tuple[int, int],
+        partner: int | str | None = None,
+        partner_size: tuple[int, int] | None = None,
+    ) -> AugParams:
         """Deterministic draw for (seed, uid, aug_index)."""
         return self.sample(make_rng(seed, uid, aug_index), image_size, partner, partner_size)
 
@@ -457,8 +499,13 @@ class ReplayableAugment:
             return y
         return y.float() * mix.lam + y_partner.float() * (1.0 - mix.lam)
 
-    def replay(self, img: torch.Tensor, params: AugParams, size: int | None = None,
-               partner_img: torch.Tensor | None = None) -> torch.Tensor:
+    def replay(
+        self,
+        img: torch.Tensor,
+        params: AugParams,
+        size: int | None = None,
+        partner_img: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """Everything, mixing included: ``partner_img`` is the partner's SOURCE image (needed iff mixed)."""
         out = self.apply(img, params, size)
         if params.mix is None:
@@ -468,8 +515,13 @@ class ReplayableAugment:
         other = self.apply(partner_img, params.mix.partner_params, size)
         return self.apply_mix(out, other, params.mix)
 
-    def __call__(self, img: torch.Tensor, rng: random.Random, partner_img: torch.Tensor | None = None,
-                 partner: int | str | None = None) -> tuple[torch.Tensor, AugParams]:
+    def __call__(
+        self,
+        img: torch.Tensor,
+        rng: random.Random,
+        partner_img: torch.Tensor | None = None,
+        partner: int | str | None = None,
+    ) -> tuple[torch.Tensor, AugParams]:
         """Sample then replay (what generation does): returns ``(image [C, S, S], params)``."""
         p_size = image_hw(partner_img) if partner_img is not None else None
         params = self.sample(rng, image_hw(img), partner if partner_img is not None else None, p_size)
@@ -597,8 +649,12 @@ OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
-def to_student(img: torch.Tensor, size: int | None = None, mean: Sequence[float] = OPENAI_MEAN,
-               std: Sequence[float] = OPENAI_STD) -> torch.Tensor:
+def to_student(
+    img: torch.Tensor,
+    size: int | None = None,
+    mean: Sequence[float] = OPENAI_MEAN,
+    std: Sequence[float] = OPENAI_STD,
+) -> torch.Tensor:
     """The separate step after replay: ``[C, H, W]`` (uint8 or float in [0, 1]) -> normalised float
     ``[C, size, size]`` (resized only when the replayed size differs)."""
     if size is not None and image_hw(img) != (size, size):

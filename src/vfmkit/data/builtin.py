@@ -16,8 +16,13 @@ import importlib.resources
 import json
 from pathlib import Path
 
-BUILTIN_NAMES = ("flickr8k/train", "flickr8k/heldout", "imagenette/train", "imagenette/val",
-                 "imagenette/classes.json")
+BUILTIN_NAMES = (
+    "flickr8k/train",
+    "flickr8k/heldout",
+    "imagenette/train",
+    "imagenette/val",
+    "imagenette/classes.json",
+)
 
 
 def assets_root() -> Path:
@@ -35,7 +40,9 @@ def builtin_path(name: str) -> Path:
         raise FileNotFoundError(f"no builtin data {name!r}; available: {', '.join(BUILTIN_NAMES)}")
     p = assets_root() / name
     if not p.exists():
-        raise FileNotFoundError(f"no builtin data {name!r} at {str(p)!r}; available: {', '.join(BUILTIN_NAMES)}")
+        raise FileNotFoundError(
+            f"no builtin data {name!r} at {str(p)!r}; available: {', '.join(BUILTIN_NAMES)}"
+        )
     return p
 
 

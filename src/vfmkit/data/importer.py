@@ -35,7 +35,8 @@ class ImageSource:
         self._members: dict[str, tarfile.TarInfo] = {}
         if self.path.is_dir():
             self._names = sorted(
-                p.relative_to(self.path).as_posix() for p in self.path.rglob("*")
+                p.relative_to(self.path).as_posix()
+                for p in self.path.rglob("*")
                 if p.is_file() and p.suffix.lower() in _IMAGE_EXTS
             )
         elif self.path.is_file() and tarfile.is_tarfile(self.path):
@@ -95,7 +96,9 @@ def read_captions(captions_csv: str | os.PathLike) -> dict[str, list[str]]:
     with open(path, newline="", encoding="utf-8") as f:
         reader = csv.DictReader(f)
         if reader.fieldnames is None or not {"image", "caption"} <= set(reader.fieldnames):
-            raise ValueError(f"captions file {str(path)!r} needs an 'image,caption' header, got {reader.fieldnames}")
+            raise ValueError(
+                f"captions file {str(path)!r} needs an 'image,caption' header, got {reader.fieldnames}"
+            )
         for row in reader:
             cap = (row["caption"] or "").strip()
             if cap:
@@ -103,8 +106,17 @@ def read_captions(captions_csv: str | os.PathLike) -> dict[str, list[str]]:
     return caps
 
 
-def _write_images(src: ImageSource, names: list[str], out_dir: str | os.PathLike, shard_size: int,
-                  meta_fn, max_size: int | None, quality: int, extra: dict, compress: bool) -> dict:
+def _write_images(
+    src: ImageSource,
+    names: list[str],
+    out_dir: str | os.PathLike,
+    shard_size: int,
+    meta_fn,
+    max_size: int | None,
+    quality: int,
+    extra: dict,
+    compress: bool,
+) -> dict:
     """Shared loop: key = index in sorted ``names``; meta_fn(name) -> (json fields, txt or None) or reason str."""
     skipped = []
     with ShardWriter(out_dir, max_count=shard_size, extra=extra, compress=compress) as w:
@@ -124,8 +136,13 @@ def _write_images(src: ImageSource, names: list[str], out_dir: str | os.PathLike
                 skipped.append({"uid": name, "key": key, "reason": f"corrupt image: {type(e).__name__}: {e}"})
                 continue
             fields, txt = meta
-            info = {"uid": name, "sha256": hashlib.sha256(jpg).hexdigest(), "width": width, "height": height,
-                    **fields}
+            info = {
+                "uid": name,
+                "sha256": hashlib.sha256(jpg).hexdigest(),
+                "width": width,
+                "height": height,
+                **fields,
+            }
             sample = {"__key__": key, "jpg": jpg, "json": info}
             if txt is not None:
                 sample["txt"] = txt
@@ -134,9 +151,17 @@ def _write_images(src: ImageSource, names: list[str], out_dir: str | os.PathLike
     return {"format": "vfmkit-shards/1", "shards": w.shards, "count": w.count, **w.extra}
 
 
-def import_captions(images: str | os.PathLike, captions_csv: str | os.PathLike, out_dir: str | os.PathLike,
-                    shard_size: int = 1000, names: Iterable[str] | None = None, *, max_size: int | None = None,
-                    quality: int = 85, compress: bool = False) -> dict:
+def import_captions(
+    images: str | os.PathLike,
+    captions_csv: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    shard_size: int = 1000,
+    names: Iterable[str] | None = None,
+    *,
+    max_size: int | None = None,
+    quality: int = 85,
+    compress: bool = False,
+) -> dict:
     """Image folder or tar + ``image,caption`` CSV -> shards in ``out_dir``; returns the manifest.
 
     ``names`` restricts the import to those image names (e.g. a split); default: every image in the CSV.
@@ -157,9 +182,16 @@ def import_captions(images: str | os.PathLike, captions_csv: str | os.PathLike, 
         src.close()
 
 
-def import_class_folders(root: str | os.PathLike, out_dir: str | os.PathLike, shard_size: int = 1000,
-                         names: Iterable[str] | None = None, *, max_size: int | None = None,
-                         quality: int = 85, compress: bool = False) -> dict:
+def import_class_folders(
+    root: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    shard_size: int = 1000,
+    names: Iterable[str] | None = None,
+    *,
+    max_size: int | None = None,
+    quality: int = 85,
+    compress: bool = False,
+) -> dict:
     """Class-folder tree (``<class>/<image>``, folder or tar) -> shards; label = index in sorted class names.
 
     Classes come from the whole tree even when ``names`` selects a subset, so labels never shift.
@@ -182,8 +214,12 @@ def import_class_folders(root: str | os.PathLike, out_dir: str | os.PathLike, sh
                 fields["wnid"] = cls
             return fields, None
 
-        extra = {"kind": "class_folders", "source_images": str(root), "classes": classes,
-                 "n_ignored": len(src.names()) - len(all_names)}
+        extra = {
+            "kind": "class_folders",
+            "source_images": str(root),
+            "classes": classes,
+            "n_ignored": len(src.names()) - len(all_names),
+        }
         return _write_images(src, todo, out_dir, shard_size, meta, max_size, quality, extra, compress)
     finally:
         src.close()

@@ -76,7 +76,8 @@ class _SlotStream(IterableDataset):
                 err = f"{type(e).__name__}: {e}"
                 if ld.on_corrupt == "raise":
                     raise CorruptSampleError(
-                        f"corrupt sample key={raw.get('__key__')!r} in shard {raw.get('__url__')!r}: {err}") from e
+                        f"corrupt sample key={raw.get('__key__')!r} in shard {raw.get('__url__')!r}: {err}"
+                    ) from e
                 corrupt.append((i, raw.get("__url__"), raw.get("__key__"), err))
                 continue
             if len(pending) == ld.batch_size:
@@ -99,10 +100,22 @@ class ShardLoader:
     After a full epoch the loader moves to the next epoch by itself; ``set_epoch`` sets it explicitly.
     """
 
-    def __init__(self, urls: str | list[str], decode_fn: Callable[[dict], dict], batch_size: int, *,
-                 collate_fn: Callable[[list], Any] = default_collate, shuffle_buffer: int = 1000, seed: int = 0,
-                 num_workers: int = 0, rank: int = 0, world_size: int = 1, resampled: bool = False,
-                 on_corrupt: str = "skip", drop_last: bool = True) -> None:
+    def __init__(
+        self,
+        urls: str | list[str],
+        decode_fn: Callable[[dict], dict],
+        batch_size: int,
+        *,
+        collate_fn: Callable[[list], Any] = default_collate,
+        shuffle_buffer: int = 1000,
+        seed: int = 0,
+        num_workers: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        resampled: bool = False,
+        on_corrupt: str = "skip",
+        drop_last: bool = True,
+    ) -> None:
         if on_corrupt not in ("skip", "raise"):
             raise ValueError(f"on_corrupt must be 'skip' or 'raise', got {on_corrupt!r}")
         if not 0 <= rank < world_size:
@@ -125,8 +138,9 @@ class ShardLoader:
         self._reset_position()
 
     @classmethod
-    def from_config(cls, cfg: Any, decode_fn: Callable[[dict], dict], dist_info: Any = None,
-                    **overrides: Any) -> ShardLoader:
+    def from_config(
+        cls, cfg: Any, decode_fn: Callable[[dict], dict], dist_info: Any = None, **overrides: Any
+    ) -> ShardLoader:
         """The training loader of a run config: ``cfg.data`` (train shards, batch size, shuffle buffer, workers,
         resampling, corrupt policy), ``cfg.seed`` and the rank split of ``dist_info`` (None: one process),
         ``drop_last=True``. ``overrides`` replace any of those keyword arguments (``urls=`` the shards, e.g. a
@@ -137,9 +151,15 @@ class ShardLoader:
         if d.on_corrupt not in ("skip", "raise"):
             raise ConfigError(f"config key 'data.on_corrupt': {d.on_corrupt!r} is not 'skip' or 'raise'")
         kw: dict[str, Any] = dict(
-            urls=d.train, batch_size=d.batch_size, shuffle_buffer=d.shuffle_buffer, seed=cfg.seed,
-            num_workers=d.num_workers, rank=getattr(dist_info, "rank", 0),
-            world_size=getattr(dist_info, "world_size", 1), resampled=d.resampled, on_corrupt=d.on_corrupt,
+            urls=d.train,
+            batch_size=d.batch_size,
+            shuffle_buffer=d.shuffle_buffer,
+            seed=cfg.seed,
+            num_workers=d.num_workers,
+            rank=getattr(dist_info, "rank", 0),
+            world_size=getattr(dist_info, "world_size", 1),
+            resampled=d.resampled,
+            on_corrupt=d.on_corrupt,
             drop_last=True,
         )
         unknown = set(overrides) - set(kw) - {"collate_fn"}
@@ -157,12 +177,21 @@ class ShardLoader:
             per_slot = len(self.urls) if self.sample_split else max(1, len(self.urls) // self.n_slots)
             # in sample-split mode all slots must draw the same shard sequence, else the modulo split overlaps
             slot_seed = 0 if self.sample_split else slot
-            return [wds.ResampledShards(self.urls, nshards=per_slot, seed=make_seed(self.seed, epoch),
-                                        worker_seed=partial(int, slot_seed), deterministic=True)]
+            return [
+                wds.ResampledShards(
+                    self.urls,
+                    nshards=per_slot,
+                    seed=make_seed(self.seed, epoch),
+                    worker_seed=partial(int, slot_seed),
+                    deterministic=True,
+                )
+            ]
         stages = [wds.SimpleShardList(self.urls, seed=make_seed(self.seed, epoch) if shuffle else None)]
         if not self.sample_split:
-            stages += [partial(_split, index=rank, count=self.world_size),
-                       partial(_split, index=worker, count=self.n_workers)]
+            stages += [
+                partial(_split, index=rank, count=self.world_size),
+                partial(_split, index=worker, count=self.n_workers),
+            ]
         return stages
 
     def _raw_pipeline(self, epoch: int, rank: int, worker: int) -> wds.DataPipeline:
@@ -226,18 +255,32 @@ class ShardLoader:
 
     def state_dict(self) -> dict:
         """Plain-python position (safe for ``torch.load(weights_only=True)``)."""
-        return {"epoch": self.epoch, "seed": self.seed, "rank": self.rank, "world_size": self.world_size,
-                "num_workers": self.n_workers, "n_urls": len(self.urls), "consumed": list(self._consumed),
-                "batches": self._batches, "corrupt": [list(c) for c in self.corrupt],
-                "corrupt_pos": [list(p) for p in self._corrupt_pos]}
+        return {
+            "epoch": self.epoch,
+            "seed": self.seed,
+            "rank": self.rank,
+            "world_size": self.world_size,
+            "num_workers": self.n_workers,
+            "n_urls": len(self.urls),
+            "consumed": list(self._consumed),
+            "batches": self._batches,
+            "corrupt": [list(c) for c in self.corrupt],
+            "corrupt_pos": [list(p) for p in self._corrupt_pos],
+        }
 
     def load_state_dict(self, state: dict) -> None:
         """Restore a position saved by ``state_dict``; the split layout must be the one it was saved with."""
-        for k, mine in (("seed", self.seed), ("world_size", self.world_size), ("num_workers", self.n_workers),
-                        ("n_urls", len(self.urls))):
+        for k, mine in (
+            ("seed", self.seed),
+            ("world_size", self.world_size),
+            ("num_workers", self.n_workers),
+            ("n_urls", len(self.urls)),
+        ):
             if state.get(k) != mine:
-                raise ValueError(f"loader state has {k}={state.get(k)!r} but this loader has {mine!r}: "
-                                 "the saved position does not map onto this split")
+                raise ValueError(
+                    f"loader state has {k}={state.get(k)!r} but this loader has {mine!r}: "
+                    "the saved position does not map onto this split"
+                )
         if state.get("rank") != self.rank:
             log.warning("loading loader state of rank %s on rank %s", state.get("rank"), self.rank)
         self.epoch = int(state["epoch"])
@@ -251,8 +294,9 @@ class ShardLoader:
         ds = _SlotStream(self, epoch, list(self._consumed))
         if self.num_workers == 0:
             return iter(ds)
-        dl = DataLoader(ds, batch_size=None, num_workers=self.num_workers, collate_fn=_identity,
-                        persistent_workers=False)
+        dl = DataLoader(
+            ds, batch_size=None, num_workers=self.num_workers, collate_fn=_identity, persistent_workers=False
+        )
         return iter(dl)
 
     def __iter__(self) -> Iterator[Any]:
@@ -291,8 +335,16 @@ class TensorLoader:
     positions ``r, r + world_size, ...`` (truncated to equal length across ranks when ``drop_last``).
     """
 
-    def __init__(self, tensors: dict[str, torch.Tensor], batch_size: int, seed: int = 0, shuffle: bool = True,
-                 drop_last: bool = True, rank: int = 0, world_size: int = 1) -> None:
+    def __init__(
+        self,
+        tensors: dict[str, torch.Tensor],
+        batch_size: int,
+        seed: int = 0,
+        shuffle: bool = True,
+        drop_last: bool = True,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> None:
         sizes = {k: t.shape[0] for k, t in tensors.items()}
         if not sizes or len(set(sizes.values())) != 1:
             raise ValueError(f"tensors must be a non-empty dict with equal first dims, got {sizes}")
@@ -302,7 +354,9 @@ class TensorLoader:
         self.drop_last, self.rank, self.world_size = drop_last, rank, world_size
         self.n = next(iter(sizes.values()))
         self.epoch, self._batches = 0, 0
-        self.corrupt: list[tuple[str, str, str]] = []  # in-memory tensors cannot be corrupt; kept for API parity
+        self.corrupt: list[
+            tuple[str, str, str]
+        ] = []  # in-memory tensors cannot be corrupt; kept for API parity
 
     n_corrupt = 0
 
@@ -314,7 +368,7 @@ class TensorLoader:
         else:
             perm = torch.arange(self.n)
         stop = (self.n // self.world_size) * self.world_size if self.drop_last else self.n
-        return perm[self.rank:stop:self.world_size]
+        return perm[self.rank : stop : self.world_size]
 
     def __len__(self) -> int:
         n = len(self._indices(self.epoch))
@@ -325,12 +379,22 @@ class TensorLoader:
             self.epoch, self._batches = epoch, 0
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "batches": self._batches, "seed": self.seed, "n": self.n,
-                "world_size": self.world_size, "batch_size": self.batch_size}
+        return {
+            "epoch": self.epoch,
+            "batches": self._batches,
+            "seed": self.seed,
+            "n": self.n,
+            "world_size": self.world_size,
+            "batch_size": self.batch_size,
+        }
 
     def load_state_dict(self, state: dict) -> None:
-        for k, mine in (("seed", self.seed), ("n", self.n), ("world_size", self.world_size),
-                        ("batch_size", self.batch_size)):
+        for k, mine in (
+            ("seed", self.seed),
+            ("n", self.n),
+            ("world_size", self.world_size),
+            ("batch_size", self.batch_size),
+        ):
             if state.get(k) != mine:
                 raise ValueError(f"loader state has {k}={state.get(k)!r} but this loader has {mine!r}")
         self.epoch, self._batches = int(state["epoch"]), int(state["batches"])
@@ -339,7 +403,7 @@ class TensorLoader:
         epoch = self.epoch
         idx = self._indices(epoch)
         for b in range(self._batches, len(self)):
-            sel = idx[b * self.batch_size:(b + 1) * self.batch_size]
+            sel = idx[b * self.batch_size : (b + 1) * self.batch_size]
             self._batches = b + 1
             yield {k: t[sel] for k, t in self.tensors.items()}
         if self.epoch == epoch:

@@ -136,7 +136,9 @@ class ReinforcedMeta:
         d = dict(d)
         fmt = d.pop("format", None)
         if fmt != f"{FORMAT}/{FORMAT_VERSION}":
-            raise ValueError(f"unsupported reinforced metadata format {fmt!r} (expected {FORMAT}/{FORMAT_VERSION})")
+            raise ValueError(
+                f"unsupported reinforced metadata format {fmt!r} (expected {FORMAT}/{FORMAT_VERSION})"
+            )
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - names)
         if unknown:
@@ -163,8 +165,18 @@ def read_metadata(path: str | os.PathLike) -> ReinforcedMeta:
 def _mean_param_json_bytes(recipe: AugRecipe, n: int = 32) -> float:
     """Mean compact-JSON size of one augmentation entry, measured on ``n`` real draws for a 256 px source."""
     aug = ReplayableAugment(recipe)
-    sizes = [len(json.dumps(params_to_json(aug.sample_for(0, "estimate", k, (256, 256), partner=1, partner_size=(
-        256, 256)), recipe), separators=(",", ":"))) + 1 for k in range(n)]
+    sizes = [
+        len(
+            json.dumps(
+                params_to_json(
+                    aug.sample_for(0, "estimate", k, (256, 256), partner=1, partner_size=(256, 256)), recipe
+                ),
+                separators=(",", ":"),
+            )
+        )
+        + 1
+        for k in range(n)
+    ]
     return sum(sizes) / n
 
 
@@ -176,8 +188,11 @@ def storage_breakdown(meta: ReinforcedMeta) -> dict[str, int]:
     """
     params = int(round(meta.n_aug * _mean_param_json_bytes(meta.recipe)))
     if meta.kind == "multimodal":
-        parts = {"embeddings": (meta.n_aug + 1 + meta.n_syn) * meta.emb_dim * _BYTES[meta.dtype],
-                 "params": params, "captions": meta.n_syn * _CAPTION_BYTES_ESTIMATE}
+        parts = {
+            "embeddings": (meta.n_aug + 1 + meta.n_syn) * meta.emb_dim * _BYTES[meta.dtype],
+            "params": params,
+            "captions": meta.n_syn * _CAPTION_BYTES_ESTIMATE,
+        }
     else:
         idx_bytes = 2 if (meta.num_classes or 0) <= np.iinfo(np.int16).max else 4
         parts = {"topk": meta.n_aug * int(meta.topk or 0) * (2 + idx_bytes), "params": params}
@@ -195,13 +210,21 @@ def encode_embeddings(image_emb: torch.Tensor, text_emb: torch.Tensor, storage: 
     """``npz`` (float32) or ``pth.gz`` (bf16 torch dict, gzip) bytes for ``[n_aug, D]`` and ``[1 + n_syn, D]``."""
     if storage == "npz":
         buf = io.BytesIO()
-        np.savez(buf, image_emb=image_emb.detach().float().cpu().numpy(),
-                 text_emb=text_emb.detach().float().cpu().numpy())
+        np.savez(
+            buf,
+            image_emb=image_emb.detach().float().cpu().numpy(),
+            text_emb=text_emb.detach().float().cpu().numpy(),
+        )
         return buf.getvalue()
     if storage == "pth.gz":
         buf = io.BytesIO()
-        torch.save({"image_emb": image_emb.detach().cpu().to(torch.bfloat16).contiguous(),
-                    "text_emb": text_emb.detach().cpu().to(torch.bfloat16).contiguous()}, buf)
+        torch.save(
+            {
+                "image_emb": image_emb.detach().cpu().to(torch.bfloat16).contiguous(),
+                "text_emb": text_emb.detach().cpu().to(torch.bfloat16).contiguous(),
+            },
+            buf,
+        )
         return gzip.compress(buf.getvalue(), compresslevel=6)
     raise ValueError(f"unknown embedding storage {storage!r}")
 
@@ -209,8 +232,10 @@ def encode_embeddings(image_emb: torch.Tensor, text_emb: torch.Tensor, storage: 
 # Why a fast path: ``np.load`` of a 0.7 KB top-k npz costs ~0.8 ms and of a 20 KB embedding npz ~2.5 ms (zipfile +
 # ``ast.literal_eval`` of the npy header), several % of a small student's CPU step per image; the reinforced
 # modes must cost what plain costs.
-_NPY_HEADER = re.compile(r"'descr':\s*'([<>|=]?[a-zA-Z]\d*)',\s*'fortran_order':\s*False,\s*"
-                         r"'shape':\s*\(([\d,\s]*)\)")
+_NPY_HEADER = re.compile(
+    r"'descr':\s*'([<>|=]?[a-zA-Z]\d*)',\s*'fortran_order':\s*False,\s*"
+    r"'shape':\s*\(([\d,\s]*)\)"
+)
 
 
 def _fast_npy(buf: memoryview) -> np.ndarray | None:
@@ -219,7 +244,7 @@ def _fast_npy(buf: memoryview) -> np.ndarray | None:
         return None
     off = 10 if buf[6] == 1 else 12
     hlen = struct.unpack_from("<H" if buf[6] == 1 else "<I", buf, 8)[0]
-    m = _NPY_HEADER.search(bytes(buf[off:off + hlen]).decode("latin1"))
+    m = _NPY_HEADER.search(bytes(buf[off : off + hlen]).decode("latin1"))
     if m is None:
         return None
     dtype = np.dtype(m.group(1))
@@ -237,21 +262,23 @@ def read_npz(data: bytes) -> dict[str, np.ndarray]:
     ``allow_pickle=False`` (writable copies), so it never unpickles."""
     out: dict[str, np.ndarray] = {}
     view, pos = memoryview(data), 0
-    while bytes(view[pos:pos + 4]) == b"PK\x03\x04":
+    while bytes(view[pos : pos + 4]) == b"PK\x03\x04":
         _, _, flags, comp, _, _, _, csize, _, nlen, xlen = struct.unpack_from("<4sHHHHHIIIHH", view, pos)
-        name = bytes(view[pos + 30:pos + 30 + nlen]).decode()
-        extra, start = view[pos + 30 + nlen:pos + 30 + nlen + xlen], pos + 30 + nlen + xlen
+        name = bytes(view[pos + 30 : pos + 30 + nlen]).decode()
+        extra, start = view[pos + 30 + nlen : pos + 30 + nlen + xlen], pos + 30 + nlen + xlen
         if csize == 0xFFFFFFFF:  # zip64: sizes are in extra field 0x0001 (uncompressed, then compressed)
             xp = 0
             while xp + 4 <= len(extra) and struct.unpack_from("<H", extra, xp)[0] != 1:
                 xp += 4 + struct.unpack_from("<H", extra, xp + 2)[0]
             csize = struct.unpack_from("<Q", extra, xp + 12)[0] if xp + 20 <= len(extra) else -1
-        arr = _fast_npy(view[start:start + csize]) if comp == 0 and not flags & 0x08 and csize >= 0 else None
+        arr = (
+            _fast_npy(view[start : start + csize]) if comp == 0 and not flags & 0x08 and csize >= 0 else None
+        )
         if arr is None:
             break
         out[name.removesuffix(".npy")] = arr
         pos = start + csize
-    if not out or bytes(view[pos:pos + 4]) not in (b"PK\x01\x02", b"PK\x05\x06", b"PK\x06\x06"):
+    if not out or bytes(view[pos : pos + 4]) not in (b"PK\x01\x02", b"PK\x05\x06", b"PK\x06\x06"):
         with np.load(io.BytesIO(data), allow_pickle=False) as z:
             return {k: z[k] for k in z.files}
     return out
@@ -261,7 +288,9 @@ def decode_embeddings(data: bytes, storage: str) -> tuple[torch.Tensor, torch.Te
     """Inverse of :func:`encode_embeddings`; returns float32 tensors. Never unpickles (weights_only / no pickle)."""
     if storage == "npz":
         z = read_npz(data)  # astype copies: the tensors own writable memory
-        return torch.from_numpy(z["image_emb"].astype(np.float32)), torch.from_numpy(z["text_emb"].astype(np.float32))
+        return torch.from_numpy(z["image_emb"].astype(np.float32)), torch.from_numpy(
+            z["text_emb"].astype(np.float32)
+        )
     if storage == "pth.gz":
         d = torch.load(io.BytesIO(gzip.decompress(data)), map_location="cpu", weights_only=True)
         return d["image_emb"].float(), d["text_emb"].float()
@@ -301,21 +330,39 @@ class MultimodalRecord:
     caption: str | None = None
 
 
-def _check_mm_shapes(meta: ReinforcedMeta, n_params: int, n_syn: int, image_emb: torch.Tensor,
-                     text_emb: torch.Tensor, where: str) -> None:
+def _check_mm_shapes(
+    meta: ReinforcedMeta,
+    n_params: int,
+    n_syn: int,
+    image_emb: torch.Tensor,
+    text_emb: torch.Tensor,
+    where: str,
+) -> None:
     want_i, want_t = (meta.n_aug, meta.emb_dim), (1 + meta.n_syn, meta.emb_dim)
     if tuple(image_emb.shape) != want_i or tuple(text_emb.shape) != want_t:
-        raise ValueError(f"{where}: embeddings {tuple(image_emb.shape)}/{tuple(text_emb.shape)}, "
-                         f"metadata says image {want_i} and text {want_t}")
+        raise ValueError(
+            f"{where}: embeddings {tuple(image_emb.shape)}/{tuple(text_emb.shape)}, "
+            f"metadata says image {want_i} and text {want_t}"
+        )
     if n_params != meta.n_aug or n_syn != meta.n_syn:
-        raise ValueError(f"{where}: {n_params} augmentations / {n_syn} captions, metadata says "
-                         f"{meta.n_aug} / {meta.n_syn}")
+        raise ValueError(
+            f"{where}: {n_params} augmentations / {n_syn} captions, metadata says {meta.n_aug} / {meta.n_syn}"
+        )
 
 
-def encode_multimodal(key: str, uid: str, params: Sequence[AugParams], syn_text: Sequence[str],
-                      image_emb: torch.Tensor, text_emb: torch.Tensor, meta: ReinforcedMeta, *,
-                      sha256: str | None = None, jpg: bytes | None = None,
-                      caption: str | None = None) -> dict[str, Any]:
+def encode_multimodal(
+    key: str,
+    uid: str,
+    params: Sequence[AugParams],
+    syn_text: Sequence[str],
+    image_emb: torch.Tensor,
+    text_emb: torch.Tensor,
+    meta: ReinforcedMeta,
+    *,
+    sha256: str | None = None,
+    jpg: bytes | None = None,
+    caption: str | None = None,
+) -> dict[str, Any]:
     """A webdataset sample dict (all values bytes, plus ``__key__``) in DataCompDR's layout.
 
     ``jpg`` is stored only when given; its sha256 is computed when ``sha256`` is not given.
@@ -353,8 +400,17 @@ def decode_multimodal(raw: dict[str, Any], meta: ReinforcedMeta) -> MultimodalRe
         raise ValueError(f"sample {key!r} (uid {info.get('uid')!r}): {type(e).__name__}: {e}") from e
     _check_mm_shapes(meta, len(params), len(syn), image_emb, text_emb, f"sample {key!r}")
     txt = raw.get("txt")
-    return MultimodalRecord(key, str(info["uid"]), info.get("sha256"), params, syn, image_emb, text_emb,
-                            raw.get("jpg"), txt.decode("utf-8") if isinstance(txt, bytes) else txt)
+    return MultimodalRecord(
+        key,
+        str(info["uid"]),
+        info.get("sha256"),
+        params,
+        syn,
+        image_emb,
+        text_emb,
+        raw.get("jpg"),
+        txt.decode("utf-8") if isinstance(txt, bytes) else txt,
+    )
 
 
 # ----------------------------------------------------------------------------------- classification record
@@ -365,7 +421,9 @@ def topk_encode(probs: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor
     return values, indices
 
 
-def densify(values: torch.Tensor, indices: torch.Tensor, num_classes: int, mode: str = "smooth") -> torch.Tensor:
+def densify(
+    values: torch.Tensor, indices: torch.Tensor, num_classes: int, mode: str = "smooth"
+) -> torch.Tensor:
     """Top-k ``[..., k]`` -> a dense distribution ``[..., num_classes]`` that sums to 1.
 
     ``smooth``: the mass the top-k miss (1 - sum) is spread evenly over the other ``C - k`` classes (ImageNet+).
@@ -375,7 +433,9 @@ def densify(values: torch.Tensor, indices: torch.Tensor, num_classes: int, mode:
     k = v.shape[-1]
     if mode == "smooth":
         if k >= num_classes:
-            return torch.zeros(*v.shape[:-1], num_classes).scatter(-1, indices.long(), v / v.sum(-1, keepdim=True))
+            return torch.zeros(*v.shape[:-1], num_classes).scatter(
+                -1, indices.long(), v / v.sum(-1, keepdim=True)
+            )
         rest = (1.0 - v.sum(-1, keepdim=True)).clamp_min(0.0) / (num_classes - k)
         dense = rest.expand(*v.shape[:-1], num_classes).clone()
         dense = dense.scatter(-1, indices.long(), v)
@@ -400,13 +460,24 @@ class ClassificationRecord:
     jpg: bytes | None = None
 
 
-def encode_classification(key: str, uid: str, label: int, params: Sequence[AugParams], values: torch.Tensor,
-                          indices: torch.Tensor, meta: ReinforcedMeta, *, sha256: str | None = None,
-                          jpg: bytes | None = None) -> dict[str, Any]:
+def encode_classification(
+    key: str,
+    uid: str,
+    label: int,
+    params: Sequence[AugParams],
+    values: torch.Tensor,
+    indices: torch.Tensor,
+    meta: ReinforcedMeta,
+    *,
+    sha256: str | None = None,
+    jpg: bytes | None = None,
+) -> dict[str, Any]:
     """A webdataset sample dict: ``paug.json``, ``topk.npz`` (float16 values, int16/int32 indices), ``json``."""
     want = (meta.n_aug, meta.topk)
     if tuple(values.shape) != want or tuple(indices.shape) != want or len(params) != meta.n_aug:
-        raise ValueError(f"sample {key!r}: top-k {tuple(values.shape)}, {len(params)} params; metadata says {want}")
+        raise ValueError(
+            f"sample {key!r}: top-k {tuple(values.shape)}, {len(params)} params; metadata says {want}"
+        )
     if jpg is not None and sha256 is None:
         sha256 = sha256_hex(jpg)
     idx_dtype = np.int16 if (meta.num_classes or 0) <= np.iinfo(np.int16).max else np.int32
@@ -435,9 +506,12 @@ def decode_classification(raw: dict[str, Any], meta: ReinforcedMeta) -> Classifi
     except _BLOB_ERRORS as e:
         raise ValueError(f"sample {key!r} (uid {info.get('uid')!r}): {type(e).__name__}: {e}") from e
     if tuple(values.shape) != (meta.n_aug, meta.topk) or len(params) != meta.n_aug:
-        raise ValueError(f"sample {key!r}: top-k {tuple(values.shape)}, metadata says ({meta.n_aug}, {meta.topk})")
-    return ClassificationRecord(key, str(info["uid"]), info.get("sha256"), int(info["label"]), params, values,
-                                indices, raw.get("jpg"))
+        raise ValueError(
+            f"sample {key!r}: top-k {tuple(values.shape)}, metadata says ({meta.n_aug}, {meta.topk})"
+        )
+    return ClassificationRecord(
+        key, str(info["uid"]), info.get("sha256"), int(info["label"]), params, values, indices, raw.get("jpg")
+    )
 
 
 def sample_params(meta: ReinforcedMeta, seed: int, uid: str, image_size: tuple[int, int]) -> list[AugParams]:
@@ -471,8 +545,12 @@ class ImageIndex:
     (``.tar.gz``, e.g. the embedded subsets) cannot be seeked, so their image bytes are held in memory.
     """
 
-    def __init__(self, urls: str | os.PathLike | Sequence[str | os.PathLike], image_ext: str = "jpg",
-                 uid_field: str = "uid") -> None:
+    def __init__(
+        self,
+        urls: str | os.PathLike | Sequence[str | os.PathLike],
+        image_ext: str = "jpg",
+        uid_field: str = "uid",
+    ) -> None:
         self.image_ext, self.uid_field = image_ext, uid_field
         self._loc: dict[str, tuple[str, int, int] | bytes] = {}
         for url in list_shards(urls):
@@ -527,7 +605,9 @@ class ImageIndex:
             raise KeyError(f"no image for uid {uid!r}")
         want = info.get("sha256")
         if want and sha256_hex(data) != want:
-            raise ImageMismatchError(f"uid {uid!r}: image sha256 {sha256_hex(data)[:12]}... != stored {want[:12]}...")
+            raise ImageMismatchError(
+                f"uid {uid!r}: image sha256 {sha256_hex(data)[:12]}... != stored {want[:12]}..."
+            )
         return {**raw, self.image_ext: data}
 
 
@@ -539,8 +619,11 @@ def _uid_of(raw: dict[str, Any]) -> str:
         return f"<key {raw.get('__key__')}>"
 
 
-def join_by_uid(reinforced: str | os.PathLike | Sequence[str | os.PathLike], index: ImageIndex,
-                report: JoinReport | None = None) -> Iterator[dict[str, Any]]:
+def join_by_uid(
+    reinforced: str | os.PathLike | Sequence[str | os.PathLike],
+    index: ImageIndex,
+    report: JoinReport | None = None,
+) -> Iterator[dict[str, Any]]:
     """Yield reinforced raw samples with their image bytes attached; samples whose image is missing or whose
     sha256 does not match are left out, counted in ``report`` and logged by uid."""
     report = report if report is not None else JoinReport()

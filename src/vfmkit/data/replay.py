@@ -37,8 +37,16 @@ def replay_rng(seed: int, epoch: int, uid: str) -> random.Random:
 class _EpochDecoder:
     """Shared state: seed, epoch, student size and normalisation, optional image join."""
 
-    def __init__(self, meta: ReinforcedMeta, size: int, *, seed: int = 0, mean: Sequence[float] = OPENAI_MEAN,
-                 std: Sequence[float] = OPENAI_STD, images: ImageIndex | None = None) -> None:
+    def __init__(
+        self,
+        meta: ReinforcedMeta,
+        size: int,
+        *,
+        seed: int = 0,
+        mean: Sequence[float] = OPENAI_MEAN,
+        std: Sequence[float] = OPENAI_STD,
+        images: ImageIndex | None = None,
+    ) -> None:
         self.meta, self.size, self.seed, self.epoch = meta, int(size), int(seed), 0
         self.mean, self.std, self.images = tuple(mean), tuple(std), images
         self.aug = ReplayableAugment(meta.recipe)
@@ -65,8 +73,15 @@ class MultimodalReplay(_EpochDecoder):
     without the synthetic-caption branch does not pay for tokenising it).
     """
 
-    def __init__(self, meta: ReinforcedMeta, size: int, *, tokenizer: Tokenizer | None = None,
-                 tokenize_syn: bool = True, **kw: Any) -> None:
+    def __init__(
+        self,
+        meta: ReinforcedMeta,
+        size: int,
+        *,
+        tokenizer: Tokenizer | None = None,
+        tokenize_syn: bool = True,
+        **kw: Any,
+    ) -> None:
         super().__init__(meta, size, **kw)
         if "mix" in meta.recipe.stages:
             raise ValueError("multi-modal replay does not support mixing recipes")
@@ -82,8 +97,13 @@ class MultimodalReplay(_EpochDecoder):
         syn = rec.syn_text[s] if s >= 0 else caption
         out: dict[str, Any] = {
             "image": to_student(img, self.size, self.mean, self.std),
-            "image_emb": rec.image_emb[a], "text_emb": rec.text_emb[0], "syn_text_emb": rec.text_emb[1 + s],
-            "caption": caption, "syn_caption": syn, "aug_index": a, "syn_index": s,
+            "image_emb": rec.image_emb[a],
+            "text_emb": rec.text_emb[0],
+            "syn_text_emb": rec.text_emb[1 + s],
+            "caption": caption,
+            "syn_caption": syn,
+            "aug_index": a,
+            "syn_index": s,
         }
         if self.tokenizer is not None and self.tokenize_syn:
             out["caption"], out["syn_caption"] = self.tokenizer([caption, syn])  # [2, L] -> two [L] rows
@@ -109,8 +129,16 @@ class ClassificationReplay(_EpochDecoder):
     :func:`~vfmkit.data.reinforced.decode_classification` (``np.load``, every param) gives.
     """
 
-    def __init__(self, meta: ReinforcedMeta, size: int, *, p: float = 0.99, densify_mode: str = "smooth",
-                 partners: ImageIndex | None = None, **kw: Any) -> None:
+    def __init__(
+        self,
+        meta: ReinforcedMeta,
+        size: int,
+        *,
+        p: float = 0.99,
+        densify_mode: str = "smooth",
+        partners: ImageIndex | None = None,
+        **kw: Any,
+    ) -> None:
         super().__init__(meta, size, **kw)
         if "mix" in meta.recipe.stages and partners is None:
             raise ValueError("a mixing recipe needs `partners` (an ImageIndex giving partner images by uid)")
@@ -132,11 +160,21 @@ class ClassificationReplay(_EpochDecoder):
             values, indices = z["values"], z["indices"]
             want = (meta.n_aug, meta.topk)
             if len(entries) != meta.n_aug or values.shape != want or indices.shape != want:
-                raise ValueError(f"{len(entries)} params, top-k {values.shape}/{indices.shape}; metadata says "
-                                 f"({meta.n_aug}, {meta.topk})")
+                raise ValueError(
+                    f"{len(entries)} params, top-k {values.shape}/{indices.shape}; metadata says "
+                    f"({meta.n_aug}, {meta.topk})"
+                )
             prm = params_from_json(entries[a], meta.recipe)
-        except (ValueError, KeyError, TypeError, IndexError, OSError, EOFError, struct.error,
-                zipfile.BadZipFile) as e:
+        except (
+            ValueError,
+            KeyError,
+            TypeError,
+            IndexError,
+            OSError,
+            EOFError,
+            struct.error,
+            zipfile.BadZipFile,
+        ) as e:
             raise ValueError(f"sample {where}: {type(e).__name__}: {e}") from e
         v = torch.from_numpy(values[a].astype(np.float32))
         i = torch.from_numpy(indices[a].astype(np.int64))
@@ -156,8 +194,12 @@ class ClassificationReplay(_EpochDecoder):
             prm, target = self._stored(raw, a, f"{raw.get('__key__', '?')!r} (uid {uid!r})")
             partner = self._partner(prm.mix.partner) if prm.mix is not None else None
             img = self.aug.replay(src, prm, self.size, partner_img=partner)
-        return {"image": to_student(img, self.size, self.mean, self.std), "target": target, "label": label,
-                "aug_index": a}
+        return {
+            "image": to_student(img, self.size, self.mean, self.std),
+            "target": target,
+            "label": label,
+            "aug_index": a,
+        }
 
 
 class ReplayShardLoader(ShardLoader):

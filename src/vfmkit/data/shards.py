@@ -58,7 +58,9 @@ def encode_value(key: str, ext: str, value: Any) -> bytes:
         return json.dumps(value, ensure_ascii=False).encode("utf-8")
     if isinstance(value, int | float) and not isinstance(value, bool):
         return str(value).encode("utf-8")
-    raise TypeError(f"sample {key!r}: cannot store {type(value).__name__} as .{ext} (give bytes, str, dict or number)")
+    raise TypeError(
+        f"sample {key!r}: cannot store {type(value).__name__} as .{ext} (give bytes, str, dict or number)"
+    )
 
 
 class ShardWriter:
@@ -72,8 +74,14 @@ class ShardWriter:
     sample, which gzip removes; webdataset reads them transparently.
     """
 
-    def __init__(self, out_dir: str | os.PathLike, prefix: str = "shard", max_count: int = 1000,
-                 extra: dict | None = None, compress: bool = False) -> None:
+    def __init__(
+        self,
+        out_dir: str | os.PathLike,
+        prefix: str = "shard",
+        max_count: int = 1000,
+        extra: dict | None = None,
+        compress: bool = False,
+    ) -> None:
         if max_count < 1:
             raise ValueError(f"max_count must be >= 1, got {max_count}")
         self.out_dir = Path(out_dir)
@@ -108,7 +116,9 @@ class ShardWriter:
         fileobj = self._raw
         if self.compress:
             # explicit filename/mtime: GzipFile would otherwise embed the tmp name and the clock
-            self._gz = fileobj = gzip.GzipFile(filename="", mode="wb", fileobj=self._raw, mtime=0, compresslevel=9)
+            self._gz = fileobj = gzip.GzipFile(
+                filename="", mode="wb", fileobj=self._raw, mtime=0, compresslevel=9
+            )
         self._tar = tarfile.open(fileobj=fileobj, mode="w", format=tarfile.GNU_FORMAT)
         self._n_in_shard = 0
 
@@ -233,7 +243,7 @@ def list_shards(spec: str | os.PathLike | Iterable[str]) -> list[str]:
     if spec.startswith("builtin:"):
         from vfmkit.data.builtin import builtin_path
 
-        return _from_dir(builtin_path(spec[len("builtin:"):]))
+        return _from_dir(builtin_path(spec[len("builtin:") :]))
     if _is_remote(spec):
         return list(braceexpand.braceexpand(spec))
     p = Path(spec).expanduser()
@@ -245,7 +255,9 @@ def list_shards(spec: str | os.PathLike | Iterable[str]) -> list[str]:
         urls = [os.path.expanduser(u) for u in braceexpand.braceexpand(spec)]
         missing = [u for u in urls if not os.path.isfile(u)]
         if missing:
-            raise FileNotFoundError(f"shard pattern {spec!r}: missing {missing[0]!r} ({len(missing)} of {len(urls)})")
+            raise FileNotFoundError(
+                f"shard pattern {spec!r}: missing {missing[0]!r} ({len(missing)} of {len(urls)})"
+            )
         return urls
     if any(c in spec for c in "*?["):
         urls = sorted(glob.glob(os.path.expanduser(spec)))
@@ -317,8 +329,9 @@ def iter_shard(url: str) -> Iterator[dict]:
         yield cur
 
 
-def exclude_uids(spec: str | os.PathLike, out_dir: str | os.PathLike, drop: Collection[str],
-                 max_count: int = 1000) -> dict:
+def exclude_uids(
+    spec: str | os.PathLike, out_dir: str | os.PathLike, drop: Collection[str], max_count: int = 1000
+) -> dict:
     """Copy the samples of ``spec`` whose json ``uid`` is not in ``drop`` into ``out_dir`` (members unchanged).
 
     Used to keep a teacher's own training images out of a distillation transfer set. Written once: an existing

@@ -6,7 +6,9 @@ import torch
 import torch.nn.functional as F
 
 
-def topk_accuracy(logits: torch.Tensor, labels: torch.Tensor, ks: tuple[int, ...] = (1, 5)) -> dict[str, float]:
+def topk_accuracy(
+    logits: torch.Tensor, labels: torch.Tensor, ks: tuple[int, ...] = (1, 5)
+) -> dict[str, float]:
     """logits: [N, C], labels: [N]; percentages."""
     out = {}
     for k in ks:

@@ -14,13 +14,26 @@ def ordered_loader(spec: str | list[str], decode: Callable, batch_size: int = 12
     """The one evaluation loader: shards in file order, no shuffling, one process, no sample dropped."""
     from vfmkit.data.loader import ShardLoader
 
-    return ShardLoader(spec, decode, batch_size, shuffle_buffer=0, seed=0, num_workers=0, on_corrupt=on_corrupt,
-                       drop_last=False)
+    return ShardLoader(
+        spec,
+        decode,
+        batch_size,
+        shuffle_buffer=0,
+        seed=0,
+        num_workers=0,
+        on_corrupt=on_corrupt,
+        drop_last=False,
+    )
 
 
 @torch.no_grad()
 def encode_image_text(
-    model, tokenizer: Callable, preprocess: Callable, spec: str, batch_size: int = 128, device: str = "cpu",
+    model,
+    tokenizer: Callable,
+    preprocess: Callable,
+    spec: str,
+    batch_size: int = 128,
+    device: str = "cpu",
     max_captions: int = 5,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Image-caption shards -> (img_emb [N, D], txt_emb [M, D], txt_img_index [M]), L2-normalised.
@@ -56,8 +69,12 @@ def encode_image_text(
 
 @torch.no_grad()
 def encode_images_labels(
-    encode: Callable[[torch.Tensor], torch.Tensor], preprocess: Callable, spec: str, batch_size: int = 128,
-    device: str = "cpu", normalize: bool = True,
+    encode: Callable[[torch.Tensor], torch.Tensor],
+    preprocess: Callable,
+    spec: str,
+    batch_size: int = 128,
+    device: str = "cpu",
+    normalize: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Class-labelled shards (json ``label``) -> (features [N, D], labels [N])."""
 

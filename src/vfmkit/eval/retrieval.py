@@ -7,7 +7,10 @@ import torch
 
 @torch.no_grad()
 def retrieval_metrics(
-    img_emb: torch.Tensor, txt_emb: torch.Tensor, txt_img_index: torch.Tensor, ks: tuple[int, ...] = (1, 5, 10),
+    img_emb: torch.Tensor,
+    txt_emb: torch.Tensor,
+    txt_img_index: torch.Tensor,
+    ks: tuple[int, ...] = (1, 5, 10),
     block: int = 1024,
 ) -> dict[str, float]:
     """Recall@K for image->text and text->image.

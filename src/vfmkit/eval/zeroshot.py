@@ -20,8 +20,14 @@ def class_names_from_json(path: str | Path) -> list[str]:
 
 @torch.no_grad()
 def zeroshot_eval(
-    model, tokenizer: Callable, preprocess: Callable, spec: str, classnames: Sequence[str],
-    templates: Sequence[Callable[[str], str]] | None = None, device: str = "cpu", batch_size: int = 128,
+    model,
+    tokenizer: Callable,
+    preprocess: Callable,
+    spec: str,
+    classnames: Sequence[str],
+    templates: Sequence[Callable[[str], str]] | None = None,
+    device: str = "cpu",
+    batch_size: int = 128,
 ) -> dict[str, float]:
     """Top-1/top-5 (percent), ECE and NLL of the zero-shot classifier on class-labelled shards."""
     from open_clip import build_zero_shot_classifier
@@ -29,8 +35,9 @@ def zeroshot_eval(
 
     model.eval().to(device)
     templates = templates or OPENAI_IMAGENET_TEMPLATES
-    clf = build_zero_shot_classifier(model, tokenizer, classnames, templates, num_classes_per_batch=10,
-                                     device=device, use_tqdm=False)  # [D, C]
+    clf = build_zero_shot_classifier(
+        model, tokenizer, classnames, templates, num_classes_per_batch=10, device=device, use_tqdm=False
+    )  # [D, C]
     feats, labels = encode_images_labels(model.encode_image, preprocess, spec, batch_size, device)
     scale = float(model.logit_scale.exp()) if hasattr(model, "logit_scale") else 100.0
     return classification_metrics(scale * feats @ clf.cpu(), labels)

@@ -126,6 +126,8 @@ def create_timm_from_state(name: str, state: dict[str, torch.Tensor]) -> torch.n
 
     probe = timm.create_model(name, pretrained=False)
     head = f"{probe.default_cfg.get('classifier', 'fc')}.weight"
-    model = timm.create_model(name, pretrained=False, num_classes=int(state[head].shape[0]) if head in state else 0)
+    model = timm.create_model(
+        name, pretrained=False, num_classes=int(state[head].shape[0]) if head in state else 0
+    )
     model.load_state_dict(state, strict=True)
     return model

@@ -196,6 +196,7 @@ def load_ensemble(specs: Sequence[str], device: str | torch.device = "cpu") -> T
 
 # ----------------------------------------------------------------------------------------------- classifiers
 
+
 class ClassifierTeacher(nn.Module):
     """A frozen image classifier: images float [B,3,H,W] in [0,1] -> logits over the target classes [B, C].
 
