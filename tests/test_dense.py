@@ -266,3 +266,17 @@ def test_probe_checkpoint_reloads_to_the_same_score(probes):
     assert model.meta["tower"] == "efficientnet-lite0" and model.meta["void"] == VOID
     res = evaluate_segmentation(model, ordered_dense_loader("builtin:camvid/val", 8), 11, VOID)
     assert res["mIoU"] == pytest.approx(m["pretrained"]["mIoU"], abs=1e-3)
+
+
+def test_cli_eval_tasks_seg(tmp_path, capsys):
+    from vfmkit.cli import main
+
+    out = tmp_path / "ev"
+    rc = main(
+        ["eval", "--tasks", "seg", "--tower", "efficientnet-lite0", "--seg-steps", "10", "--out", str(out)]
+    )
+    assert rc == 0
+    res = json.loads((out / "eval.json").read_text())
+    assert 0 < res["seg/mIoU"] <= 100 and res["seg/n_images"] == 24
+    assert "seg/mIoU" in capsys.readouterr().out
+    assert (out / "seg_linear" / "model.safetensors").is_file()
