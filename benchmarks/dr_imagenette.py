@@ -34,7 +34,7 @@ from pathlib import Path
 
 import torch
 
-from vfmkit.config import load_config
+from vfmkit.config import derive, load_config
 from vfmkit.data.importer import import_class_folders
 from vfmkit.data.shards import atomic_write_json
 from vfmkit.engine import init_distributed, train
@@ -114,8 +114,9 @@ def one_epoch(mode: str, seed: int, args: argparse.Namespace, paths: dict, epoch
     cfg = mode_config(mode, seed, args, paths, epochs)
     di = init_distributed()
     job = build_job(cfg, di)
+    cfg = job.cfg or cfg  # dr derives train.steps from its epochs
     spe = cfg.train.steps // epochs
-    cfg.train.ckpt_every = spe  # a checkpoint at every epoch end: the next call resumes from it
+    cfg = derive(cfg, {"train": {"ckpt_every": spe}})  # a checkpoint at every epoch end: the next call resumes
     res = train(cfg, job.model, job.loss_fn, job.loader, out_dir=cfg.out_dir, eval_fn=job.eval_fn,
                 dist_info=di, stop_after=spe)
     return {"step": res.step, "sec_per_epoch": spe * cfg.data.batch_size / res.samples_per_s,

@@ -69,8 +69,7 @@ class TrainConfig:
     progress: bool = True
     tensorboard: bool = True
     resume: bool = True  # resume from out_dir/checkpoints/latest if present
-    local_loss: bool = True
-    gather_with_grad: bool = True
+    # Loss settings (local_loss, gather_with_grad) are method args of the methods that use them (clip, mobileclip).
 
 
 @dataclass

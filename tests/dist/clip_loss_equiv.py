@@ -32,7 +32,7 @@ def main(out: str, loss_kind: str) -> None:
     bundle = create_clip("vfm-tiny-vit")
     model = bundle.model
     batch = global_batch(16, bundle)
-    cfg = load_config({"train": {"local_loss": True, "gather_with_grad": True}})
+    cfg = load_config({"method_args": {"local_loss": True, "gather_with_grad": True}})
 
     # single process reference (every rank computes it; rank 0 reports)
     ref_model = create_clip("vfm-tiny-vit").model

@@ -25,6 +25,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from vfmkit.config import ConfigError, RunConfig, parse_section
+from vfmkit.engine.distributed import DistInfo
+from vfmkit.methods.registry import Job
 from vfmkit.text.vocab import Vocabulary, build_vocab
 from vfmkit.text.wordnet import WordNet, WordNetError, load_wordnet, offset_to_wnid
 
@@ -392,10 +394,9 @@ def prepare_data(cfg: RunConfig, args: CatlipArgs, is_main: bool = True) -> tupl
     return Vocabulary.load(vocab_path), str(labelled)
 
 
-def build(cfg: RunConfig, dist_info: Any) -> Any:
+def build(cfg: RunConfig, dist_info: DistInfo) -> Job:
     """The CatLIP pretraining job: image tower + vocabulary head, multi-label BCE, cached labels."""
     from vfmkit.data.loader import ShardLoader
-    from vfmkit.methods.registry import Job
 
     args = parse_args(cfg)
     vocab, spec = prepare_data(cfg, args, dist_info.is_main)

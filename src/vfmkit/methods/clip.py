@@ -17,6 +17,7 @@ from torch import nn
 from vfmkit.config import ConfigError, RunConfig, parse_section
 from vfmkit.data.decode import decode_image
 from vfmkit.engine.distributed import DistInfo
+from vfmkit.methods.registry import Job
 
 
 @dataclass
@@ -24,13 +25,23 @@ class ClipArgs:
     loss: str = "clip"  # "clip" or "siglip"
     caption: str = "random"  # "random": one of the sample's captions each time; "first": the .txt caption
     max_logit_scale: float = 100.0
+    # Loss settings under DDP (open_clip's): score local rows against the gathered batch, gather with autograd.
+    local_loss: bool = True
+    gather_with_grad: bool = True
 
 
-def make_contrastive_loss(kind: str, cfg: RunConfig, dist_info: DistInfo) -> nn.Module:
+def make_contrastive_loss(kind: str, cfg: RunConfig, dist_info: DistInfo, local_loss: bool | None = None,
+                          gather_with_grad: bool | None = None) -> nn.Module:
+    """open_clip's ClipLoss / SigLipLoss; ``local_loss`` / ``gather_with_grad`` default to ``cfg.method_args``'s
+    (True when absent)."""
     from open_clip.loss import ClipLoss, SigLipLoss
 
+    if local_loss is None:
+        local_loss = bool(cfg.method_args.get("local_loss", True))
+    if gather_with_grad is None:
+        gather_with_grad = bool(cfg.method_args.get("gather_with_grad", True))
     if kind == "clip":
-        return ClipLoss(local_loss=cfg.train.local_loss, gather_with_grad=cfg.train.gather_with_grad,
+        return ClipLoss(local_loss=local_loss, gather_with_grad=gather_with_grad,
                         rank=dist_info.rank, world_size=dist_info.world_size)
     if kind == "siglip":
         return SigLipLoss(rank=dist_info.rank, world_size=dist_info.world_size)
@@ -101,9 +112,8 @@ def make_train_loader(cfg: RunConfig, decode: Callable, dist_info: DistInfo):
     return ShardLoader.from_config(cfg, decode, dist_info)
 
 
-def build(cfg: RunConfig, dist_info: DistInfo):
+def build(cfg: RunConfig, dist_info: DistInfo) -> Job:
     """The plain CLIP job: open_clip model + its train transform, captions tokenised, ClipLoss/SigLipLoss."""
-    from vfmkit.methods.registry import Job
     from vfmkit.models.factory import create_clip
 
     args = parse_args(cfg)
@@ -111,6 +121,6 @@ def build(cfg: RunConfig, dist_info: DistInfo):
     bundle = create_clip(cfg.model.name, cfg.model.pretrained, image_size=cfg.data.image_size, **cfg.model.kwargs)
     loader = make_train_loader(cfg, make_clip_decoder(bundle.preprocess_train, bundle.tokenizer, args.caption),
                                dist_info)
-    loss = make_contrastive_loss(args.loss, cfg, dist_info)
+    loss = make_contrastive_loss(args.loss, cfg, dist_info, args.local_loss, args.gather_with_grad)
     return Job(bundle.model, make_clip_loss_fn(loss), loader,
                after_step=lambda m: clamp_logit_scale(m, args.max_logit_scale), extra={"bundle": bundle})

@@ -34,6 +34,8 @@ from torch.utils.data import default_collate
 from vfmkit.config import ConfigError, RunConfig, parse_section
 from vfmkit.data.decode import decode_uint8, plain_view
 from vfmkit.data.rng import seeded_rng
+from vfmkit.engine.distributed import DistInfo
+from vfmkit.methods.registry import Job
 
 MODES = ("reinforced", "plain", "online")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -378,9 +380,8 @@ def load_teacher(setup: DrSetup, device: str | torch.device = "cpu") -> nn.Modul
                                     device=device)
 
 
-def build(cfg: RunConfig, dist_info: Any):
+def build(cfg: RunConfig, dist_info: DistInfo) -> Job:
     """The DR job of ``method_args.mode``: timm student ``cfg.model.name``, from scratch or ``pretrained``."""
-    from vfmkit.methods.registry import Job
     from vfmkit.models.factory import create_classifier
 
     args = parse_args(cfg)
@@ -395,15 +396,18 @@ def build(cfg: RunConfig, dist_info: Any):
     if probe_size is None and not args.reinforced and "size" not in args.recipe:
         setup = resolve_setup(args, size)  # the recipe's reference size defaults to the student's size
     loader = make_train_loader(cfg, args, setup, size, (mean, std), dist_info)
+    job_cfg = None
     if args.epochs > 0:
         try:
             per_epoch = len(loader)
         except TypeError as e:
             raise ConfigError("config key 'method_args.epochs': the training shards have no counts "
                               "(manifest.json); set train.steps instead") from e
-        cfg.train.steps = args.epochs * per_epoch  # the engine counts steps; it reads this after build
+        from vfmkit.config import derive
+
+        job_cfg = derive(cfg, {"train": {"steps": args.epochs * per_epoch}})  # the engine counts steps
     teacher = load_teacher(setup, dist_info.device) if args.mode == "online" else None
     eval_fn = make_eval_fn(make_val_loader(cfg, args, size, (mean, std))) if cfg.data.val else None
     loss_fn = make_loss_fn(args.mode, args.temperature, args.label_smoothing, teacher)
-    return Job(model, loss_fn, loader, eval_fn=eval_fn,
+    return Job(model, loss_fn, loader, eval_fn=eval_fn, cfg=job_cfg,
                extra={"setup": setup, "image_size": size, "teacher": teacher, "args": args})

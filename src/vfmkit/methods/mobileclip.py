@@ -21,6 +21,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from vfmkit.config import ConfigError, RunConfig, parse_section
+from vfmkit.engine.distributed import DistInfo
+from vfmkit.methods.registry import Job
 
 
 @dataclass
@@ -35,6 +37,10 @@ class MobileClipArgs:
     images: str = ""  # image shards joined by uid (public DataCompDR has no jpg)
     online_teachers: list[str] = field(default_factory=list)  # online distillation: teacher specs
     max_logit_scale: float = 100.0
+    # Loss settings under DDP: score local rows (True) or every gathered row (False) against the gathered
+    # batch; gather the student features with autograd.
+    local_loss: bool = True
+    gather_with_grad: bool = True
 
 
 def _gather(x: torch.Tensor, with_grad: bool, world_size: int) -> torch.Tensor:
@@ -54,11 +60,11 @@ def _split(emb: torch.Tensor, dims: Sequence[int]) -> list[torch.Tensor]:
 
 
 class DistillClipLoss(nn.Module):
-    """Multi-teacher similarity distillation + CLIP, exact under local_loss + gather_with_grad."""
+    """Multi-teacher similarity distillation + CLIP, exact under local_loss + gather_with_grad (both method args)."""
 
     def __init__(self, teacher_dims: Sequence[int], teacher_scales: Sequence[float], lam: float = 1.0,
                  average_after_softmax: bool = False, gather_with_grad: bool = True, rank: int = 0,
-                 world_size: int = 1):
+                 world_size: int = 1, local_loss: bool = True):
         super().__init__()
         if len(teacher_dims) != len(teacher_scales):
             raise ConfigError(
@@ -66,7 +72,7 @@ class DistillClipLoss(nn.Module):
                 f"{len(teacher_dims)} teachers (one scale per teacher)")
         self.dims, self.scales = list(teacher_dims), [float(s) for s in teacher_scales]
         self.lam, self.avg_after = float(lam), average_after_softmax
-        self.gather_with_grad = gather_with_grad
+        self.gather_with_grad, self.local_loss = gather_with_grad, local_loss
         self.rank, self.world_size = rank, world_size
 
     def _teacher_log_probs(self, t_a: torch.Tensor, t_b_all: torch.Tensor) -> torch.Tensor:
@@ -88,19 +94,23 @@ class DistillClipLoss(nn.Module):
         img_all, txt_all = _gather(img, self.gather_with_grad, ws), _gather(txt, self.gather_with_grad, ws)
         with torch.no_grad():
             t_img_all, t_txt_all = _gather(t_img, False, ws), _gather(t_txt, False, ws)
-        s_i2t = logit_scale * img @ txt_all.T  # [b, B]
-        s_t2i = logit_scale * txt @ img_all.T
+        # local_loss: this rank's rows against the gathered batch; else every gathered row (open_clip's option).
+        q_img, q_txt, q_t_img, q_t_txt, offset = (
+            (img, txt, t_img, t_txt, rank * img.shape[0]) if self.local_loss or ws == 1
+            else (img_all, txt_all, t_img_all, t_txt_all, 0))
+        s_i2t = logit_scale * q_img @ txt_all.T  # [b, B]
+        s_t2i = logit_scale * q_txt @ img_all.T
         logs: dict[str, torch.Tensor] = {}
         total = img.new_zeros(())
         if self.lam < 1.0:
-            labels = torch.arange(img.shape[0], device=img.device) + rank * img.shape[0]
+            labels = torch.arange(q_img.shape[0], device=img.device) + offset
             clip = 0.5 * (F.cross_entropy(s_i2t, labels) + F.cross_entropy(s_t2i, labels))
             total = total + (1 - self.lam) * clip
             logs["clip_loss"] = clip.detach()
         if self.lam > 0.0:
             with torch.no_grad():
-                lp_i2t = self._teacher_log_probs(t_img, t_txt_all)
-                lp_t2i = self._teacher_log_probs(t_txt, t_img_all)
+                lp_i2t = self._teacher_log_probs(q_t_img, t_txt_all)
+                lp_t2i = self._teacher_log_probs(q_t_txt, t_img_all)
             distill = 0.5 * (_kl_rows(lp_i2t, s_i2t) + _kl_rows(lp_t2i, s_t2i))
             total = total + self.lam * distill
             logs["distill_loss"] = distill.detach()
@@ -196,7 +206,7 @@ class OnlineTeacher:
         return out
 
 
-def build(cfg: RunConfig, dist_info):
+def build(cfg: RunConfig, dist_info: DistInfo) -> Job:
     """Reinforced (offline) MobileCLIP training, or online distillation with ``online_teachers``."""
     from vfmkit.data.decode import decode_image
     from vfmkit.data.loader import ShardLoader
@@ -204,7 +214,6 @@ def build(cfg: RunConfig, dist_info):
     from vfmkit.data.replay import ReplayShardLoader
     from vfmkit.data.shards import list_shards
     from vfmkit.methods.clip import clamp_logit_scale, pick_caption
-    from vfmkit.methods.registry import Job
     from vfmkit.models.factory import create_clip
 
     args = parse_args(cfg)
@@ -237,8 +246,8 @@ def build(cfg: RunConfig, dist_info):
         loader = ReplayShardLoader.from_config(cfg, _reinforced_decoder(cfg, args, bundle, meta), dist_info,
                                                urls=urls)
         teacher = None
-    loss = DistillClipLoss(dims, scales, args.lam, args.average_after_softmax, cfg.train.gather_with_grad,
-                           rank=dist_info.rank, world_size=dist_info.world_size)
+    loss = DistillClipLoss(dims, scales, args.lam, args.average_after_softmax, args.gather_with_grad,
+                           rank=dist_info.rank, world_size=dist_info.world_size, local_loss=args.local_loss)
     return Job(bundle.model, make_loss_fn(loss, args, teacher), loader,
                after_step=lambda m: clamp_logit_scale(m, args.max_logit_scale), extra={"bundle": bundle})
 

@@ -37,6 +37,9 @@ class Job:
     eval_fn: Callable[[nn.Module, int], dict] | None = None
     find_unused_parameters: bool = False
     groups: list[dict] | None = None  # optimizer parameter groups (engine.train's ``groups``)
+    # The config to train with when the method derives one from the given config (e.g. ``train.steps`` from a
+    # number of epochs once the data is known); None: the given config. A validated config is never edited.
+    cfg: RunConfig | None = None
     extra: dict[str, Any] | None = None
 
 
@@ -66,6 +69,7 @@ def run_job(cfg: RunConfig, eval_fn: Callable[[nn.Module, int], dict] | None = N
         eval_fn = eval_for(job)
     if job.groups is not None:
         train_kwargs.setdefault("groups", job.groups)
+    cfg = job.cfg or cfg
     res = train(cfg, job.model, job.loss_fn, job.loader, out_dir=cfg.out_dir, eval_fn=eval_fn or job.eval_fn,
                 after_step=job.after_step, find_unused_parameters=job.find_unused_parameters,
                 dist_info=dist_info, **train_kwargs)
