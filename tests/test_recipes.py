@@ -194,3 +194,34 @@ def test_loss_settings_are_method_args():
     loss = make_contrastive_loss("clip", cfg, DistInfo())
     assert loss.local_loss is False and loss.gather_with_grad is False
     assert make_contrastive_loss("clip", load_config("clip_tiny"), DistInfo()).local_loss is True
+
+
+def test_supervised_method_trains_a_handed_module_like_the_engine(tmp_path):
+    """``supervised`` (CatLIP's downstream fine-tuning) through registry.run_job = the engine called by hand."""
+    import copy
+
+    import torch
+    from torch import nn
+
+    from vfmkit.data.loader import TensorLoader
+    from vfmkit.engine import train
+    from vfmkit.methods.registry import run_job
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 5))
+    x, y = torch.randn(40, 3, 8, 8), torch.randint(0, 5, (40,))
+    a, b = copy.deepcopy(net), copy.deepcopy(net)
+    over = ["train.steps=4", "train.progress=false", "train.tensorboard=false", "data.batch_size=16"]
+    cfg = load_config({"method": "supervised", "out_dir": str(tmp_path / "a"), "method_args": {}}, over)
+
+    def ce(m, batch, step):
+        return torch.nn.functional.cross_entropy(m(batch["x"]).float(), batch["y"].long()), {}
+
+    train(cfg, a, ce, TensorLoader({"x": x, "y": y}, 16, seed=0), out_dir=tmp_path / "a")
+    cfg_b = load_config({"method": "supervised", "out_dir": str(tmp_path / "b"), "method_args": {}}, over)
+    job, res = run_job(cfg_b, build_kwargs={"model": b, "tensors": {"x": x, "y": y}})
+    assert res.step == 4 and job.model is b
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters(), strict=True))
+    assert any(not torch.equal(p, q) for p, q in zip(net.parameters(), b.parameters(), strict=True))
+    with pytest.raises(ConfigError, match="'supervised' trains a module handed to it"):
+        run_job(load_config({"method": "supervised", "out_dir": str(tmp_path / "c")}, over))

@@ -307,17 +307,6 @@ def transfer_head(head: nn.Linear, plan: TransferPlan, bias: str = "mean") -> nn
     return new
 
 
-def make_ce_loss_fn() -> Callable:
-    """Engine loss for downstream fine-tuning/probing: batch ``{"image", "label": [B]}`` -> CE."""
-
-    def loss_fn(model: nn.Module, batch: dict, step: int):
-        logits = model(batch["image"])
-        loss = F.cross_entropy(logits.float(), batch["label"].long())
-        return loss, {"acc": float((logits.argmax(1) == batch["label"]).float().mean())}
-
-    return loss_fn
-
-
 @torch.no_grad()
 def predict(model: nn.Module, images: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
     """images [N,3,H,W] -> logits [N,C] in eval mode."""
@@ -448,19 +437,20 @@ def fit_downstream(net: CatlipModel, train_x: torch.Tensor, train_y: torch.Tenso
                    lr: float, batch_size: int, out_dir: str | Path, seed: int = 0) -> CatlipModel:
     """Train ``net`` (tower + C-way head) with CE through the engine: ``mode="probe"`` trains only the head
     on cached tower features; ``"finetune"`` trains everything on the images. Returns ``net``."""
-    from vfmkit.data.loader import TensorLoader
-    from vfmkit.engine import train
-
     if mode == "probe":  # the one engine-trained linear probe, on cached tower features
         from vfmkit.eval.probe import fit_linear_head
 
         feats = predict(_Features(net), train_x)
         fit_linear_head(net.head, feats, train_y, _downstream_cfg(steps, lr, batch_size, seed, weight_decay=0.0),
                         out_dir)
-    elif mode == "finetune":
-        cfg = _downstream_cfg(steps, lr, batch_size, seed, weight_decay=0.05)
-        loader = TensorLoader({"image": train_x, "label": train_y}, min(batch_size, len(train_x)), seed=seed)
-        train(cfg, net, make_ce_loss_fn(), loader, out_dir=out_dir)
+    elif mode == "finetune":  # method 'supervised' (CE on the handed tensors) through the registry
+        from vfmkit.config import derive
+        from vfmkit.methods.registry import run_job
+
+        cfg = derive(_downstream_cfg(steps, lr, batch_size, seed, weight_decay=0.05),
+                     {"method": "supervised", "out_dir": str(out_dir),
+                      "method_args": {"input_key": "image", "label_key": "label"}})
+        run_job(cfg, build_kwargs={"model": net, "tensors": {"image": train_x, "label": train_y}})
     else:
         raise ValueError(f"mode must be 'probe' or 'finetune', got {mode!r}")
     return net

@@ -21,6 +21,7 @@ METHODS = {
     "coca": "vfmkit.methods.coca",
     "subclone": "vfmkit.methods.subclone",
     "fastfill": "vfmkit.methods.fastfill",
+    "supervised": "vfmkit.methods.supervised",
     "tic": "vfmkit.methods.tic",
     "seg": "vfmkit.methods.seg",
 }
