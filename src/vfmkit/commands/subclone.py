@@ -24,18 +24,38 @@ def cmd_run(a: argparse.Namespace) -> int:
     from vfmkit.pipelines.subclone import SubcloneOptions, subclone_parent
 
     kw = {k: yaml.safe_load(v) for k, v in (s.split("=", 1) for s in a.model_arg)}
-    opts = SubcloneOptions(a.parent, a.out, a.layers, a.width, a.heads, a.mlp_hidden, a.scale, a.blocks, a.calib,
-                           a.heldout, a.n_calib, a.n_heldout, a.pretrained, a.tower, a.num_classes, kw)
+    opts = SubcloneOptions(
+        a.parent,
+        a.out,
+        a.layers,
+        a.width,
+        a.heads,
+        a.mlp_hidden,
+        a.scale,
+        a.blocks,
+        a.calib,
+        a.heldout,
+        a.n_calib,
+        a.n_heldout,
+        a.pretrained,
+        a.tower,
+        a.num_classes,
+        kw,
+    )
     try:
         info = subclone_parent(opts)
     except (SubcloneError, ValueError) as e:  # a bad parent/child/data spec: say why, no traceback
         print(f"vfmkit subclone run: error: {e}", file=sys.stderr)
         return 2
     pd, cd, check = info["plan"].parent, info["plan"].child, info["function_check"]
-    print(f"subclone {info['parent']}: layers {pd.layers}->{cd.layers} width {pd.width}->{cd.width} heads "
-          f"{pd.heads}->{cd.heads} mlp {pd.mlp_hidden}->{cd.mlp_hidden}, blocks kept {info['blocks_kept']}")
-    print(f"function check on {check['n_outputs']} held-out outputs ({info['heldout']}): pearson "
-          f"{check['pearson']:.4f} cosine {check['cosine']:.4f} top1-agree {check['top1_agree']:.4f}")
+    print(
+        f"subclone {info['parent']}: layers {pd.layers}->{cd.layers} width {pd.width}->{cd.width} heads "
+        f"{pd.heads}->{cd.heads} mlp {pd.mlp_hidden}->{cd.mlp_hidden}, blocks kept {info['blocks_kept']}"
+    )
+    print(
+        f"function check on {check['n_outputs']} held-out outputs ({info['heldout']}): pearson "
+        f"{check['pearson']:.4f} cosine {check['cosine']:.4f} top1-agree {check['top1_agree']:.4f}"
+    )
     print(f"wrote {Path(a.out) / 'arch.json'} and model.safetensors")
     return 0
 
@@ -48,16 +68,22 @@ def cmd_train(a: argparse.Namespace) -> int:
     out = a.out or cfg.out_dir
     r = run_training(cfg, out)
     last = r["evals"][-1] if r["evals"] else r["final"]
-    print(f"trained {r['step']} steps -> {out}; last eval: " + ", ".join(
-        f"{k}={v:.4f}" for k, v in last.items() if k.startswith("eval/")))
+    print(
+        f"trained {r['step']} steps -> {out}; last eval: "
+        + ", ".join(f"{k}={v:.4f}" for k, v in last.items() if k.startswith("eval/"))
+    )
     return 0
 
 
 def register(subparsers: Any) -> None:
     from vfmkit.methods.subclone import BLOCK_MODES, SCALE_MODES
 
-    p = subparsers.add_parser("subclone", help="weight subcloning: a smaller model initialised from a larger one",
-                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = subparsers.add_parser(
+        "subclone",
+        help="weight subcloning: a smaller model initialised from a larger one",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     sub = p.add_subparsers(dest="subclone_cmd", required=True)
     r = sub.add_parser("run", help="subclone PARENT into a smaller child and print the function check")
     r.add_argument("parent", help="run dir with arch.json, timm/open_clip name, or transformers GPT-2 dir")
@@ -73,10 +99,17 @@ def register(subparsers: Any) -> None:
     r.add_argument("--n-calib", type=int, default=256)
     r.add_argument("--n-heldout", type=int, default=256)
     r.add_argument("--pretrained", help="weights file (or open_clip tag) for a named parent")
-    r.add_argument("--tower", choices=("visual", "text"), default="visual", help="open_clip tower to subclone")
+    r.add_argument(
+        "--tower", choices=("visual", "text"), default="visual", help="open_clip tower to subclone"
+    )
     r.add_argument("--num-classes", type=int, help="classes of a timm parent's head")
-    r.add_argument("--model-arg", action="append", default=[], metavar="KEY=VALUE",
-                   help="extra timm model kwarg for a named parent (YAML value), e.g. img_size=64")
+    r.add_argument(
+        "--model-arg",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="extra timm model kwarg for a named parent (YAML value), e.g. img_size=64",
+    )
     r.set_defaults(func=cmd_run)
     t = sub.add_parser("train", help="train a parent or a child with a subclone_* recipe through the engine")
     t.add_argument("--recipe", default="subclone_vit_parent")

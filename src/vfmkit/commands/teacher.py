@@ -70,8 +70,8 @@ def _build(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from vfmkit.pipelines.teacher import encode_flickr_split
     from vfmkit.models.teachers import load_teacher
+    from vfmkit.pipelines.teacher import encode_flickr_split
 
     teacher = load_teacher(args.teacher)
     metrics = encode_flickr_split(teacher, args.data, args.split, limit=args.limit)

@@ -62,10 +62,10 @@ def read_samples(spec: str, limit: int = 0) -> list[Sample]:
     p = Path(spec)
     if p.suffix in (".csv", ".txt") and p.is_file():
         texts = _read_texts(p)
-        return [Sample(f"{p.name}:{i}", texts=(t,)) for i, t in enumerate(texts[:limit or None])]
+        return [Sample(f"{p.name}:{i}", texts=(t,)) for i, t in enumerate(texts[: limit or None])]
     if p.is_dir() and not any(p.glob("*.tar*")) and not (p / "manifest.json").exists():
         files = sorted(f for f in p.rglob("*") if f.suffix.lower().lstrip(".") in IMG_EXTS)
-        return [Sample(str(f.relative_to(p)), image=f.read_bytes()) for f in files[:limit or None]]
+        return [Sample(str(f.relative_to(p)), image=f.read_bytes()) for f in files[: limit or None]]
     from vfmkit.data.shards import list_shards
 
     out: list[Sample] = []

@@ -15,8 +15,9 @@ from pathlib import Path
 R1 = "R@1"  # mean of image->text and text->image R@1, the headline retrieval number
 
 
-def evaluate_clip(bundle, tasks: list[str], retrieval_data: str, zeroshot_data: str, probe_train: str,
-                  classes: str | None) -> dict[str, float]:
+def evaluate_clip(
+    bundle, tasks: list[str], retrieval_data: str, zeroshot_data: str, probe_train: str, classes: str | None
+) -> dict[str, float]:
     from vfmkit.data.builtin import builtin_path
     from vfmkit.eval.features import encode_image_text, encode_images_labels
     from vfmkit.eval.probe import linear_probe
@@ -63,7 +64,10 @@ def teacher_retrieval(ensemble, val_data: str) -> dict[str, float]:
 
     def decode(raw):
         img = pil_to_tensor(decode_image(raw)).float().div(255)[None]
-        return {"image": resize_center_crop(img, size)[0], "captions": json.dumps(json.loads(raw["json"])["captions"])}
+        return {
+            "image": resize_center_crop(img, size)[0],
+            "captions": json.dumps(json.loads(raw["json"])["captions"]),
+        }
 
     imgs, caps = [], []
     for batch in ordered_loader(val_data, decode, batch_size=64):

@@ -36,8 +36,6 @@ from vfmkit.methods.fastfill import (
 STEPS = ("cache", "train", "simulate", "report")
 
 
-
-
 def step_train(cfg: RunConfig, a: FastFillArgs, out: Path) -> dict:
     """Train one h per objective (skipped when its weights exist); returns the new head's train accuracy."""
     paths = {r: _cache_path(out, r, a) for r in ("old_train", "new_train")}

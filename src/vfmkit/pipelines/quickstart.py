@@ -63,7 +63,10 @@ class Stages:
         out = fn(*a, **kw)
         self.seconds[name] = time.perf_counter() - t0
         self.cpu_seconds[name] = time.process_time() - c0
-        print(f"[quickstart] {name}: {self.seconds[name]:.1f}s wall, {self.cpu_seconds[name]:.1f}s CPU", flush=True)
+        print(
+            f"[quickstart] {name}: {self.seconds[name]:.1f}s wall, {self.cpu_seconds[name]:.1f}s CPU",
+            flush=True,
+        )
         return out
 
 
@@ -106,14 +109,22 @@ def student_configs(opts: QuickstartOptions, data: str, reinforced: Path):
         over.append(f"train.steps={opts.steps}")
     reinf = to_dict(load_config(opts.recipe, [*over, f"method_args.reinforced={reinforced}"]))
     if reinf["method"] != "mobileclip":
-        raise ValueError(f"recipe {opts.recipe!r} has method {reinf['method']!r}; quickstart needs 'mobileclip'")
+        raise ValueError(
+            f"recipe {opts.recipe!r} has method {reinf['method']!r}; quickstart needs 'mobileclip'"
+        )
     plain = to_dict(load_config(opts.recipe, over))
     every = max(1, reinf["train"]["steps"] // max(1, opts.eval_points))
     reinf["out_dir"] = str(opts.out / "reinforced_student")
-    plain.update(method="clip", method_args={"loss": "clip", "caption": "random"}, out_dir=str(opts.out / "plain_student"))
+    plain.update(
+        method="clip",
+        method_args={"loss": "clip", "caption": "random"},
+        out_dir=str(opts.out / "plain_student"),
+    )
     for c in (plain, reinf):
         c["train"]["eval_every"] = every
-        c["train"]["log_every"] = max(1, min(c["train"]["log_every"], c["train"]["steps"] // 30))  # curve points
+        c["train"]["log_every"] = max(
+            1, min(c["train"]["log_every"], c["train"]["steps"] // 30)
+        )  # curve points
     return load_config(plain), load_config(reinf)
 
 
@@ -157,16 +168,23 @@ def final_eval(bundle, val_data: str, zeroshot_data: str) -> dict[str, float]:
 # ------------------------------------------------------------------------------------------ report
 
 
-TABLE_COLS = [("retrieval/R@1", "held-out R@1"), ("retrieval/i2t_R@1", "I->T R@1"),
-              ("retrieval/t2i_R@1", "T->I R@1"), ("retrieval/i2t_R@5", "I->T R@5"),
-              ("retrieval/t2i_R@5", "T->I R@5"), ("zeroshot/top1", "Imagenette zero-shot top-1")]
+TABLE_COLS = [
+    ("retrieval/R@1", "held-out R@1"),
+    ("retrieval/i2t_R@1", "I->T R@1"),
+    ("retrieval/t2i_R@1", "T->I R@1"),
+    ("retrieval/i2t_R@5", "I->T R@5"),
+    ("retrieval/t2i_R@5", "T->I R@5"),
+    ("zeroshot/top1", "Imagenette zero-shot top-1"),
+]
 
 
 def results_table(rows: dict[str, dict[str, float]]) -> str:
     """Markdown table, one row per model, the columns of ``TABLE_COLS`` (percent; '-' where not measured)."""
     lines = ["| model | " + " | ".join(t for _, t in TABLE_COLS) + " |", "|---" * (len(TABLE_COLS) + 1) + "|"]
     for name, r in rows.items():
-        lines.append(f"| {name} | " + " | ".join(f"{r[k]:.2f}" if k in r else "-" for k, _ in TABLE_COLS) + " |")
+        lines.append(
+            f"| {name} | " + " | ".join(f"{r[k]:.2f}" if k in r else "-" for k, _ in TABLE_COLS) + " |"
+        )
     return "\n".join(lines)
 
 
@@ -199,12 +217,18 @@ def write_report(out: Path, table: str, info: dict) -> Path:
     """``report.md`` (the table, what ran, stage times) and ``results.json``, both written atomically."""
     from vfmkit.data.io import atomic_write_bytes, atomic_write_json
 
-    val_note = ("`builtin:flickr8k/heldout`: 200 Flickr8k train-split photos never trained on, the embedded "
-                "stand-in for Flickr8k val (pass `--val-data` for real val shards)"
-                if info["val_data"] == "builtin:flickr8k/heldout" else f"`{info['val_data']}`")
-    excl = (f" ({info['excluded_teacher_images']} images the offline teacher was aligned on were left out: on them "
-            "its targets are nearly one-hot, so there is little to distil)" if info.get("excluded_teacher_images")
-            else "")
+    val_note = (
+        "`builtin:flickr8k/heldout`: 200 Flickr8k train-split photos never trained on, the embedded "
+        "stand-in for Flickr8k val (pass `--val-data` for real val shards)"
+        if info["val_data"] == "builtin:flickr8k/heldout"
+        else f"`{info['val_data']}`"
+    )
+    excl = (
+        f" ({info['excluded_teacher_images']} images the offline teacher was aligned on were left out: on them "
+        "its targets are nearly one-hot, so there is little to distil)"
+        if info.get("excluded_teacher_images")
+        else ""
+    )
     cpu = info["stage_cpu_seconds"]
     times = "\n".join(f"| {k} | {v:.1f} | {cpu.get(k, 0.0):.1f} |" for k, v in info["stage_seconds"].items())
     md = f"""# vfmkit quickstart report
@@ -253,20 +277,29 @@ def run_quickstart(opts: QuickstartOptions) -> tuple[str, Path, float]:
     if seen and not opts.keep_teacher_images:
         m = st("exclude the teacher's own images", exclude_uids, data, out / "data", seen)
         if m["kept"] == 0:
-            raise ValueError(f"all {m['dropped']} images of {data} are the offline teacher's own training "
-                             "images; give other data or --keep-teacher-images")
-        print(f"[quickstart] {m['dropped']} of {m['kept'] + m['dropped']} training images were the offline "
-              f"teacher's own training images (its targets on them are nearly one-hot): both students train on "
-              f"the other {m['kept']}", flush=True)
+            raise ValueError(
+                f"all {m['dropped']} images of {data} are the offline teacher's own training "
+                "images; give other data or --keep-teacher-images"
+            )
+        print(
+            f"[quickstart] {m['dropped']} of {m['kept'] + m['dropped']} training images were the offline "
+            f"teacher's own training images (its targets on them are nearly one-hot): both students train on "
+            f"the other {m['kept']}",
+            flush=True,
+        )
         data, excluded = str(out / "data"), m["dropped"]
     n_syn = st("caption pool", write_caption_pool, data, out / "captions.jsonl")
     rdir = out / "reinforced"
     st("reinforce", reinforce_with, ens, opts, data, rdir, out / "captions.jsonl" if n_syn else None, n_syn)
     plain_cfg, reinf_cfg = student_configs(opts, data, rdir)
-    torch_seed_bundle = st("untrained student", create_clip, reinf_cfg.model.name,
-                           image_size=reinf_cfg.data.image_size)
-    rows = {"untrained student": st("eval untrained", final_eval, torch_seed_bundle, opts.val_data,
-                                    opts.zeroshot_data)}
+    torch_seed_bundle = st(
+        "untrained student", create_clip, reinf_cfg.model.name, image_size=reinf_cfg.data.image_size
+    )
+    rows = {
+        "untrained student": st(
+            "eval untrained", final_eval, torch_seed_bundle, opts.val_data, opts.zeroshot_data
+        )
+    }
     plain, h_plain = st("train plain", train_student, plain_cfg, opts.val_data)
     reinf, h_reinf = st("train reinforced", train_student, reinf_cfg, opts.val_data)
     rows["plain CLIP student"] = st("eval plain", final_eval, plain, opts.val_data, opts.zeroshot_data)
@@ -279,15 +312,28 @@ def run_quickstart(opts: QuickstartOptions) -> tuple[str, Path, float]:
     meta = read_metadata(rdir / "reinforced.json")
     st.seconds["total"] = time.perf_counter() - t0
     st.cpu_seconds["total"] = time.process_time() - c0
-    info = {"teachers": teachers, "model": reinf_cfg.model.name, "steps": reinf_cfg.train.steps,
-            "batch_size": reinf_cfg.data.batch_size, "recipe": opts.recipe, "seed": opts.seed,
-            "n_aug": meta.n_aug, "n_syn": meta.n_syn, "teacher_scales": [t.logit_scale for t in meta.teachers],
-            "lam": reinf_cfg.method_args.get("lam"), "val_data": opts.val_data, "data": data,
-            "excluded_teacher_images": excluded, "aug": aug_recipe(opts),
-            "zeroshot_data": opts.zeroshot_data, "rows": rows, "stage_seconds": st.seconds,
-            "stage_cpu_seconds": st.cpu_seconds,
-            "gain_R@1": rows["reinforced student"]["retrieval/R@1"] - rows["plain CLIP student"]["retrieval/R@1"],
-            "history": {"plain": h_plain, "reinforced": h_reinf}}
+    info = {
+        "teachers": teachers,
+        "model": reinf_cfg.model.name,
+        "steps": reinf_cfg.train.steps,
+        "batch_size": reinf_cfg.data.batch_size,
+        "recipe": opts.recipe,
+        "seed": opts.seed,
+        "n_aug": meta.n_aug,
+        "n_syn": meta.n_syn,
+        "teacher_scales": [t.logit_scale for t in meta.teachers],
+        "lam": reinf_cfg.method_args.get("lam"),
+        "val_data": opts.val_data,
+        "data": data,
+        "excluded_teacher_images": excluded,
+        "aug": aug_recipe(opts),
+        "zeroshot_data": opts.zeroshot_data,
+        "rows": rows,
+        "stage_seconds": st.seconds,
+        "stage_cpu_seconds": st.cpu_seconds,
+        "gain_R@1": rows["reinforced student"]["retrieval/R@1"] - rows["plain CLIP student"]["retrieval/R@1"],
+        "history": {"plain": h_plain, "reinforced": h_reinf},
+    }
     report = write_report(out, table, info)
     return table, report, st.seconds["total"]
 
@@ -303,13 +349,22 @@ def teacher_seen(teachers: list[str]) -> frozenset[str]:
     return teacher_train_images() if list(teachers) == ["offline"] else frozenset()
 
 
-def reinforce_with(ens, opts: QuickstartOptions, data: str, rdir: Path, captions: Path | None, n_syn: int) -> dict:
+def reinforce_with(
+    ens, opts: QuickstartOptions, data: str, rdir: Path, captions: Path | None, n_syn: int
+) -> dict:
     """Reinforce with the already-loaded teacher ensemble (it is loaded once for reinforcement and evaluation)."""
     from vfmkit.pipelines.reinforce import ReinforceArgs, Reinforcer, reinforce
 
-    ra = ReinforceArgs(mode="clip", teachers=list(opts.teachers or ["offline"]), n_aug=opts.n_aug,
-                       recipe=aug_recipe(opts), seed=opts.seed, images=True,
-                       captions=str(captions) if captions else None, n_syn=n_syn)
+    ra = ReinforceArgs(
+        mode="clip",
+        teachers=list(opts.teachers or ["offline"]),
+        n_aug=opts.n_aug,
+        recipe=aug_recipe(opts),
+        seed=opts.seed,
+        images=True,
+        captions=str(captions) if captions else None,
+        n_syn=n_syn,
+    )
     res = reinforce(data, rdir, ra, progress=False, reinforcer=Reinforcer(ra, teachers=ens))
     if res["manifest"] is None:
         raise RuntimeError(f"reinforcement of {data} into {rdir} is incomplete")

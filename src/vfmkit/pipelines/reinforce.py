@@ -85,7 +85,9 @@ class ReinforceArgs:
     device: str | None = None  # None: cuda when available
     prefetch: bool = True  # prepare the next chunk in a thread while the teachers run
     # image-text
-    captions: str | None = None  # captioner spec (openclip:NAME:TAG, saved dir) or a *.jsonl (uid -> captions)
+    captions: str | None = (
+        None  # captioner spec (openclip:NAME:TAG, saved dir) or a *.jsonl (uid -> captions)
+    )
     n_syn: int = 5
     top_p: float = 0.9
     # labelled
@@ -176,22 +178,27 @@ class Reinforcer:
         self.captions = captions
         if args.mode == "clip" and args.n_syn > 0 and captions is None:
             if not args.captions:
-                raise ValueError("image-text reinforcement with n_syn > 0 needs a caption source (--captions)")
+                raise ValueError(
+                    "image-text reinforcement with n_syn > 0 needs a caption source (--captions)"
+                )
             from vfmkit.methods.captions import make_caption_source
 
-            self.captions = make_caption_source(args.captions, args.n_syn, top_p=args.top_p, device=self.device)
+            self.captions = make_caption_source(
+                args.captions, args.n_syn, top_p=args.top_p, device=self.device
+            )
         self.meta = self._make_meta()
         # Each distinct teacher input size gets its own rendering of every augmentation (MobileCLIP's per-teacher
         # resolution); a classifier ensemble gets the recipe's size and resizes per teacher itself.
-        self.sizes = (sorted(set(self.teachers.image_sizes)) if args.mode == "clip" else [self.recipe.size])
+        self.sizes = sorted(set(self.teachers.image_sizes)) if args.mode == "clip" else [self.recipe.size]
 
     def _load_teachers(self):
         from vfmkit.models import teachers as T
 
         if self.args.mode == "clip":
             return T.load_ensemble(self.args.teachers, device=self.device)
-        ens = T.load_classifier_ensemble(self.args.teachers, self.args.class_index, self.args.temperature,
-                                         device=self.device)
+        ens = T.load_classifier_ensemble(
+            self.args.teachers, self.args.class_index, self.args.temperature, device=self.device
+        )
         for t in ens.teachers:
             # The teacher must score the augmented view itself (the view the student replays), not the eval
             # protocol's centre crop of it: the stored targets describe exactly the stored params.
@@ -209,19 +216,42 @@ class Reinforcer:
         from vfmkit.data.reinforced import ReinforcedMeta, TeacherSpec
 
         a = self.args
-        extra = {"seed": a.seed, "chunk": a.chunk, "images": a.images, "generator": "vfmkit.pipelines.reinforce"}
+        extra = {
+            "seed": a.seed,
+            "chunk": a.chunk,
+            "images": a.images,
+            "generator": "vfmkit.pipelines.reinforce",
+        }
         if a.mode == "clip":
-            specs = tuple(TeacherSpec(t.name, t.embed_dim, t.logit_scale, s)
-                          for t, s in zip(self.teachers.teachers, a.teachers, strict=False))
+            specs = tuple(
+                TeacherSpec(t.name, t.embed_dim, t.logit_scale, s)
+                for t, s in zip(self.teachers.teachers, a.teachers, strict=False)
+            )
             if self.captions is not None:
                 extra["captions"] = self.captions.describe()
             extra["teacher_image_sizes"] = self.teachers.image_sizes
-            return ReinforcedMeta("multimodal", self.recipe, a.n_aug, specs, a.n_syn if self.captions else 0,
-                                  a.storage, extra=extra)
+            return ReinforcedMeta(
+                "multimodal",
+                self.recipe,
+                a.n_aug,
+                specs,
+                a.n_syn if self.captions else 0,
+                a.storage,
+                extra=extra,
+            )
         n_cls = self._num_classes()
         extra.update(classifiers=self.teachers.describe(), class_index=a.class_index, densify=a.densify)
-        return ReinforcedMeta("classification", self.recipe, a.n_aug, (), 0, "npz", num_classes=n_cls,
-                              topk=min(a.topk, n_cls), extra=extra)
+        return ReinforcedMeta(
+            "classification",
+            self.recipe,
+            a.n_aug,
+            (),
+            0,
+            "npz",
+            num_classes=n_cls,
+            topk=min(a.topk, n_cls),
+            extra=extra,
+        )
 
     # -- CPU side: decode, draw, render (runs in the prefetch thread) ------------------------------------
     def prepare(self, raws: list[dict], index: int) -> Chunk:
@@ -248,9 +278,17 @@ class Reinforcer:
         c.partners = [[self._partner(c, i, a) for a in range(self.args.n_aug)] for i in range(len(c.keys))]
         c.params = [self._draw(c, i) for i in range(len(c.keys))]
         for size in self.sizes:
-            c.renders[size] = (torch.stack([self._render(c, i, p, j, size) for i in range(len(c.keys))
-                                           for p, j in zip(c.params[i], c.partners[i], strict=True)])
-                if c.keys else torch.empty(0, 3, size, size))
+            c.renders[size] = (
+                torch.stack(
+                    [
+                        self._render(c, i, p, j, size)
+                        for i in range(len(c.keys))
+                        for p, j in zip(c.params[i], c.partners[i], strict=True)
+                    ]
+                )
+                if c.keys
+                else torch.empty(0, 3, size, size)
+            )
         return c
 
     def _partner(self, c: Chunk, i: int, a: int) -> int | None:
@@ -268,9 +306,16 @@ class Reinforcer:
         hw = tuple(c.images[i].shape[-2:])
         out = []
         for a, j in enumerate(c.partners[i]):
-            out.append(self.aug.sample_for(self.args.seed, c.uids[i], a, hw,
-                                           partner=None if j is None else c.uids[j],
-                                           partner_size=None if j is None else tuple(c.images[j].shape[-2:])))
+            out.append(
+                self.aug.sample_for(
+                    self.args.seed,
+                    c.uids[i],
+                    a,
+                    hw,
+                    partner=None if j is None else c.uids[j],
+                    partner_size=None if j is None else tuple(c.images[j].shape[-2:]),
+                )
+            )
         return out
 
     def _render(self, c: Chunk, i: int, params, j: int | None, size: int) -> Tensor:
@@ -281,7 +326,7 @@ class Reinforcer:
     def _batched(self, fn, x, n: int) -> Tensor:
         """``fn`` over row slices of ``x`` (a tensor or list) of at most ``batch_size`` -> concatenated [n, ...]."""
         bs = self.args.batch_size
-        return torch.cat([fn(x[s:s + bs]).float().cpu() for s in range(0, n, bs)])
+        return torch.cat([fn(x[s : s + bs]).float().cpu() for s in range(0, n, bs)])
 
     def teach(self, c: Chunk, shard_name: str) -> list[dict]:
         """Run the teachers on a prepared chunk -> encoded webdataset samples (bytes values, ``__key__``)."""
@@ -296,7 +341,9 @@ class Reinforcer:
         from vfmkit.data.augment import make_rng
         from vfmkit.data.reinforced import encode_multimodal, sha256_hex
 
-        per_teacher = [self._batched(t.encode_image, c.renders[t.image_size], n * a) for t in self.teachers.teachers]
+        per_teacher = [
+            self._batched(t.encode_image, c.renders[t.image_size], n * a) for t in self.teachers.teachers
+        ]
         img_emb = torch.cat(per_teacher, dim=-1).view(n, a, -1)  # [N, n_aug, sum D]
         syn: list[list[str]] = [[] for _ in range(n)]
         if self.captions is not None:
@@ -305,10 +352,21 @@ class Reinforcer:
             syn = self.captions(c.uids, c.images, seed)
         texts = [t for i in range(n) for t in [c.texts[i], *syn[i]]]
         txt_emb = self._batched(self.teachers.encode_text, texts, len(texts)).view(n, 1 + len(syn[0]), -1)
-        return [encode_multimodal(c.keys[i], c.uids[i], c.params[i], syn[i], img_emb[i], txt_emb[i], self.meta,
-                                  sha256=c.meta[i].get("sha256") or sha256_hex(c.jpgs[i]),
-                                  jpg=c.jpgs[i] if self.args.images else None, caption=c.texts[i])
-                for i in range(n)]
+        return [
+            encode_multimodal(
+                c.keys[i],
+                c.uids[i],
+                c.params[i],
+                syn[i],
+                img_emb[i],
+                txt_emb[i],
+                self.meta,
+                sha256=c.meta[i].get("sha256") or sha256_hex(c.jpgs[i]),
+                jpg=c.jpgs[i] if self.args.images else None,
+                caption=c.texts[i],
+            )
+            for i in range(n)
+        ]
 
     def _teach_classify(self, c: Chunk, n: int, a: int) -> list[dict]:
         from vfmkit.data.reinforced import encode_classification, sha256_hex, topk_encode
@@ -316,10 +374,20 @@ class Reinforcer:
         probs = self._batched(self.teachers, c.renders[self.recipe.size], n * a)  # [N * n_aug, C]
         values, indices = topk_encode(probs, self.meta.topk)
         values, indices = values.view(n, a, -1), indices.view(n, a, -1)
-        return [encode_classification(c.keys[i], c.uids[i], int(c.meta[i]["label"]), c.params[i], values[i],
-                                      indices[i], self.meta, sha256=c.meta[i].get("sha256") or sha256_hex(c.jpgs[i]),
-                                      jpg=c.jpgs[i] if self.args.images else None)
-                for i in range(n)]
+        return [
+            encode_classification(
+                c.keys[i],
+                c.uids[i],
+                int(c.meta[i]["label"]),
+                c.params[i],
+                values[i],
+                indices[i],
+                self.meta,
+                sha256=c.meta[i].get("sha256") or sha256_hex(c.jpgs[i]),
+                jpg=c.jpgs[i] if self.args.images else None,
+            )
+            for i in range(n)
+        ]
 
     # -- one shard ----------------------------------------------------------------------------------------
     def _chunks(self, url: str) -> Iterator[list[dict]]:
@@ -393,7 +461,9 @@ def _check_or_write_meta(out_dir: Path, meta_dict: dict, rank: int) -> None:
             raise ValueError(f"corrupt reinforced metadata {path}: {e}") from e
         if old != meta_dict:
             diff = sorted(k for k in set(old) | set(meta_dict) if old.get(k) != meta_dict.get(k))
-            raise ValueError(f"{path} was written with other settings (differs in {diff}): use a new output folder")
+            raise ValueError(
+                f"{path} was written with other settings (differs in {diff}): use a new output folder"
+            )
     elif rank == 0:
         atomic_write_json(path, meta_dict)
 
@@ -421,15 +491,28 @@ def _write_manifest_if_complete(urls: list[str], out_dir: Path) -> dict | None:
     if not all(shard_done(out_dir, n) for n in names):
         return None
     markers = [json.loads((out_dir / (n + DONE_SUFFIX)).read_text(encoding="utf-8")) for n in names]
-    manifest = {"format": FORMAT, "shards": [{k: m[k] for k in ("name", "count", "sha256")} for m in markers],
-                "count": sum(m["count"] for m in markers), "kind": "reinforced", "metadata": METADATA,
-                "skipped": [s for m in markers for s in m["skipped"]]}
+    manifest = {
+        "format": FORMAT,
+        "shards": [{k: m[k] for k in ("name", "count", "sha256")} for m in markers],
+        "count": sum(m["count"] for m in markers),
+        "kind": "reinforced",
+        "metadata": METADATA,
+        "skipped": [s for m in markers for s in m["skipped"]],
+    }
     atomic_write_json(out_dir / MANIFEST, manifest)
     return manifest
 
 
-def reinforce(inputs, out_dir: str | Path, args: ReinforceArgs, *, rank: int | None = None,
-              world_size: int | None = None, progress: bool = True, reinforcer: Reinforcer | None = None) -> dict:
+def reinforce(
+    inputs,
+    out_dir: str | Path,
+    args: ReinforceArgs,
+    *,
+    rank: int | None = None,
+    world_size: int | None = None,
+    progress: bool = True,
+    reinforcer: Reinforcer | None = None,
+) -> dict:
     """Reinforce the shards ``inputs`` (any :func:`~vfmkit.data.shards.list_shards` spec) into ``out_dir``.
 
     Rank/world size default to torchrun's env vars. Shards already done (tar + marker) are skipped, so rerunning
@@ -449,9 +532,14 @@ def reinforce(inputs, out_dir: str | Path, args: ReinforceArgs, *, rank: int | N
     todo = [u for u in mine if not shard_done(out, out_name(u))]
     counts = shard_counts(urls) or {}
     if rank == 0:
-        print(storage_report(gen.meta, sum(counts.values()) if len(counts) == len(urls) else None), flush=True)
-    print(f"reinforce rank {rank}/{world_size}: {len(mine)} shards, {len(mine) - len(todo)} already done, "
-          f"{len(todo)} to go", flush=True)
+        print(
+            storage_report(gen.meta, sum(counts.values()) if len(counts) == len(urls) else None), flush=True
+        )
+    print(
+        f"reinforce rank {rank}/{world_size}: {len(mine)} shards, {len(mine) - len(todo)} already done, "
+        f"{len(todo)} to go",
+        flush=True,
+    )
     bar = _progress_bar(sum(counts.get(u, 0) for u in todo) or None, rank, progress)
     t0, n = time.perf_counter(), 0
     done = []
@@ -464,13 +552,22 @@ def reinforce(inputs, out_dir: str | Path, args: ReinforceArgs, *, rank: int | N
         for s in marker["skipped"]:
             print(f"skipped unreadable sample {s}", flush=True)
         if bar is None:
-            print(f"{marker['name']}: {marker['count']} samples in {dt:.1f}s ({marker['count'] / max(dt, 1e-9):.1f} "
-                  f"samples/s)", flush=True)
+            print(
+                f"{marker['name']}: {marker['count']} samples in {dt:.1f}s ({marker['count'] / max(dt, 1e-9):.1f} "
+                f"samples/s)",
+                flush=True,
+            )
     if bar is not None:
         bar.close()
     secs = time.perf_counter() - t0
-    return {"done": done, "resumed": len(mine) - len(todo), "samples": n, "seconds": secs,
-            "samples_per_s": n / max(secs, 1e-9), "manifest": _write_manifest_if_complete(urls, out)}
+    return {
+        "done": done,
+        "resumed": len(mine) - len(todo),
+        "samples": n,
+        "seconds": secs,
+        "samples_per_s": n / max(secs, 1e-9),
+        "manifest": _write_manifest_if_complete(urls, out),
+    }
 
 
 def _progress_bar(total: int | None, rank: int, enabled: bool):

@@ -47,8 +47,13 @@ def _describe(p: Parent) -> Parent:
     return p
 
 
-def load_parent(spec: str, pretrained: str | None = None, tower: str = "visual", num_classes: int | None = None,
-                model_kwargs: dict | None = None) -> Parent:
+def load_parent(
+    spec: str,
+    pretrained: str | None = None,
+    tower: str = "visual",
+    num_classes: int | None = None,
+    model_kwargs: dict | None = None,
+) -> Parent:
     """Resolve a parent spec (see module docstring) into the library model plus its input pipeline."""
     p = Path(spec)
     if p.is_dir() and (p / "arch.json").is_file():
@@ -59,11 +64,15 @@ def load_parent(spec: str, pretrained: str | None = None, tower: str = "visual",
         if vocab.is_file():
             v, ctx = WordVocab.load(vocab), arch.get("task", {}).get("context_length", 32)
             tok = lambda texts: v.encode(texts, ctx)  # noqa: E731
-        return _describe(Parent(model, kind, str(p), tokenize=tok, vocab_file=vocab if vocab.is_file() else None))
+        return _describe(
+            Parent(model, kind, str(p), tokenize=tok, vocab_file=vocab if vocab.is_file() else None)
+        )
     if p.is_dir() and (p / "config.json").is_file():
         return _hf_parent(p)
     if p.is_file():
-        raise sc.SubcloneError(f"{p} is a weights file: give the model name as PARENT and the file as --pretrained")
+        raise sc.SubcloneError(
+            f"{p} is a weights file: give the model name as PARENT and the file as --pretrained"
+        )
     return _named_parent(spec, pretrained, tower, num_classes, model_kwargs or {})
 
 
@@ -100,8 +109,10 @@ def _named_parent(name: str, pretrained: str | None, tower: str, num_classes: in
     if name in timm.list_models():
         model = create_classifier(name, num_classes if num_classes is not None else 1000, pretrained, **kw)
         return _describe(Parent(model, "image", name))
-    raise sc.SubcloneError(f"unknown parent {name!r}: not a directory with arch.json or config.json, not an "
-                           "open_clip model name and not a timm model name")
+    raise sc.SubcloneError(
+        f"unknown parent {name!r}: not a directory with arch.json or config.json, not an "
+        "open_clip model name and not a timm model name"
+    )
 
 
 def batches_for(parent: Parent, spec: str, n: int, batch_size: int = 32) -> list[dict]:
@@ -109,7 +120,7 @@ def batches_for(parent: Parent, spec: str, n: int, batch_size: int = 32) -> list
     samples = read_samples(spec, n if parent.kind == "image" else 0)
     if parent.kind == "image":
         x, _ = decode_images(samples, parent.image_size)
-        xs = [normalize(x[i:i + batch_size], parent.mean, parent.std) for i in range(0, len(x), batch_size)]
+        xs = [normalize(x[i : i + batch_size], parent.mean, parent.std) for i in range(0, len(x), batch_size)]
         return [{"x": t} for t in xs]
     texts = [t for s in samples for t in s.texts][:n]
     if not texts:
@@ -118,14 +129,15 @@ def batches_for(parent: Parent, spec: str, n: int, batch_size: int = 32) -> list
         raise sc.SubcloneError(f"no tokenizer known for text parent {parent.source}")
     out = []
     for i in range(0, len(texts), batch_size):
-        ids, mask = parent.tokenize(texts[i:i + batch_size])
+        ids, mask = parent.tokenize(texts[i : i + batch_size])
         out.append({"x": ids, "mask": mask})
     return out
 
 
 # ------------------------------------------------------------------------------------------- training
-def run_training(cfg: RunConfig, out_dir: str | Path | None = None, data: dict | None = None,
-                 progress: bool | None = None) -> dict:
+def run_training(
+    cfg: RunConfig, out_dir: str | Path | None = None, data: dict | None = None, progress: bool | None = None
+) -> dict:
     """Train method ``subclone`` of ``cfg`` with ``registry.run_job`` into ``out_dir`` (default ``cfg.out_dir``);
     the run dir becomes a loadable parent (arch.json, vocab.json). ``data`` (``load_task_data``'s output) may
     be given already loaded. Returns {"step", "history", "evals", "final", "model"}."""
@@ -135,7 +147,13 @@ def run_training(cfg: RunConfig, out_dir: str | Path | None = None, data: dict |
     cfg = derive(cfg, updates)
     job, res = run_job(cfg, build_kwargs={"data": data} if data is not None else None)
     evals = [h for h in res.history if any(k.startswith("eval/") for k in h)]
-    return {"step": res.step, "history": res.history, "evals": evals, "final": res.final_logs, "model": job.model}
+    return {
+        "step": res.step,
+        "history": res.history,
+        "evals": evals,
+        "final": res.final_logs,
+        "model": job.model,
+    }
 
 
 # ------------------------------------------------------------------------------------------- subcloning
@@ -167,13 +185,30 @@ def subclone_parent(o: SubcloneOptions) -> dict:
     calib = o.calib or ("builtin:imagenette/train" if img else "builtin:flickr8k/train")
     heldout = o.heldout or ("builtin:imagenette/val" if img else "builtin:flickr8k/heldout")
     torch.manual_seed(0)
-    res = sc.subclone(parent.model, batches_for(parent, calib, o.n_calib), layers=o.layers, width=o.width,
-                      heads=o.heads, mlp_hidden=o.mlp_hidden, scale=o.scale, block_select=o.blocks)
+    res = sc.subclone(
+        parent.model,
+        batches_for(parent, calib, o.n_calib),
+        layers=o.layers,
+        width=o.width,
+        heads=o.heads,
+        mlp_hidden=o.mlp_hidden,
+        scale=o.scale,
+        block_select=o.blocks,
+    )
     check = sc.function_check(parent.model, res.model, batches_for(parent, heldout, o.n_heldout))
-    info = {"parent": parent.source, "parent_dims": vars(res.plan.parent), "child_dims": vars(res.plan.child),
-            "blocks_kept": res.plan.blocks, "scale": o.scale, "block_select": o.blocks, "calib": calib,
-            "n_calib": o.n_calib, "heldout": heldout, "function_check": check,
-            "block_ratio": [round(float(r), 4) for r in res.importance.block_ratio]}
+    info = {
+        "parent": parent.source,
+        "parent_dims": vars(res.plan.parent),
+        "child_dims": vars(res.plan.child),
+        "blocks_kept": res.plan.blocks,
+        "scale": o.scale,
+        "block_select": o.blocks,
+        "calib": calib,
+        "n_calib": o.n_calib,
+        "heldout": heldout,
+        "function_check": check,
+        "block_ratio": [round(float(r), 4) for r in res.importance.block_ratio],
+    }
     task = sc.read_arch(o.parent).get("task") if (Path(o.parent) / "arch.json").is_file() else None
     sc.save_model(o.out, res.model, res.arch, {"subclone": info, **({"task": task} if task else {})})
     if parent.vocab_file is not None:

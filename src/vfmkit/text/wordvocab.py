@@ -40,7 +40,9 @@ class WordVocab:
         """-> ids ``[B, context]`` (bos, words, eos, pad) and mask ``[B, context]`` (True on real tokens)."""
         ids = torch.zeros(len(texts), context, dtype=torch.long)
         for i, t in enumerate(texts):
-            toks = [self.BOS] + [self.stoi.get(w, self.UNK) for w in self.words(t)][: context - 2] + [self.EOS]
+            toks = (
+                [self.BOS] + [self.stoi.get(w, self.UNK) for w in self.words(t)][: context - 2] + [self.EOS]
+            )
             ids[i, : len(toks)] = torch.tensor(toks)
         mask = ids != self.PAD
         return ids, mask
