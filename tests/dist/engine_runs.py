@@ -2,8 +2,9 @@
 
 Imported by ``tests/test_distributed.py`` / ``tests/test_engine.py`` for the one-process runs, and run under
 ``torchrun --nproc_per_node 2`` (gloo, CPU) as a script: ``engine_runs.py OUT_DIR`` trains the same tiny CLIP
-on the same global batches with DDP (``OUT_DIR/ddp``) and FSDP2 (``OUT_DIR/fsdp2``), each rank feeding its own
-half of every global batch, and then runs the ``clip_tiny`` recipe uninterrupted under FSDP2
+on the same global batches with DDP (``OUT_DIR/ddp``) and FSDP2 (``OUT_DIR/fsdp2``, given explicit parameter
+groups), each rank feeding its own half of every global batch, and then runs the ``clip_tiny`` recipe
+uninterrupted under FSDP2
 (``OUT_DIR/fsdp2_recipe``, the reference of the kill/resume test) with the overrides in ``RECIPE_ARGS``.
 """
 
@@ -88,17 +89,24 @@ def config(**train):
     )
 
 
-def clip_run(out: Path, info, **train):
+def clip_run(out: Path, info, explicit_groups: bool = False, **train):
     """The CLIP loss (open_clip ClipLoss, gathered over ranks) on ``global_batches``, with EMA (0.9): the raw
-    final weights in ``out/checkpoints/step-{STEPS}/model.safetensors``, the EMA ones in ``out/model.safetensors``."""
+    final weights in ``out/checkpoints/step-{STEPS}/model.safetensors``, the EMA ones in ``out/model.safetensors``.
+
+    ``explicit_groups`` hands the engine the default parameter groups built before wrapping (``groups=``), as
+    a method with its own groups does: under FSDP2 the engine must map them onto the sharded parameters.
+    """
     from vfmkit.engine import train as engine_train
+    from vfmkit.engine.trainer import param_groups
     from vfmkit.methods.clip import clamp_logit_scale, make_clip_loss_fn, make_contrastive_loss
 
     cfg = config(**{"ema_decay": 0.9, **train})
     loader = ListLoader(global_batches(STEPS, GLOBAL_BATCH), info.rank, info.world_size)
     loss_fn = make_clip_loss_fn(make_contrastive_loss("clip", cfg, info))
+    model = make_model()
+    groups = param_groups(model, cfg.optim.weight_decay) if explicit_groups else None
     return engine_train(
-        cfg, make_model(), loss_fn, loader, out_dir=out, dist_info=info, after_step=clamp_logit_scale
+        cfg, model, loss_fn, loader, out_dir=out, dist_info=info, groups=groups, after_step=clamp_logit_scale
     )
 
 
@@ -112,7 +120,7 @@ def main(out: str) -> None:
     assert info.world_size == 2
     out = Path(out)
     clip_run(out / "ddp", info, parallel="ddp")
-    clip_run(out / "fsdp2", info, parallel="fsdp2")
+    clip_run(out / "fsdp2", info, explicit_groups=True, parallel="fsdp2")
     run(load_config("clip_tiny", [f"out_dir={out / 'fsdp2_recipe'}", *RECIPE_ARGS]))
     torch.distributed.destroy_process_group()
 
