@@ -250,3 +250,37 @@ def test_export_command_errors_are_named(tmp_path, capsys):
     (run / "config.json").write_text("{}")
     assert main(["export", str(run), "--out", str(tmp_path / "o")]) == 2
     assert "model.safetensors" in capsys.readouterr().err
+
+
+def test_executorch_program_matches_eager_when_executorch_is_installed(tmp_path):
+    """ExecuTorch (.pte, XNNPACK) image tower of the tiny MCi: loads in the ExecuTorch runtime, matches eager on
+    real images at batch 1 and 5, and is checked by sha256 like the ONNX graphs. Skipped where the optional
+    ``executorch`` extra is not installed (it is not in the test extra: lowering alone takes ~1-2 min)."""
+    pytest.importorskip("executorch.runtime")
+    torch.manual_seed(2)
+    b = create_clip("vfm-tiny-mci")
+    model = _trained_like(b.model, seed=2)
+    m = ex.export_clip(
+        model,
+        b.tokenizer,
+        tmp_path,
+        name="vfm-tiny-mci",
+        image_size=b.image_size,
+        mean=b.mean,
+        std=b.std,
+        towers=("image",),
+        formats=("onnx", "pte"),
+    )
+    assert m["variants"]["pte"] == {"image": "image.pte"} and "image.pte" in m["files"]
+    e = ex.load_export(tmp_path, "pte")
+    imgs, _ = _real_images(5)
+    pix = torch.stack([e.preprocess(i) for i in imgs])
+    with torch.no_grad():
+        for n in (5, 1):
+            torch.testing.assert_close(
+                e.encode_image(pix[:n]), model.encode_image(pix[:n]), atol=1e-4, rtol=1e-4
+            )
+    data = (tmp_path / "image.pte").read_bytes()
+    (tmp_path / "image.pte").write_bytes(data[:-10])
+    with pytest.raises(ex.ExportIntegrityError, match=r"image\.pte: .*truncated"):
+        ex.load_export(tmp_path, "pte")

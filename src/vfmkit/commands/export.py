@@ -17,7 +17,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--out", required=True, help="export directory (image.onnx, text.onnx, manifest.json, ...)"
     )
-    p.add_argument("--format", default="onnx", choices=["onnx"], help="graph format (default onnx)")
+    p.add_argument("--format", default="onnx",
+                   help="onnx (default), or onnx,pte to also write ExecuTorch programs (needs executorch)")
     p.add_argument(
         "--quantize", default=None, choices=["int8"], help="also write int8 dynamic-quantised graphs"
     )

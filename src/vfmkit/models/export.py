@@ -41,6 +41,8 @@ EXPORTER = "torch.onnx.export(dynamo=True)"  # torch.export-based exporter (the 
 IMAGE_INPUT, IMAGE_OUTPUT = "pixel_values", "image_embeds"
 TEXT_INPUT, TEXT_OUTPUT = "input_ids", "text_embeds"
 TOWERS = ("image", "text")
+FORMATS = ("onnx", "pte")
+PTE_MAX_BATCH = 32
 
 
 class ExportError(RuntimeError):
@@ -154,6 +156,26 @@ def export_onnx(
     return path
 
 
+def export_pte(module: nn.Module, example: torch.Tensor, path: str | os.PathLike) -> Path:
+    """ExecuTorch program (``.pte``): torch.export with a dynamic batch (1..PTE_MAX_BATCH; ExecuTorch plans
+    memory for the largest), lowered to the XNNPACK delegate, written atomically."""
+    try:
+        from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+        from executorch.exir import to_edge_transform_and_lower
+    except ImportError as e:
+        raise ExportError(
+            f"{path}: --format pte needs the executorch package (pip install 'vfmkit[executorch]')"
+        ) from e
+    from vfmkit.data.shards import atomic_write_bytes
+
+    batch = torch.export.Dim("batch", min=1, max=PTE_MAX_BATCH)
+    with torch.no_grad():
+        ep = torch.export.export(module.eval(), (example,), dynamic_shapes=({0: batch},))
+    prog = to_edge_transform_and_lower(ep, partitioner=[XnnpackPartitioner()]).to_executorch()
+    atomic_write_bytes(path, prog.buffer)
+    return Path(path)
+
+
 def quantize_int8(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
     """onnxruntime dynamic int8 quantisation (weights int8, activations quantised at run time), atomically."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
@@ -265,13 +287,19 @@ def export_clip(
     opset: int = DEFAULT_OPSET,
     reparam: bool = True,
     sample_texts: Sequence[str] = ("a photo of a dog", "a photo of a cat"),
+    formats: Sequence[str] = ("onnx",),
 ) -> dict:
     """Export ``model``'s towers to ``out_dir``; returns the manifest (also written to ``manifest.json``).
 
     ``towers``: any of ``"image"``, ``"text"``. ``quantize``: None or ``"int8"`` (dynamic, onnxruntime).
+    ``formats``: ``"onnx"`` (always written: variants fp32 and int8) and optionally ``"pte"`` (ExecuTorch with
+    the XNNPACK delegate, fp32, batch 1..PTE_MAX_BATCH; variant ``pte``; needs the ``executorch`` package).
     ``reparam``: fold multi-branch blocks first (a copy; ``model`` itself is left as it is). Each file is written
     to a temporary name and renamed; the manifest goes last, so a directory whose manifest exists is complete.
     """
+    bad_fmt = [f for f in formats if f not in FORMATS]
+    if bad_fmt:
+        raise ExportError(f"unknown format(s) {bad_fmt!r} (choices: {', '.join(FORMATS)})")
     if quantize not in (None, "int8"):
         raise ExportError(f"unknown quantisation {quantize!r} (choices: int8)")
     bad = [t for t in towers if t not in TOWERS]
@@ -332,6 +360,14 @@ def export_clip(
             q = fname.replace(".onnx", ".int8.onnx")
             files[q] = quantize_int8(out / fname, out / q)
             variants["int8"][tower] = q
+    if "pte" in formats:
+        variants["pte"] = {}
+        if "image" in towers:
+            files["image.pte"] = export_pte(ImageTower(deploy), ex, out / "image.pte")
+            variants["pte"]["image"] = "image.pte"
+        if "text" in towers:
+            files["text.pte"] = export_pte(TextTower(deploy), ids, out / "text.pte")
+            variants["pte"]["text"] = "text.pte"
     scale = getattr(model, "logit_scale", None)
     bias = getattr(model, "logit_bias", None)
     import onnx
@@ -415,6 +451,32 @@ def verify_export(export_dir: str | os.PathLike) -> dict:
     return m
 
 
+class PteTower:
+    """One checked ExecuTorch program in the ExecuTorch runtime: ``tower(batch) -> torch.Tensor``."""
+
+    def __init__(self, path: Path):
+        try:
+            from executorch.runtime import Runtime
+        except ImportError as e:
+            raise ExportError(f"{path}: loading a .pte needs the executorch package") from e
+        try:
+            self.method = Runtime.get().load_program(str(path)).load_method("forward")
+        except Exception as e:
+            raise ExportIntegrityError(
+                f"{path}: the ExecuTorch runtime cannot load it ({type(e).__name__}: {e})"
+            ) from e
+        self.path = path
+
+    def run(self, x: np.ndarray) -> np.ndarray:
+        return self(torch.from_numpy(np.ascontiguousarray(x))).numpy()
+
+    def __call__(self, x: torch.Tensor | np.ndarray) -> torch.Tensor:
+        x = torch.as_tensor(x).contiguous()
+        if x.shape[0] > PTE_MAX_BATCH:  # the program's memory is planned for at most PTE_MAX_BATCH
+            return torch.cat([self(c) for c in x.split(PTE_MAX_BATCH)])
+        return self.method.execute([x])[0]
+
+
 class OnnxTower:
     """One checked ONNX graph in an onnxruntime session: ``tower(batch) -> torch.Tensor``."""
 
@@ -487,7 +549,11 @@ def load_export(export_dir: str | os.PathLike, variant: str = "fp32", threads: i
     towers = {}
     for t in TOWERS:
         f = m["variants"][variant].get(t)
-        towers[t] = OnnxTower(verify_file(d, m, f), threads) if f else None
+        if f:
+            p = verify_file(d, m, f)
+            towers[t] = PteTower(p) if p.suffix == ".pte" else OnnxTower(p, threads)
+        else:
+            towers[t] = None
     pre = build_preprocess(json.loads(verify_file(d, m, m["preprocess"]).read_text()))
     tok = None
     if m.get("tokenizer"):
@@ -569,8 +635,13 @@ def export_model(
     ``check_parity``: compare every variant with PyTorch eager on the embedded data (``parity``) and write the
     result to ``parity.json`` beside the manifest (not part of the checked file set).
     """
-    if fmt != "onnx":
-        raise ExportError(f"format {fmt!r} is not supported (onnx only; see docs/export.md for the others)")
+    formats = ("onnx", *[f for f in fmt.split(",") if f and f != "onnx"])
+    bad = [f for f in formats if f not in FORMATS]
+    if bad:
+        raise ExportError(
+            f"format {','.join(bad)!r} is not supported (choices: {', '.join(FORMATS)}; Core ML: "
+            "see docs/export.md)"
+        )
     torch.manual_seed(0)  # random-weight exports (latency runs) are reproducible
     bundle, name, source = load_source(spec, pretrained, model_name, image_size)
     m = export_clip(
@@ -584,6 +655,7 @@ def export_model(
         source=source,
         quantize=quantize,
         opset=opset,
+        formats=formats,
     )
     if not check_parity:
         return m, None
