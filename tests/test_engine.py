@@ -70,8 +70,8 @@ def test_kill_and_resume_gives_the_uninterrupted_weights(tmp_path):
 
 @pytest.mark.slow
 def test_training_raises_heldout_retrieval(tmp_path):
-    from vfmkit.commands.eval import evaluate_clip
     from vfmkit.config import load_config
+    from vfmkit.eval.clip import evaluate_clip
     from vfmkit.methods.registry import run
     from vfmkit.models.factory import create_clip
 
