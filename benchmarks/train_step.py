@@ -44,8 +44,13 @@ def make_batches(bundle, n: int, batch: int, device: str) -> list[dict]:
     g = torch.Generator().manual_seed(0)
     s = bundle.image_size
     ctx = bundle.tokenizer(["x"]).shape[1]
-    return [{"image": torch.randn(batch, 3, s, s, generator=g).to(device),
-             "text": torch.randint(1, 49000, (batch, ctx), generator=g).to(device)} for _ in range(n)]
+    return [
+        {
+            "image": torch.randn(batch, 3, s, s, generator=g).to(device),
+            "text": torch.randint(1, 49000, (batch, ctx), generator=g).to(device),
+        }
+        for _ in range(n)
+    ]
 
 
 def run_open_clip(name: str, batches: list[dict], device: str, precision: str) -> float:
@@ -59,9 +64,28 @@ def run_open_clip(name: str, batches: list[dict], device: str, precision: str) -
 
     torch.manual_seed(0)
     model = create_clip(name, device=device, output_dict=True).model
-    args = parse_args(["--model", name, "--precision", precision, "--device", device, "--lr", "1e-3",
-                       "--wd", "0.1", "--warmup", "10", "--batch-size", str(len(batches[0]["image"])),
-                       "--log-every-n-steps", "100000", "--grad-clip-norm", "1.0"])
+    args = parse_args(
+        [
+            "--model",
+            name,
+            "--precision",
+            precision,
+            "--device",
+            device,
+            "--lr",
+            "1e-3",
+            "--wd",
+            "0.1",
+            "--warmup",
+            "10",
+            "--batch-size",
+            str(len(batches[0]["image"])),
+            "--log-every-n-steps",
+            "100000",
+            "--grad-clip-norm",
+            "1.0",
+        ]
+    )
     args.device, args.distributed, args.world_size, args.rank, args.local_rank = device, False, 1, 0, 0
     args.wandb = args.save_logs = False
     args.accum_freq = 1
@@ -70,9 +94,14 @@ def run_open_clip(name: str, batches: list[dict], device: str, precision: str) -
     exclude = lambda n, p: p.ndim < 2 or "bn" in n or "ln" in n or "bias" in n or "logit_scale" in n  # noqa: E731
     named = list(model.named_parameters())
     opt = torch.optim.AdamW(
-        [{"params": [p for n, p in named if exclude(n, p) and p.requires_grad], "weight_decay": 0.0},
-         {"params": [p for n, p in named if not exclude(n, p) and p.requires_grad], "weight_decay": 0.1}],
-        lr=1e-3, betas=(0.9, 0.98), eps=1e-6)
+        [
+            {"params": [p for n, p in named if exclude(n, p) and p.requires_grad], "weight_decay": 0.0},
+            {"params": [p for n, p in named if not exclude(n, p) and p.requires_grad], "weight_decay": 0.1},
+        ],
+        lr=1e-3,
+        betas=(0.9, 0.98),
+        eps=1e-6,
+    )
     sched = cosine_lr(opt, 1e-3, 10, 10_000)
     loss = ClipLoss()
     scaler = None
@@ -92,8 +121,14 @@ def run_open_clip(name: str, batches: list[dict], device: str, precision: str) -
     return sum(len(b["image"]) for b in batches) / (time.perf_counter() - t0)
 
 
-def run_vfmkit(name: str, batches: list[dict], device: str, precision: str, compile_: bool = False,
-               channels_last: bool = False) -> float:
+def run_vfmkit(
+    name: str,
+    batches: list[dict],
+    device: str,
+    precision: str,
+    compile_: bool = False,
+    channels_last: bool = False,
+) -> float:
     from vfmkit.config import load_config
     from vfmkit.engine import DistInfo, train
     from vfmkit.methods.clip import clamp_logit_scale, make_clip_loss_fn, make_contrastive_loss
@@ -104,19 +139,44 @@ def run_vfmkit(name: str, batches: list[dict], device: str, precision: str, comp
     info = DistInfo(device=torch.device(device))
 
     def cfg(steps):
-        return load_config({"optim": {"lr": 1e-3, "weight_decay": 0.1, "beta2": 0.98, "warmup_steps": 10},
-                            "train": {"steps": steps, "precision": precision, "progress": False,
-                                      "tensorboard": False, "log_every": 100000, "resume": False,
-                                      "compile": compile_, "channels_last": channels_last}})
+        return load_config(
+            {
+                "optim": {"lr": 1e-3, "weight_decay": 0.1, "beta2": 0.98, "warmup_steps": 10},
+                "train": {
+                    "steps": steps,
+                    "precision": precision,
+                    "progress": False,
+                    "tensorboard": False,
+                    "log_every": 100000,
+                    "resume": False,
+                    "compile": compile_,
+                    "channels_last": channels_last,
+                },
+            }
+        )
 
     loss_fn = make_clip_loss_fn(make_contrastive_loss("clip", cfg(1), info))
     with tempfile.TemporaryDirectory() as d:
-        train(cfg(3), model, loss_fn, _Batches(batches[:3], False), out_dir=d, dist_info=info,
-              after_step=clamp_logit_scale)
+        train(
+            cfg(3),
+            model,
+            loss_fn,
+            _Batches(batches[:3], False),
+            out_dir=d,
+            dist_info=info,
+            after_step=clamp_logit_scale,
+        )
         _sync(device)
         t0 = time.perf_counter()
-        train(cfg(len(batches)), model, loss_fn, _Batches(batches, False), out_dir=d, dist_info=info,
-              after_step=clamp_logit_scale)
+        train(
+            cfg(len(batches)),
+            model,
+            loss_fn,
+            _Batches(batches, False),
+            out_dir=d,
+            dist_info=info,
+            after_step=clamp_logit_scale,
+        )
         _sync(device)
         # the final save (model.safetensors) is part of train(); exclude nothing, it is what users pay
         return sum(len(b["image"]) for b in batches) / (time.perf_counter() - t0)
@@ -154,24 +214,47 @@ def main() -> None:
             peer.append(run_open_clip(name, batches, args.device, peer_precision))
             ours.append(run_vfmkit(name, batches, args.device, precision))
             print(f"{name} round {r}: open_clip {peer[-1]:.1f} samples/s, vfmkit {ours[-1]:.1f} samples/s")
-        row = {"model": name, "batch": batch, "precision": precision, "open_clip_samples_per_s": statistics.median(peer),
-               "vfmkit_samples_per_s": statistics.median(ours), "rounds": args.rounds, "steps": args.steps}
+        row = {
+            "model": name,
+            "batch": batch,
+            "precision": precision,
+            "open_clip_samples_per_s": statistics.median(peer),
+            "vfmkit_samples_per_s": statistics.median(ours),
+            "rounds": args.rounds,
+            "steps": args.steps,
+        }
         row["ratio"] = row["vfmkit_samples_per_s"] / row["open_clip_samples_per_s"]
         if args.compile:
-            row["vfmkit_compile_samples_per_s"] = run_vfmkit(name, batches, args.device, precision, True, True)
+            row["vfmkit_compile_samples_per_s"] = run_vfmkit(
+                name, batches, args.device, precision, True, True
+            )
         rows.append(row)
         print(json.dumps(row))
     worst = min(r["ratio"] for r in rows)
-    headline = "; ".join(f"{r['model']} b{r['batch']} {r['precision']}: vfmkit {r['vfmkit_samples_per_s']:.1f} vs "
-                         f"open_clip {r['open_clip_samples_per_s']:.1f} samples/s = {r['ratio']:.2f}x" for r in rows)
-    res = {"headline": f"CLIP train step, vfmkit engine vs open_clip train_one_epoch ({args.device}): {headline}",
-           "floor": floor, "floor_met": bool(worst >= floor), "worst_ratio": worst, "rows": rows,
-           "date": now(), "machine": machine(), "device": args.device}
+    headline = "; ".join(
+        f"{r['model']} b{r['batch']} {r['precision']}: vfmkit {r['vfmkit_samples_per_s']:.1f} vs "
+        f"open_clip {r['open_clip_samples_per_s']:.1f} samples/s = {r['ratio']:.2f}x"
+        for r in rows
+    )
+    res = {
+        "headline": f"CLIP train step, vfmkit engine vs open_clip train_one_epoch ({args.device}): {headline}",
+        "floor": floor,
+        "floor_met": bool(worst >= floor),
+        "worst_ratio": worst,
+        "rows": rows,
+        "date": now(),
+        "machine": machine(),
+        "device": args.device,
+    }
     summary = f"{res['headline']}\nfloor {floor}x met: {res['floor_met']}"
     print(summary)
     # the recorded block also holds the per-model rows (printed above, as each model finished)
-    record("train_step_gpu" if gpu else "train_step", res, "\n".join([*(json.dumps(r) for r in rows), summary]),
-           script="train_step")
+    record(
+        "train_step_gpu" if gpu else "train_step",
+        res,
+        "\n".join([*(json.dumps(r) for r in rows), summary]),
+        script="train_step",
+    )
 
 
 if __name__ == "__main__":
