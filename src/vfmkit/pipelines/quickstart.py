@@ -260,11 +260,24 @@ Reinforced minus plain, held-out R@1: {info["gain_R@1"]:+.2f} points.
 # ------------------------------------------------------------------------------------------ the job
 
 
+def untrained_student(cfg):
+    """The students' shared step-0 model: built after ``torch.manual_seed(cfg.seed)`` exactly as the methods
+    build theirs (without the seed it depended on torch's per-process random default seed, so the untrained
+    row changed from run to run)."""
+    import torch
+
+    from vfmkit.models.factory import create_clip
+
+    torch.manual_seed(cfg.seed)
+    return create_clip(
+        cfg.model.name, cfg.model.pretrained, image_size=cfg.data.image_size, **cfg.model.kwargs
+    )
+
+
 def run_quickstart(opts: QuickstartOptions) -> tuple[str, Path, float]:
     """Run every stage (each resumes) -> (results table in Markdown, report path, total wall seconds)."""
     from vfmkit.data.reinforced import read_metadata
     from vfmkit.data.shards import exclude_uids
-    from vfmkit.models.factory import create_clip
     from vfmkit.models.teachers import load_ensemble
 
     t0, c0 = time.perf_counter(), time.process_time()
@@ -292,9 +305,7 @@ def run_quickstart(opts: QuickstartOptions) -> tuple[str, Path, float]:
     rdir = out / "reinforced"
     st("reinforce", reinforce_with, ens, opts, data, rdir, out / "captions.jsonl" if n_syn else None, n_syn)
     plain_cfg, reinf_cfg = student_configs(opts, data, rdir)
-    torch_seed_bundle = st(
-        "untrained student", create_clip, reinf_cfg.model.name, image_size=reinf_cfg.data.image_size
-    )
+    torch_seed_bundle = st("untrained student", untrained_student, reinf_cfg)
     rows = {
         "untrained student": st(
             "eval untrained", final_eval, torch_seed_bundle, opts.val_data, opts.zeroshot_data
