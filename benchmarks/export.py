@@ -184,13 +184,11 @@ def parity_section(args, work: Path) -> tuple[dict, str]:
     )
     cases = []
     if args.parity_run:
-        cases.append(("run:" + Path(args.parity_run).name, args.parity_run, None))
-    cases.append((f"{MCI0} (random weights)", MCI0, None))
-    for label, spec, pre in cases:
+        cases.append(("run:" + Path(args.parity_run).name, args.parity_run))
+    cases.append((f"{MCI0} (random weights)", MCI0))
+    for label, spec in cases:
         t0 = time.perf_counter()
-        m, par = export_model(
-            spec, work / f"parity_{len(out)}", pretrained=pre, quantize="int8", check_parity=True
-        )
+        m, par = export_model(spec, work / f"parity_{len(out)}", quantize="int8", check_parity=True)
         out[label] = {
             "model": m["model"],
             "reparameterized_modules": m["reparameterized_modules"],

@@ -244,12 +244,27 @@ def test_export_command_errors_are_named(tmp_path, capsys):
 
     (tmp_path / "w.safetensors").write_bytes(b"")
     assert main(["export", str(tmp_path / "w.safetensors"), "--out", str(tmp_path / "o")]) == 2
-    assert "needs --model NAME" in capsys.readouterr().out
+    assert "needs its architecture: openclip:NAME:" in capsys.readouterr().out
+    assert main(["export", "vfm-tiny-mci@64", "--image-size", "96", "--out", str(tmp_path / "o")]) == 2
+    assert "@64 disagrees with --image-size 96" in capsys.readouterr().out
     run = tmp_path / "run"
     run.mkdir()
     (run / "config.json").write_text("{}")
     assert main(["export", str(run), "--out", str(tmp_path / "o")]) == 2
     assert "model.safetensors" in capsys.readouterr().err
+
+
+def test_checkpoint_source_via_the_model_spec(run_export):
+    """``openclip:NAME:CKPT@SIZE`` resolves to that architecture with those weights at that size."""
+    run, _, _ = run_export
+    ckpt = run / "model.safetensors"
+    bundle, name, src = ex.load_source(f"openclip:vfm-tiny-mci:{ckpt}@64")
+    assert name == "vfm-tiny-mci" and bundle.image_size == 64 and src["kind"] == "checkpoint"
+    ref = create_clip("vfm-tiny-mci", str(ckpt)).model
+    assert torch.equal(bundle.model.logit_scale, ref.logit_scale)
+    assert all(
+        torch.equal(a, b) for a, b in zip(bundle.model.text.parameters(), ref.text.parameters(), strict=True)
+    )
 
 
 def test_executorch_program_matches_eager_when_executorch_is_installed(tmp_path):

@@ -23,7 +23,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,7 +32,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from vfmkit.data.shards import atomic_write_json, sha256_file
+from vfmkit.data.io import atomic_write_bytes, atomic_write_json
+from vfmkit.data.shards import sha256_file
 
 FORMAT = "vfmkit-export/1"
 DEFAULT_OPSET = 18
@@ -166,8 +166,6 @@ def export_pte(module: nn.Module, example: torch.Tensor, path: str | os.PathLike
         raise ExportError(
             f"{path}: --format pte needs the executorch package (pip install 'vfmkit[executorch]')"
         ) from e
-    from vfmkit.data.shards import atomic_write_bytes
-
     batch = torch.export.Dim("batch", min=1, max=PTE_MAX_BATCH)
     with torch.no_grad():
         ep = torch.export.export(module.eval(), (example,), dynamic_shapes=({0: batch},))
@@ -349,8 +347,7 @@ def export_clip(
         atomic_write_json(out / "tokenizer.json", tok_cfg)
         files["tokenizer.json"] = out / "tokenizer.json"
         if vocab is not None:
-            shutil.copyfile(vocab, out / f".{vocab.name}.tmp")
-            os.replace(out / f".{vocab.name}.tmp", out / vocab.name)
+            atomic_write_bytes(out / vocab.name, vocab.read_bytes())
             files[vocab.name] = out / vocab.name
     atomic_write_json(out / "preprocess.json", preprocess_config(model, image_size, mean, std))
     files["preprocess.json"] = out / "preprocess.json"
@@ -568,22 +565,28 @@ def load_export(export_dir: str | os.PathLike, variant: str = "fp32", threads: i
 # Where a model comes from: a vfmkit run dir, an open_clip name (+ tag), or a checkpoint file
 
 
-def load_source(
-    spec: str, pretrained: str | None = None, model_name: str | None = None, image_size: int | None = None
-):
-    """``(ClipBundle, name, source dict)`` for ``vfmkit export``'s RUN_OR_MODEL.
+def load_source(spec: str, image_size: int | None = None):
+    """``(ClipBundle, name, source dict)`` for ``vfmkit export``'s RUN_OR_MODEL, a model spec
+    (``vfmkit.models.spec``):
 
-    - a vfmkit run directory (``config.json`` + ``model.safetensors``): the run's model name, kwargs and image
+    - a directory: a vfmkit run (``config.json`` + ``model.safetensors``): the run's model name, kwargs and image
       size, its weights;
-    - a checkpoint file (safetensors or a ``weights_only`` torch file): needs ``model_name``;
-    - an open_clip / vfmkit model name, with ``pretrained`` an open_clip tag or a local weights file (or none:
-      random weights, e.g. for latency).
+    - ``openclip:NAME:SOURCE[@SIZE]``: an open_clip / vfmkit model with ``SOURCE`` an open_clip tag or a local
+      checkpoint file (safetensors or a ``weights_only`` torch file);
+    - ``NAME[@SIZE]`` (or ``openclip:NAME``): random weights (latency runs).
+
+    ``image_size`` (``--image-size``) and ``@SIZE`` both set the input side; given both, they must agree.
     """
     from vfmkit.config import load_config
     from vfmkit.models.factory import create_clip
+    from vfmkit.models.spec import parse_model_spec
 
-    p = Path(spec)
-    if p.is_dir():
+    ms = parse_model_spec(spec).require("path", "openclip", "name", what="export source")
+    if ms.size is not None and image_size is not None and ms.size != image_size:
+        raise ExportError(f"{spec!r}: @{ms.size} disagrees with --image-size {image_size}")
+    size = image_size or ms.size
+    if ms.kind == "path":
+        p = Path(ms.name)
         cfg_path, weights = p / "config.json", p / "model.safetensors"
         for f in (cfg_path, weights):
             if not f.is_file():
@@ -591,8 +594,9 @@ def load_source(
                     f"{f}: a vfmkit run directory needs config.json and model.safetensors"
                 )
         cfg = load_config(json.loads(cfg_path.read_text()))
-        size = image_size or cfg.data.image_size
-        bundle = create_clip(cfg.model.name, str(weights), image_size=size, **cfg.model.kwargs)
+        bundle = create_clip(
+            cfg.model.name, str(weights), image_size=size or cfg.data.image_size, **cfg.model.kwargs
+        )
         return (
             bundle,
             cfg.model.name,
@@ -603,27 +607,28 @@ def load_source(
                 "weights_sha256": sha256_file(weights),
             },
         )
-    if p.is_file() or p.suffix in (".safetensors", ".pt", ".pth", ".bin"):
-        if not p.is_file():
-            raise FileNotFoundError(f"checkpoint not found: {p}")
-        if not model_name:
-            raise ExportError(f"{p}: a checkpoint file needs --model NAME (the architecture it holds)")
-        bundle = create_clip(model_name, str(p), image_size=image_size)
+    if ms.kind == "name" and Path(ms.name).suffix in (".safetensors", ".pt", ".pth", ".bin"):
+        raise ExportError(f"{spec!r}: a checkpoint file needs its architecture: openclip:NAME:{ms.name}")
+    src = ms.source
+    if src and Path(src).is_file():
+        bundle = create_clip(ms.name, src, image_size=size)
         return (
             bundle,
-            model_name,
-            {"kind": "checkpoint", "checkpoint": str(p.resolve()), "weights_sha256": sha256_file(p)},
+            ms.name,
+            {
+                "kind": "checkpoint",
+                "checkpoint": str(Path(src).resolve()),
+                "weights_sha256": sha256_file(src),
+            },
         )
-    bundle = create_clip(spec, pretrained, image_size=image_size)
-    return bundle, spec, {"kind": "open_clip", "pretrained": pretrained}
+    bundle = create_clip(ms.name, src, image_size=size)
+    return bundle, ms.name, {"kind": "open_clip", "pretrained": src, "weights": "tag" if src else "random"}
 
 
 def export_model(
     spec: str,
     out_dir: str | os.PathLike,
     *,
-    pretrained: str | None = None,
-    model_name: str | None = None,
     image_size: int | None = None,
     quantize: str | None = None,
     fmt: str = "onnx",
@@ -643,7 +648,7 @@ def export_model(
             "see docs/export.md)"
         )
     torch.manual_seed(0)  # random-weight exports (latency runs) are reproducible
-    bundle, name, source = load_source(spec, pretrained, model_name, image_size)
+    bundle, name, source = load_source(spec, image_size)
     m = export_clip(
         bundle.model,
         bundle.tokenizer,
