@@ -7,6 +7,7 @@ Values given with ``--set a.b=value`` are parsed with ``yaml.safe_load`` (never 
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -177,7 +178,12 @@ def parse_overrides(overrides: list[str] | None) -> list[tuple[str, Any]]:
         if "=" not in o:
             raise ConfigError(f"override '{o}' must look like key.sub=value")
         k, v = o.split("=", 1)
-        out.append((k.strip(), yaml.safe_load(v) if v != "" else None))
+        try:
+            value = yaml.safe_load(v) if v != "" else None
+        except yaml.YAMLError as e:
+            msg = " ".join(str(e).split())
+            raise ConfigError(f"override '{o}': the value of '{k.strip()}' is not valid YAML ({msg})") from e
+        out.append((k.strip(), value))
     return out
 
 
@@ -207,7 +213,62 @@ def load_config(src: str | Path | dict | None = None, overrides: list[str] | Non
         data = load_yaml(p)
     for k, v in parse_overrides(overrides):
         set_dotted(data, k, v)
-    return parse_section(RunConfig, data)
+    return validate(parse_section(RunConfig, data))
+
+
+# Value rules checked before anything is built: (dotted key, test, what a valid value is).
+_CHOICES = {
+    "data.on_corrupt": ("skip", "raise"),
+    "optim.schedule": ("cosine", "constant"),
+    "train.precision": ("auto", "fp32", "bf16"),
+    "train.parallel": ("ddp", "fsdp2"),
+}
+_RANGES: list[tuple[str, Any, str]] = [
+    ("data.batch_size", lambda v: v >= 1, "an integer >= 1"),
+    ("data.num_workers", lambda v: v >= 0, "an integer >= 0 (0: load in the training process)"),
+    ("data.shuffle_buffer", lambda v: v >= 0, "an integer >= 0"),
+    ("data.image_size", lambda v: v is None or v >= 1, "an integer >= 1, or null for the model's own size"),
+    ("optim.lr", lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0"),
+    ("optim.weight_decay", lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0"),
+    ("optim.beta1", lambda v: 0 <= v < 1, "a number in [0, 1)"),
+    ("optim.beta2", lambda v: 0 <= v < 1, "a number in [0, 1)"),
+    ("optim.eps", lambda v: math.isfinite(v) and v > 0, "a finite number > 0"),
+    ("optim.warmup_steps", lambda v: v >= 0, "an integer >= 0"),
+    ("optim.min_lr_ratio", lambda v: 0 <= v <= 1, "a number in [0, 1]"),
+    ("train.steps", lambda v: v >= 1, "an integer >= 1 (the number of optimizer steps)"),
+    ("train.grad_accum", lambda v: v >= 1, "an integer >= 1 (micro-batches per optimizer step)"),
+    ("train.grad_clip", lambda v: v is None or (math.isfinite(v) and v >= 0), "a number >= 0, or null (off)"),
+    ("train.ema_decay", lambda v: v is None or 0 <= v < 1, "a number in [0, 1), or null (off)"),
+    ("train.ckpt_every", lambda v: v >= 0, "an integer >= 0 (0: only at the end)"),
+    ("train.keep_ckpts", lambda v: v >= 1, "an integer >= 1"),
+    ("train.log_every", lambda v: v >= 1, "an integer >= 1"),
+    ("train.eval_every", lambda v: v >= 0, "an integer >= 0 (0: only at the end)"),
+]
+_HINTS = {"train.precision": {"fp16": " (fp16 needs a loss scaler vfmkit does not have: use bf16)"}}
+
+
+def validate(cfg: RunConfig) -> RunConfig:
+    """Check every value's range or choice (names the dotted key); returns ``cfg``. Runs inside ``load_config``,
+    so a value that cannot work is refused before any model, loader or output folder is made."""
+
+    def get(key: str) -> Any:
+        section, name = key.split(".")
+        return getattr(getattr(cfg, section), name)
+
+    for key, choices in _CHOICES.items():
+        v = get(key)
+        if v not in choices:
+            hint = _HINTS.get(key, {}).get(v, "")
+            raise ConfigError(f"config key '{key}': {v!r} is not one of {', '.join(choices)}{hint}")
+    for key, ok, what in _RANGES:
+        v = get(key)
+        if not ok(v):
+            raise ConfigError(f"config key '{key}': {v!r} is out of range; it must be {what}")
+    if not cfg.model.name:
+        raise ConfigError("config key 'model.name': empty; name a model (e.g. vfm-tiny-vit)")
+    if not cfg.method:
+        raise ConfigError("config key 'method': empty; name a registered method (e.g. clip)")
+    return cfg
 
 
 def to_dict(cfg: Any) -> dict:
