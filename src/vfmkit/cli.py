@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 # Each module defines ``register(subparsers)`` and sets ``func`` on its parser via set_defaults.
@@ -24,6 +25,8 @@ COMMANDS = [
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vfmkit", description=__doc__)
+    parser.add_argument("--debug", action="store_true",
+                        help="show the full traceback of an error (also: environment VFMKIT_DEBUG=1)")
     sub = parser.add_subparsers(dest="command", required=True)
     for name in COMMANDS:
         try:
@@ -36,15 +39,46 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    from vfmkit.config import ConfigError
+def error_line(e: BaseException) -> str:
+    """One line for a user: the message (which names the file, key or sample), never a traceback.
 
+    OS errors name the path and the system's reason; an error type whose message is not a sentence on its own
+    (``KeyError: 'x'``) keeps its type name, and points at ``--debug``.
+    """
+    if isinstance(e, OSError) and e.filename is not None and e.strerror:
+        where = f"{e.filename}" + (f" -> {e.filename2}" if e.filename2 else "")
+        hint = {
+            PermissionError: ": choose a folder you can write to, or fix its permissions",
+            FileExistsError: ": remove it or choose another --out",
+            IsADirectoryError: ": give a file, not a folder",
+            NotADirectoryError: ": a file stands where a folder is needed",
+        }.get(type(e), "")
+        msg = f"{e.strerror}: {where}{hint}"
+    else:
+        msg = str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
+        if not msg or type(e).__name__ in _TERSE:
+            msg = f"{type(e).__name__}: {msg or '(no message)'} (rerun with vfmkit --debug for the traceback)"
+    return " ".join(msg.split())
+
+
+# Error types whose message alone does not say what went wrong.
+_TERSE = {"KeyError", "IndexError", "AttributeError", "TypeError", "ZeroDivisionError", "AssertionError",
+          "NameError", "UnboundLocalError", "StopIteration", "NotImplementedError", "RecursionError"}
+
+
+def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    debug = args.debug or os.environ.get("VFMKIT_DEBUG", "") not in ("", "0", "false")
     try:
         rc = args.func(args)
-    except (ConfigError, FileNotFoundError) as e:
-        print(f"vfmkit {args.command}: error: {e}", file=sys.stderr)
+    except KeyboardInterrupt:
+        print(f"vfmkit {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:
+        if debug:
+            raise
+        print(f"vfmkit {args.command}: error: {error_line(e)}", file=sys.stderr)
         return 2
     return int(rc or 0)
 
