@@ -83,6 +83,14 @@ def save_checkpoint(
     return final
 
 
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be resumed from; the message names the file and what to do."""
+
+
+class NotACheckpointError(CheckpointError):
+    """A ``state.pt`` holding pickled objects (code), which vfmkit never writes and never unpickles."""
+
+
 def latest_checkpoint(ckpt_root: Path) -> Path | None:
     f = ckpt_root / "latest"
     if not f.is_file():
@@ -91,11 +99,145 @@ def latest_checkpoint(ckpt_root: Path) -> Path | None:
     return p if (p / "state.pt").is_file() else None
 
 
+def checkpoint_candidates(ckpt_root: Path) -> list[Path]:
+    """The checkpoints a resume may use, best first: the one ``latest`` names, then the others newest first."""
+    named = latest_checkpoint(ckpt_root)
+    others = sorted((p for p in ckpt_root.glob("step-*") if p.is_dir() and p != named), reverse=True)
+    return ([named] if named is not None else []) + others
+
+
+def _read_state(path: Path) -> dict[str, Any]:
+    import pickle
+
+    f = path / "state.pt"
+    if not f.is_file():
+        raise CheckpointError(f"{f} is missing")
+    try:
+        return torch.load(f, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise NotACheckpointError(
+            f"{f} is not a vfmkit checkpoint: it holds pickled objects beyond tensors and plain data, which vfmkit "
+            "never loads; delete that checkpoint folder (or set train.resume=false to start over)"
+        ) from e
+    except (RuntimeError, EOFError, OSError) as e:
+        raise CheckpointError(f"{f} is truncated or unreadable ({' '.join(str(e).split())[:120]})") from e
+
+
+def _check_safetensors(f: Path) -> None:
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(f), "pt") as h:
+            h.keys()
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"{f} is truncated or unreadable ({' '.join(str(e).split())[:120]})") from e
+
+
 def load_checkpoint(path: Path, model: torch.nn.Module, ema: torch.nn.Module | None = None) -> dict[str, Any]:
+    """Load weights into ``model`` (and ``ema``) and return the training state. Every file is checked before any
+    weight is touched: a truncated or missing file raises :class:`CheckpointError` naming it, a pickle-bearing
+    ``state.pt`` :class:`NotACheckpointError`."""
+    state = _read_state(path)
+    files = [path / "model.safetensors"] + ([path / "ema.safetensors"] if ema is not None else [])
+    for f in files:
+        if f.name == "ema.safetensors" and not f.is_file():
+            continue
+        if not f.is_file():
+            raise CheckpointError(f"{f} is missing")
+        _check_safetensors(f)
     load_model(model, str(path / "model.safetensors"))
     if ema is not None and (path / "ema.safetensors").is_file():
         load_model(ema, str(path / "ema.safetensors"))
-    return torch.load(path / "state.pt", map_location="cpu", weights_only=True)
+    return state
+
+
+def resume_checkpoint(
+    ckpt_root: Path, model: torch.nn.Module, ema: torch.nn.Module | None = None
+) -> tuple[Path, dict[str, Any]] | None:
+    """Load the newest complete checkpoint under ``ckpt_root``; None when there is none to resume from.
+
+    A truncated or unreadable one is named in a warning and the previous one is used; a pickle-bearing
+    ``state.pt`` is refused outright (tampering is not a reason to quietly rewind). If checkpoints exist but none
+    is complete, :class:`CheckpointError` names them."""
+    import logging
+
+    tried = []
+    for cand in checkpoint_candidates(ckpt_root):
+        try:
+            return cand, load_checkpoint(cand, model, ema)
+        except NotACheckpointError:
+            raise
+        except CheckpointError as e:
+            logging.getLogger("vfmkit").warning("not resuming from %s: %s; trying the previous checkpoint", cand, e)
+            tried.append(str(e))
+    if tried:
+        raise CheckpointError(
+            f"no complete checkpoint under {ckpt_root} ({'; '.join(tried)}): "
+            "set train.resume=false (or give another --out) to start over"
+        )
+    return None
+
+
+# Keys a resume may change: how the run is watched and how often it saves, not what it trains.
+RESUME_MAY_CHANGE = (
+    "out_dir",
+    "train.steps",
+    "train.progress",
+    "train.tensorboard",
+    "train.log_every",
+    "train.eval_every",
+    "train.ckpt_every",
+    "train.keep_ckpts",
+    "train.resume",
+    "train.compile",
+    "data.num_workers",
+    "data.val",
+)
+
+
+def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(d, dict):
+        return {prefix: d}
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}.{k}" if prefix else str(k)
+        out.update(_flat(v, key) if isinstance(v, dict) and v else {key: v})
+    return out
+
+
+def resume_config_differences(saved: dict, now: dict) -> list[str]:
+    """Dotted keys whose values differ between a run folder's ``config.json`` and the config resuming it (the keys
+    of :data:`RESUME_MAY_CHANGE` aside), each as ``key: saved -> now``."""
+    a, b = _flat(saved), _flat(now)
+    diffs = []
+    for k in sorted(set(a) | set(b)):
+        if any(k == m or k.startswith(m + ".") for m in RESUME_MAY_CHANGE):
+            continue
+        if a.get(k, "<absent>") != b.get(k, "<absent>"):
+            diffs.append(f"{k}: {a.get(k, '<absent>')!r} -> {b.get(k, '<absent>')!r}")
+    return diffs
+
+
+def check_resume_config(out_dir: Path, cfg_dict: dict) -> None:
+    """Refuse to resume ``out_dir`` with a config that trains something else than its ``config.json`` says."""
+    import json
+
+    from vfmkit.config import ConfigError
+
+    f = out_dir / "config.json"
+    if not f.is_file():
+        return
+    try:
+        saved = json.loads(f.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{f} is not readable JSON ({e}): cannot check what this run was started with") from e
+    diffs = resume_config_differences(saved, cfg_dict)
+    if diffs:
+        raise ConfigError(
+            f"{out_dir} holds a run started with another config; resuming it would mix two runs. Differing keys: "
+            + "; ".join(diffs)
+            + ". Give another --out, or set train.resume=false to start over in this folder"
+        )
 
 
 def module_tensors(model: torch.nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str] | None]:

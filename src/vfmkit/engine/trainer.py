@@ -25,11 +25,13 @@ import torch
 from torch import nn
 
 from vfmkit.config import RunConfig, to_dict
-from vfmkit.data.io import atomic_save_safetensors
+from vfmkit.data.io import atomic_save_safetensors, atomic_write_text
+from vfmkit.data.lock import FolderLock, probe_writable
 from vfmkit.engine.checkpoint import (
-    latest_checkpoint,
-    load_checkpoint,
+    check_resume_config,
+    checkpoint_candidates,
     module_tensors,
+    resume_checkpoint,
     rng_state,
     save_checkpoint,
     set_rng_state,
@@ -178,24 +180,27 @@ def train(
         eval_fn,
         after_step,
     )
-    run.prepare_output()
-    run.place_model()
-    state = run.restore_weights()  # before wrapping, so DDP and FSDP2 both start from the full checkpoint
-    run.parallelize(find_unused_parameters)
-    run.make_optimizer(groups)
-    run.restore_state(state)
-    run.open_logs()
-    started_at = run.step
-    while run.step < cfg.train.steps:
-        agg = run.train_step()
-        run.log(agg)
-        if run.eval_due():
-            run.evaluate()
-        if run.checkpoint_due():
-            run.save_checkpoint()
-        if stop_after is not None and run.step - started_at >= stop_after:
-            break
-    return run.finish()
+    run.prepare_output()  # takes OUT/.lock (a second run on the same folder fails at once), probes writability
+    try:
+        run.place_model()
+        state = run.restore_weights()  # before wrapping, so DDP and FSDP2 both start from the full checkpoint
+        run.parallelize(find_unused_parameters)
+        run.make_optimizer(groups)
+        run.restore_state(state)
+        run.open_logs()
+        started_at = run.step
+        while run.step < cfg.train.steps:
+            agg = run.train_step()
+            run.log(agg)
+            if run.eval_due():
+                run.evaluate()
+            if run.checkpoint_due():
+                run.save_checkpoint()
+            if stop_after is not None and run.step - started_at >= stop_after:
+                break
+        return run.finish()
+    finally:
+        run.release_output()
 
 
 class _Run:
@@ -225,10 +230,25 @@ class _Run:
 
     # --- setup -------------------------------------------------------------------------------------------
     def prepare_output(self) -> None:
+        """Lock the folder, check it (and the checkpoint folder) can be written, refuse a resume whose config
+        trains something else than the folder's ``config.json``, then write the config (atomically)."""
+        self.lock = None
         if self.dist_info.is_main:
-            self.out.mkdir(parents=True, exist_ok=True)
-            (self.out / "config.json").write_text(json.dumps(to_dict(self.cfg), indent=2))
+            self.lock = FolderLock(self.out, f"vfmkit train {self.cfg.method}").acquire()
+            try:
+                probe_writable(self.ckpt_root, "checkpoint folder")
+                if self.t.resume and checkpoint_candidates(self.ckpt_root):
+                    check_resume_config(self.out, to_dict(self.cfg))
+                atomic_write_text(self.out / "config.json", json.dumps(to_dict(self.cfg), indent=2))
+            except BaseException:
+                self.release_output()
+                raise
         barrier()
+
+    def release_output(self) -> None:
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
 
     def place_model(self) -> None:
         """Model on its device (channels_last if asked), and the EMA copy."""
@@ -244,8 +264,8 @@ class _Run:
 
     def restore_weights(self) -> dict | None:
         """Load the latest checkpoint's weights (model, EMA); return its training state, or None."""
-        last = latest_checkpoint(self.ckpt_root) if self.t.resume else None
-        return load_checkpoint(last, self.model, self.ema) if last is not None else None
+        found = resume_checkpoint(self.ckpt_root, self.model, self.ema) if self.t.resume else None
+        return found[1] if found is not None else None
 
     def parallelize(self, find_unused_parameters: bool) -> None:
         """DDP or FSDP2 when distributed, then compile (engine/parallel.py)."""
@@ -360,6 +380,9 @@ class _Run:
                 "samples_per_s": self.window_n / max(now - self.window_t, 1e-9),
             }
             rec.update({k: all_reduce_mean(v, self.device) for k, v in logs.items()})
+            if hasattr(self.loader, "n_corrupt"):  # the run's total so far, over all ranks: seen, not only in state.pt
+                n = all_reduce_mean(float(self.loader.n_corrupt), self.device) * self.dist_info.world_size
+                rec["n_corrupt"] = self.logs["n_corrupt"] = int(round(n))
             self.window_t, self.window_n = now, 0
             self.history.append(rec)
             self.logger.log(rec)
