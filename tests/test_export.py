@@ -129,7 +129,11 @@ def run_export(tmp_path_factory):
     run = root / "run"
     run.mkdir()
     cfg = load_config({"method": "clip", "model": {"name": "vfm-tiny-mci"}})
-    (run / "config.json").write_text(json.dumps(to_dict(cfg)))
+    saved = to_dict(cfg)
+    saved["train"]["gather_with_grad"] = (
+        True  # a run saved by an older vfmkit (key since moved) still exports
+    )
+    (run / "config.json").write_text(json.dumps(saved))
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(run / "model.safetensors"))
     out = root / "out"
     assert main(["export", str(run), "--out", str(out), "--quantize", "int8"]) == 0

@@ -577,7 +577,7 @@ def load_source(spec: str, image_size: int | None = None):
 
     ``image_size`` (``--image-size``) and ``@SIZE`` both set the input side; given both, they must agree.
     """
-    from vfmkit.config import load_config
+    from vfmkit.config import ModelConfig, parse_section
     from vfmkit.models.factory import create_clip
     from vfmkit.models.spec import parse_model_spec
 
@@ -593,13 +593,18 @@ def load_source(spec: str, image_size: int | None = None):
                 raise FileNotFoundError(
                     f"{f}: a vfmkit run directory needs config.json and model.safetensors"
                 )
-        cfg = load_config(json.loads(cfg_path.read_text()))
-        bundle = create_clip(
-            cfg.model.name, str(weights), image_size=size or cfg.data.image_size, **cfg.model.kwargs
-        )
+        # Only the sections that say which model this is are read (strictly): the model section and the image
+        # size. The rest (optimiser, train, method args) does not shape the weights, and a run saved by an
+        # older vfmkit whose train keys have since moved must still export.
+        raw = json.loads(cfg_path.read_text())
+        mcfg = parse_section(ModelConfig, raw.get("model"), "model")
+        run_size = (raw.get("data") or {}).get("image_size")
+        if run_size is not None and not isinstance(run_size, int):
+            raise ExportError(f"{cfg_path}: data.image_size must be an int, got {run_size!r}")
+        bundle = create_clip(mcfg.name, str(weights), image_size=size or run_size, **mcfg.kwargs)
         return (
             bundle,
-            cfg.model.name,
+            mcfg.name,
             {
                 "kind": "run",
                 "run": str(p.resolve()),
