@@ -36,10 +36,10 @@ def markdown_table(rows: dict[str, dict[str, float]]) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from vfmkit.eval.clip import evaluate_clip
+    from vfmkit.eval.clip import check_tasks, evaluate_clip
     from vfmkit.models.factory import create_clip
 
-    tasks = args.tasks.split(",")
+    tasks = check_tasks([t.strip() for t in args.tasks.split(",") if t.strip()], also=("seg",))
     res: dict = {}
     if [t for t in tasks if t != "seg"]:
         bundle = create_clip(args.model, args.pretrained)

@@ -4,7 +4,8 @@ Each sample is ``<key>.jpg`` (JPEG bytes), ``<key>.txt`` (first caption, caption
 with ``uid`` (the source file name), ``sha256`` (of the stored jpg bytes), ``width``/``height`` and either
 ``captions`` (all captions, CSV order) or ``label``/``class``/``wnid``. Keys are 9-digit indices into the sorted
 list of requested names, so the same sources always give the same keys. An image that is missing or does not
-decode is skipped, named in the manifest (``skipped``: ``[{"uid", "key", "reason"}]``) and counted (``n_skipped``).
+decode, or whose captions are all empty, is skipped, named in the manifest (``skipped``: ``[{"uid", "key",
+"reason"}]``) and counted (``n_skipped``). The output folder is locked while an import writes (``data/lock.py``).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from pathlib import Path
 
 from PIL import Image
 
+from vfmkit.data.lock import FolderLock
 from vfmkit.data.shards import ShardWriter
 
 _IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff"}
@@ -93,16 +95,25 @@ def read_captions(captions_csv: str | os.PathLike) -> dict[str, list[str]]:
     if not path.is_file():
         raise FileNotFoundError(f"captions file {str(path)!r} not found")
     caps: dict[str, list[str]] = {}
-    with open(path, newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f)
-        if reader.fieldnames is None or not {"image", "caption"} <= set(reader.fieldnames):
-            raise ValueError(
-                f"captions file {str(path)!r} needs an 'image,caption' header, got {reader.fieldnames}"
-            )
-        for row in reader:
-            cap = (row["caption"] or "").strip()
-            if cap:
-                caps.setdefault(row["image"].strip(), []).append(cap)
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f)
+            if reader.fieldnames is None or not {"image", "caption"} <= set(reader.fieldnames):
+                raise ValueError(
+                    f"captions file {str(path)!r} needs an 'image,caption' header, got {reader.fieldnames}"
+                )
+            for row in reader:
+                cap = (row["caption"] or "").strip()
+                # an image whose captions are all empty stays listed (with none), so the import names it skipped
+                caps.setdefault((row["image"] or "").strip(), [])
+                if cap:
+                    caps[(row["image"] or "").strip()].append(cap)
+    except UnicodeDecodeError as e:
+        line = path.read_bytes()[: e.start].count(b"\n") + 1
+        raise ValueError(
+            f"captions file {str(path)!r} is not UTF-8 (byte {e.start}, line {line}): save it as UTF-8"
+        ) from e
+    caps.pop("", None)
     return caps
 
 
@@ -118,6 +129,31 @@ def _write_images(
     compress: bool,
 ) -> dict:
     """Shared loop: key = index in sorted ``names``; meta_fn(name) -> (json fields, txt or None) or reason str."""
+    with FolderLock(out_dir, "vfmkit data import"):  # a second import into the same folder fails at once
+        _clear_unfinished(Path(out_dir))
+        return _write_images_locked(src, names, out_dir, shard_size, meta_fn, max_size, quality, extra, compress)
+
+
+def _clear_unfinished(out: Path) -> None:
+    """Before an import writes: drop a killed run's ``*.tmp`` shards and any old manifest, so until this import's
+    manifest lands no manifest claims shards that are being rewritten (a rerun of the same command then
+    gives the same bytes as an uninterrupted run: keys, shards and order depend only on the sources)."""
+    for p in out.glob("*.tmp"):
+        p.unlink()
+    (out / "manifest.json").unlink(missing_ok=True)
+
+
+def _write_images_locked(
+    src: ImageSource,
+    names: list[str],
+    out_dir: str | os.PathLike,
+    shard_size: int,
+    meta_fn,
+    max_size: int | None,
+    quality: int,
+    extra: dict,
+    compress: bool,
+) -> dict:
     skipped = []
     with ShardWriter(out_dir, max_count=shard_size, extra=extra, compress=compress) as w:
         for i, name in enumerate(names):
@@ -174,7 +210,9 @@ def import_captions(
 
         def meta(name: str):
             c = caps.get(name)
-            return "no caption" if not c else ({"captions": c}, c[0])
+            if c is None:
+                return "no caption"
+            return "empty caption" if not c else ({"captions": c}, c[0])
 
         extra = {"kind": "captions", "source_images": str(images), "source_captions": str(captions_csv)}
         return _write_images(src, todo, out_dir, shard_size, meta, max_size, quality, extra, compress)

@@ -98,6 +98,7 @@ class FolderLock:
                 entry[1] -= 1
                 if entry[1] == 0:
                     del _held[self._key]
+                    os.ftruncate(entry[0], 0)  # an idle folder's .lock is empty (same bytes after any run)
                     fcntl.flock(entry[0], fcntl.LOCK_UN)
                     os.close(entry[0])
         self._key = None

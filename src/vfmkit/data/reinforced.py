@@ -603,12 +603,27 @@ class ImageIndex:
         data = self.read(uid)
         if data is None:
             raise KeyError(f"no image for uid {uid!r}")
-        want = info.get("sha256")
-        if want and sha256_hex(data) != want:
-            raise ImageMismatchError(
-                f"uid {uid!r}: image sha256 {sha256_hex(data)[:12]}... != stored {want[:12]}..."
-            )
+        check_image_sha256(info, data, f"uid {uid!r}")
         return {**raw, self.image_ext: data}
+
+
+def check_image_sha256(info: dict[str, Any], data: bytes, where: str) -> None:
+    """Raise :class:`ImageMismatchError` naming ``where`` (the uid or sample) when ``data`` is not the image whose
+    sha256 the record stores (a tampered record, or another sample's image). A record without sha256 passes."""
+    want = info.get("sha256")
+    if want and sha256_hex(data) != want:
+        raise ImageMismatchError(
+            f"{where}: image sha256 {sha256_hex(data)[:12]}... != stored {str(want)[:12]}...; "
+            "the sample is not trained on"
+        )
+
+
+def check_stored_image(raw: dict[str, Any], image_ext: str = "jpg") -> dict[str, Any]:
+    """``raw`` (a reinforced sample that carries its own image, ``vfmkit reinforce ... --images``) after checking
+    the image against the sha256 in its json: the same check the join by uid makes."""
+    info = _json_field(raw, "json")
+    check_image_sha256(info, raw[image_ext], f"uid {info.get('uid')!r} (key {raw.get('__key__')!r})")
+    return raw
 
 
 def _uid_of(raw: dict[str, Any]) -> str:

@@ -23,7 +23,15 @@ import torch
 from .augment import OPENAI_MEAN, OPENAI_STD, AugParams, ReplayableAugment, params_from_json, to_student
 from .decode import decode_uint8, plain_view
 from .loader import ShardLoader
-from .reinforced import ImageIndex, ReinforcedMeta, _json_field, decode_multimodal, densify, read_npz
+from .reinforced import (
+    ImageIndex,
+    ReinforcedMeta,
+    _json_field,
+    check_stored_image,
+    decode_multimodal,
+    densify,
+    read_npz,
+)
 from .rng import seeded_rng
 
 Tokenizer = Callable[[list[str]], torch.Tensor]
@@ -55,9 +63,9 @@ class _EpochDecoder:
         self.epoch = int(epoch)
 
     def _with_image(self, raw: dict[str, Any]) -> dict[str, Any]:
-        """``raw`` with ``jpg``: its own, or joined by uid (sha256-checked: a mismatch raises, naming the uid)."""
+        """``raw`` with ``jpg``: its own or joined by uid, sha256-checked either way (a mismatch raises, naming it)."""
         if "jpg" in raw:
-            return raw
+            return check_stored_image(raw)  # the images-in-shards path is sha256-checked as the join is
         if self.images is None:
             raise KeyError("jpg")  # no image stored and no image shards to join with
         return self.images.attach(raw)

@@ -13,6 +13,18 @@ import json
 from pathlib import Path
 
 R1 = "R@1"  # mean of image->text and text->image R@1, the headline retrieval number
+CLIP_TASKS = ("zeroshot", "retrieval", "probe")
+
+
+def check_tasks(tasks: list[str], also: tuple[str, ...] = ()) -> list[str]:
+    """``tasks`` when each is known (``CLIP_TASKS`` + ``also``); otherwise a ValueError naming the unknown ones,
+    raised before any model is built or data read."""
+    known = CLIP_TASKS + tuple(also)
+    bad = [t for t in tasks if t not in known]
+    if bad or not tasks:
+        raise ValueError(f"unknown eval task(s) {', '.join(map(repr, bad)) or '(none given)'}: "
+                         f"choose from {', '.join(known)} (comma-separated)")
+    return tasks
 
 
 def evaluate_clip(
@@ -24,6 +36,7 @@ def evaluate_clip(
     from vfmkit.eval.retrieval import retrieval_metrics
     from vfmkit.eval.zeroshot import class_names_from_json, zeroshot_eval
 
+    check_tasks(tasks)
     m, res = bundle.model, {}
     if "retrieval" in tasks:
         i, t, idx = encode_image_text(m, bundle.tokenizer, bundle.preprocess_val, retrieval_data)

@@ -519,13 +519,27 @@ def reinforce(
     the same command after a crash resumes. Returns ``{"done", "resumed", "samples", "seconds",
     "samples_per_s", "manifest"}`` for this rank.
     """
-    from vfmkit.data.shards import list_shards, shard_counts
+    from vfmkit.data.shards import list_shards
 
     env_rank, env_world = dist_env()
     rank, world_size = env_rank if rank is None else rank, env_world if world_size is None else world_size
     urls = list_shards(inputs)
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    from vfmkit.data.lock import FolderLock, probe_writable
+
+    # rank 0 holds OUT/.lock (torchrun's other ranks share the folder by design; a second job fails at once)
+    lock = FolderLock(out, f"vfmkit reinforce {args.mode}").acquire() if rank == 0 else None
+    try:
+        probe_writable(out)
+        return _reinforce_locked(urls, out, args, rank, world_size, progress, reinforcer)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _reinforce_locked(urls, out: Path, args: ReinforceArgs, rank, world_size, progress, reinforcer) -> dict:
+    from vfmkit.data.shards import shard_counts
+
     gen = reinforcer or Reinforcer(args)
     _check_or_write_meta(out, gen.meta.to_dict(), rank)
     mine = rank_shards(urls, rank, world_size)
