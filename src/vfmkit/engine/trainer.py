@@ -163,12 +163,15 @@ def train(
     dist_info: DistInfo | None = None,
     stop_after: int | None = None,
     after_step: Callable[[nn.Module], None] | None = None,
+    on_final: Callable[[Path], None] | None = None,
 ) -> TrainResult:
     """Train ``model`` for ``cfg.train.steps`` optimizer steps; see the module docstring.
 
     ``after_step(model)`` runs after each optimizer step (e.g. clamping a learnt temperature).
     ``stop_after`` ends the call after that many steps of this invocation (a deliberate interruption,
     as a kill would be) without changing the schedule; the next call resumes from the checkpoint.
+    ``on_final(out_dir)`` runs on rank 0 right after the final weights are written (e.g. the open_clip config
+    that makes the run folder loadable as ``local-dir:``).
     """
     run = _Run(
         cfg,
@@ -180,6 +183,7 @@ def train(
         eval_fn,
         after_step,
     )
+    run.on_final = on_final
     run.prepare_output()  # takes OUT/.lock (a second run on the same folder fails at once), probes writability
     try:
         run.place_model()
@@ -452,6 +456,8 @@ class _Run:
             weights = _full_state_module(self.model) if (self.sharded and self.ema is None) else self.model
             if self.dist_info.is_main:
                 save_final_weights(self.out, weights, self.ema)
+                if getattr(self, "on_final", None) is not None:
+                    self.on_final(self.out)
         barrier()
         self.logger.close()
         return TrainResult(

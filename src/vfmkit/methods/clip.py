@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 from torch import nn
@@ -114,7 +115,7 @@ def make_train_loader(cfg: RunConfig, decode: Callable, dist_info: DistInfo):
 
 def build(cfg: RunConfig, dist_info: DistInfo) -> Job:
     """The plain CLIP job: open_clip model + its train transform, captions tokenised, ClipLoss/SigLipLoss."""
-    from vfmkit.models.factory import create_clip
+    from vfmkit.models.factory import create_clip, write_open_clip_files
 
     args = parse_args(cfg)
     torch.manual_seed(cfg.seed)
@@ -123,4 +124,5 @@ def build(cfg: RunConfig, dist_info: DistInfo) -> Job:
                                dist_info)
     loss = make_contrastive_loss(args.loss, cfg, dist_info, args.local_loss, args.gather_with_grad)
     return Job(bundle.model, make_clip_loss_fn(loss), loader,
-               after_step=lambda m: clamp_logit_scale(m, args.max_logit_scale), extra={"bundle": bundle})
+               after_step=lambda m: clamp_logit_scale(m, args.max_logit_scale), extra={"bundle": bundle},
+               on_final=partial(write_open_clip_files, bundle))

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 import torch.distributed as dist
@@ -214,7 +215,7 @@ def build(cfg: RunConfig, dist_info: DistInfo) -> Job:
     from vfmkit.data.replay import ReplayShardLoader
     from vfmkit.data.shards import list_shards
     from vfmkit.methods.clip import clamp_logit_scale, pick_caption
-    from vfmkit.models.factory import create_clip
+    from vfmkit.models.factory import create_clip, write_open_clip_files
 
     args = parse_args(cfg)
     torch.manual_seed(cfg.seed)
@@ -249,5 +250,6 @@ def build(cfg: RunConfig, dist_info: DistInfo) -> Job:
     loss = DistillClipLoss(dims, scales, args.lam, args.average_after_softmax, args.gather_with_grad,
                            rank=dist_info.rank, world_size=dist_info.world_size, local_loss=args.local_loss)
     return Job(bundle.model, make_loss_fn(loss, args, teacher), loader,
-               after_step=lambda m: clamp_logit_scale(m, args.max_logit_scale), extra={"bundle": bundle})
+               after_step=lambda m: clamp_logit_scale(m, args.max_logit_scale), extra={"bundle": bundle},
+               on_final=partial(write_open_clip_files, bundle))
 

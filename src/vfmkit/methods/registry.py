@@ -42,6 +42,8 @@ class Job:
     # number of epochs once the data is known); None: the given config. A validated config is never edited.
     cfg: RunConfig | None = None
     extra: dict[str, Any] | None = None
+    # called with the run folder once the final weights are written (engine.train's ``on_final``)
+    on_final: Callable[[Any], None] | None = None
 
 
 def build_job(cfg: RunConfig, dist_info: DistInfo, **build_kwargs: Any) -> Job:
@@ -70,6 +72,8 @@ def run_job(cfg: RunConfig, eval_fn: Callable[[nn.Module, int], dict] | None = N
         eval_fn = eval_for(job)
     if job.groups is not None:
         train_kwargs.setdefault("groups", job.groups)
+    if job.on_final is not None:
+        train_kwargs.setdefault("on_final", job.on_final)
     cfg = job.cfg or cfg
     res = train(cfg, job.model, job.loss_fn, job.loader, out_dir=cfg.out_dir, eval_fn=eval_fn or job.eval_fn,
                 after_step=job.after_step, find_unused_parameters=job.find_unused_parameters,
