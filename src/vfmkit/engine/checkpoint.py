@@ -66,13 +66,17 @@ def save_checkpoint(
     ckpt_root.mkdir(parents=True, exist_ok=True)
     final = ckpt_root / f"step-{step:09d}"
     tmp = ckpt_root / f".tmp-step-{step:09d}-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    save_model(model, str(tmp / "model.safetensors"))
-    if ema is not None:
-        save_model(ema, str(tmp / "ema.safetensors"))
-    torch.save(state, tmp / "state.pt")
+    for stale in ckpt_root.glob(".tmp-step-*"):  # a killed run's partial folders (the run holds OUT/.lock)
+        shutil.rmtree(stale, ignore_errors=True)
+    try:
+        tmp.mkdir()
+        save_model(model, str(tmp / "model.safetensors"))
+        if ema is not None:
+            save_model(ema, str(tmp / "ema.safetensors"))
+        torch.save(state, tmp / "state.pt")
+    except BaseException:  # e.g. a full disk: the previous checkpoint and `latest` stay as they were
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
