@@ -38,6 +38,15 @@ def _identity(x: Any) -> Any:
     return x
 
 
+def _resampled(urls: list[str], n: int, seed: int, src: Any = None) -> Iterator[dict]:
+    """``n`` shards drawn with replacement by ``Random(seed)``: the draws of webdataset 1.x's deterministic
+    ``ResampledShards`` (``make_seed(worker_seed, epoch=0, seed)``), written here because 0.2.x's takes no
+    ``seed`` and open_clip_train needs webdataset 0.2.x (so the stream is the same under both)."""
+    rng = random.Random(seed)
+    for _ in range(n):
+        yield {"url": urls[rng.randint(0, len(urls) - 1)]}
+
+
 def _split(src: Iterator, index: int, count: int) -> Iterator:
     """Every ``count``-th item starting at ``index``: explicit rank/worker split (webdataset's reads env vars)."""
     return islice(src, index, None, count)
@@ -177,15 +186,7 @@ class ShardLoader:
             per_slot = len(self.urls) if self.sample_split else max(1, len(self.urls) // self.n_slots)
             # in sample-split mode all slots must draw the same shard sequence, else the modulo split overlaps
             slot_seed = 0 if self.sample_split else slot
-            return [
-                wds.ResampledShards(
-                    self.urls,
-                    nshards=per_slot,
-                    seed=make_seed(self.seed, epoch),
-                    worker_seed=partial(int, slot_seed),
-                    deterministic=True,
-                )
-            ]
+            return [partial(_resampled, self.urls, per_slot, make_seed(slot_seed, 0, make_seed(self.seed, epoch)))]
         stages = [wds.SimpleShardList(self.urls, seed=make_seed(self.seed, epoch) if shuffle else None)]
         if not self.sample_split:
             stages += [
