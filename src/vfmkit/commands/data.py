@@ -4,7 +4,8 @@
                        [--split-file splits.json --split train] [--resize 112 --quality 85] [--compress]
     vfmkit data import --class-folders train.tar --out shards/
     vfmkit data import --dense camvid/train.tar --classes camvid/classes.json --out shards/   (image + mask pairs)
-    vfmkit data info shards/ [--verify]          (also builtin:flickr8k/train)
+    vfmkit data info SHARDS [--verify]           (a shard dir, an img2dataset folder, one .tar, a brace
+                                                  pattern 'a-{000..009}.tar', or builtin:flickr8k/train)
 """
 
 from __future__ import annotations
@@ -37,9 +38,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     imp.add_argument("--quality", type=int, default=85, help="JPEG quality when re-encoding")
     imp.add_argument("--compress", action="store_true", help="write .tar.gz shards")
     imp.set_defaults(func=_import)
-    info = sub.add_parser("info", help="print a shard directory's manifest counts")
-    info.add_argument("path", help="shard directory or builtin:NAME")
-    info.add_argument("--verify", action="store_true", help="check every shard's sha256")
+    info = sub.add_parser("info", help="sample counts of any shards train reads")
+    info.add_argument("path", help="shard directory, img2dataset folder, .tar, brace pattern or builtin:NAME")
+    info.add_argument("--verify", action="store_true",
+                      help="read every shard to the end, check counts and (with a manifest) sha256")
     info.set_defaults(func=_info)
 
 
@@ -83,31 +85,26 @@ def _import(args: argparse.Namespace) -> int:
 
 
 def _info(args: argparse.Namespace) -> int:
-    from vfmkit.data.builtin import builtin_path
-    from vfmkit.data.shards import MANIFEST, ShardError, list_shards, read_manifest, verify_shards
+    from vfmkit.data.shards import describe_shards
 
-    path = builtin_path(args.path[len("builtin:"):]) if args.path.startswith("builtin:") else Path(args.path)
-    if path.is_dir() and not (path / MANIFEST).exists():
-        urls = list_shards(path)  # plain webdataset / img2dataset shards: no counts to show
-        print(f"{path}: {len(urls)} shards without a vfmkit manifest")
-        for u in urls:
-            print(f"  {Path(u).name}")
-        return 0
-    try:
-        m = read_manifest(path)
-    except ShardError as e:
-        print(f"vfmkit data info: error: {e}", file=sys.stderr)
-        return 2
-    print(f"{path}: {m['count']} samples in {len(m['shards'])} shards ({m.get('kind', 'unknown kind')})")
+    d = describe_shards(args.path, verify=args.verify)
+    m = d["manifest"] or {}
+    kind = f" ({m['kind']})" if m.get("kind") else ""
+    print(f"{d['spec']}: {d['count']} samples in {len(d['shards'])} shards{kind}; counts from {d['counts_from']}")
     for k in ("n_skipped", "n_ignored"):
         if k in m:
             print(f"  {k}: {m[k]}")
     if "classes" in m:
         print(f"  classes: {len(m['classes'])}")
-    for s in m["shards"]:
+    if d["stats"]:
+        print("  img2dataset: " + ", ".join(f"{k} {v}" for k, v in d["stats"].items()))
+    for s in d["shards"]:
         print(f"  {s['name']}: {s['count']}")
-    if args.verify:
-        bad = verify_shards(path)
-        print("  sha256: all shards match" if not bad else f"  sha256 MISMATCH: {', '.join(bad)}")
-        return 1 if bad else 0
+    if d["verify"] is not None:
+        v = d["verify"]
+        print(f"  verify: {v['read']} shards read to the end, {v['sha256_checked']} sha256 checked against the "
+              f"manifest: " + ("all ok" if not v["problems"] else f"{len(v['problems'])} PROBLEM(S)"))
+        for line in v["problems"]:
+            print(f"    {line}")
+        return 1 if v["problems"] else 0
     return 0

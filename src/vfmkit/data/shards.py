@@ -4,6 +4,8 @@ A vfmkit shard directory holds ``<prefix>-000000.tar ...`` plus ``manifest.json`
 
     {"format": "vfmkit-shards/1", "shards": [{"name": ..., "count": ..., "sha256": ...}], "count": N, ...extra}
 
+and ``sizes.json`` (``{shard name: count}``, what open_clip_train reads so it needs no ``--train-num-samples``).
+
 Each sample is the img2dataset / webdataset per-sample layout: members ``<key>.<ext>`` that share a key.
 Shards written by other tools (img2dataset, plain webdataset: ``*.tar`` with no manifest, perhaps
 ``*_stats.json`` / ``*.parquet`` beside them) are read as they are.
@@ -28,6 +30,7 @@ import braceexpand
 from vfmkit.data.io import atomic_write_bytes, atomic_write_json  # noqa: F401  (re-exported for old importers)
 
 MANIFEST = "manifest.json"
+SIZES = "sizes.json"  # open_clip_train's per-directory sample counts
 SHARD_EXTS = (".tar", ".tar.gz", ".tgz")
 FORMAT = "vfmkit-shards/1"
 # webdataset splits a member name at the first dot of its last path component: keys must not hold dots.
@@ -171,6 +174,7 @@ class ShardWriter:
         if self._tar is not None:
             self._finish_shard()
         manifest = {"format": FORMAT, "shards": self.shards, "count": self.count, **self.extra}
+        write_sizes(self.out_dir, self.shards)
         atomic_write_json(self.out_dir / MANIFEST, manifest)
         return manifest
 
@@ -179,6 +183,16 @@ class ShardWriter:
         if self._tmp is not None and self._tmp.exists():
             self._tmp.unlink()
         self._tmp = None
+
+
+def write_sizes(out_dir: str | os.PathLike, shards: list[dict] | None = None) -> Path:
+    """``out_dir/sizes.json``: ``{shard file name: sample count}`` (open_clip_train's ``get_dataset_size``), from
+    ``shards`` (manifest entries) or the directory's manifest; written atomically."""
+    out = Path(out_dir)
+    if shards is None:
+        shards = read_manifest(out)["shards"]
+    atomic_write_json(out / SIZES, {s["name"]: int(s["count"]) for s in shards})
+    return out / SIZES
 
 
 def read_manifest(path: str | os.PathLike) -> dict:
@@ -359,3 +373,75 @@ def exclude_uids(
                 kept += 1
         w.extra.update(kept=kept, dropped=dropped)
     return read_manifest(out)
+
+
+def describe_shards(spec: str | os.PathLike, verify: bool = False) -> dict:
+    """What ``vfmkit data info`` shows, for every spec ``train`` reads (a directory with or without a manifest,
+    an img2dataset folder, one tar, a brace pattern or glob, ``builtin:NAME``)::
+
+        {"spec", "shards": [{"name", "url", "count"}], "count", "counts_from", "manifest": dict | None,
+         "stats": {"successes", "failed_to_download", "failed_to_resize"} | None, "verify": {...} | None}
+
+    Counts come from a vfmkit manifest, else img2dataset's ``*_stats.json`` (``successes``), else a count pass
+    over the tars. ``verify``: a manifest's sha256 per shard; every shard read to the end (a corrupt tar is
+    named) and its sample count checked against the manifest or stats; problems listed in ``verify["problems"]``.
+    """
+    urls = list_shards(spec)
+    text = os.fspath(spec)
+    manifest = None
+    p = Path(text).expanduser()
+    if text.startswith("builtin:"):
+        from vfmkit.data.builtin import builtin_path
+
+        p = builtin_path(text[len("builtin:") :])
+    mdir = p if p.is_dir() else Path(urls[0]).parent
+    if (mdir / MANIFEST).is_file():
+        manifest = read_manifest(mdir)
+    listed = {s["name"]: s for s in manifest["shards"]} if manifest else {}
+    counts = shard_counts(urls)
+    source = None
+    if counts is not None:
+        source = "manifest" if all(os.path.basename(u) in listed for u in urls) else "img2dataset stats"
+    stats = None
+    stat_files = sorted(glob.glob(str(mdir / "*_stats.json")))
+    if stat_files:
+        stats = {"successes": 0, "failed_to_download": 0, "failed_to_resize": 0}
+        for f in stat_files:
+            try:
+                d = json.loads(Path(f).read_text(encoding="utf-8"))
+            except (OSError, ValueError) as e:
+                raise ShardError(f"corrupt img2dataset stats {f!r}: {e}") from e
+            for k in stats:
+                stats[k] += int(d.get(k, 0) or 0)
+    read_counts: dict[str, int] = {}
+    problems: list[str] = []
+    if counts is None or verify:
+        for u in urls:
+            try:
+                read_counts[u] = sum(1 for _ in iter_shard(u))
+            except ValueError as e:
+                problems.append(str(e))
+        if counts is None:
+            counts, source = read_counts, "counted"
+    out_shards = [{"name": os.path.basename(u), "url": u, "count": counts.get(u)} for u in urls]
+    res = {
+        "spec": text,
+        "shards": out_shards,
+        "count": sum(c for c in counts.values() if c is not None),
+        "counts_from": source,
+        "manifest": manifest,
+        "stats": stats,
+        "verify": None,
+    }
+    if verify:
+        checked_sha = 0
+        for u in urls:
+            name = os.path.basename(u)
+            if name in listed:
+                checked_sha += 1
+                if sha256_file(u) != listed[name]["sha256"]:
+                    problems.append(f"{u}: sha256 does not match the manifest")
+            if u in read_counts and counts.get(u) is not None and read_counts[u] != counts[u]:
+                problems.append(f"{u}: {read_counts[u]} samples read, {source} says {counts[u]}")
+        res["verify"] = {"sha256_checked": checked_sha, "read": len(read_counts), "problems": problems}
+    return res
