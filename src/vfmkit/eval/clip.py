@@ -10,7 +10,6 @@ Moved here from ``commands/eval.py`` and ``commands/quickstart.py`` (a command h
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 R1 = "R@1"  # mean of image->text and text->image R@1, the headline retrieval number
 CLIP_TASKS = ("zeroshot", "retrieval", "probe")
@@ -30,11 +29,10 @@ def check_tasks(tasks: list[str], also: tuple[str, ...] = ()) -> list[str]:
 def evaluate_clip(
     bundle, tasks: list[str], retrieval_data: str, zeroshot_data: str, probe_train: str, classes: str | None
 ) -> dict[str, float]:
-    from vfmkit.data.builtin import builtin_path
     from vfmkit.eval.features import encode_image_text, encode_images_labels
     from vfmkit.eval.probe import linear_probe
     from vfmkit.eval.retrieval import retrieval_metrics
-    from vfmkit.eval.zeroshot import class_names_from_json, zeroshot_eval
+    from vfmkit.eval.zeroshot import class_names_for, zeroshot_eval
 
     check_tasks(tasks)
     m, res = bundle.model, {}
@@ -42,7 +40,7 @@ def evaluate_clip(
         i, t, idx = encode_image_text(m, bundle.tokenizer, bundle.preprocess_val, retrieval_data)
         res.update({f"retrieval/{k}": v for k, v in retrieval_metrics(i, t, idx).items()})
     if "zeroshot" in tasks:
-        names = class_names_from_json(classes or Path(builtin_path("imagenette")) / "classes.json")
+        names = class_names_for(zeroshot_data, classes)  # from the shards' json 'class', checked
         r = zeroshot_eval(m, bundle.tokenizer, bundle.preprocess_val, zeroshot_data, names)
         res.update({f"zeroshot/{k}": v for k, v in r.items()})
     if "probe" in tasks:

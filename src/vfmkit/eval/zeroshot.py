@@ -12,10 +12,99 @@ from vfmkit.eval.classification import classification_metrics
 from vfmkit.eval.features import encode_images_labels
 
 
+class ClassNamesError(ValueError):
+    """Zero-shot class names that are missing from the shards or do not match them; the message says which."""
+
+
 def class_names_from_json(path: str | Path) -> list[str]:
     """classes.json (wnid -> {imagenet_index, name}) -> names in sorted-wnid order (the label order)."""
-    d = json.loads(Path(path).read_text())
-    return [d[k]["name"] for k in sorted(d)]
+    return [name for _, name in _read_classes(Path(path))]
+
+
+def _read_classes(path: Path) -> list[tuple[str, str]]:
+    """A classes file -> [(class id, name)] in label order: classes.json ``{id: {"name": ...}}`` (sorted ids),
+    a JSON list of names, or a text file with one name per line (the id is the name)."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as e:
+        raise ClassNamesError(f"classes file {str(path)!r}: {e.strerror or e}") from e
+    if path.suffix == ".json":
+        try:
+            d = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ClassNamesError(f"classes file {str(path)!r} is not valid JSON: {e}") from e
+        if isinstance(d, dict) and all(isinstance(v, dict) and "name" in v for v in d.values()):
+            return [(k, d[k]["name"]) for k in sorted(d)]
+        if isinstance(d, dict) and isinstance(d.get("classes"), list):
+            d = d["classes"]
+        if isinstance(d, list) and all(isinstance(v, str) for v in d):
+            return [(v, v) for v in d]
+        raise ClassNamesError(
+            f"classes file {str(path)!r}: expected {{id: {{name: ...}}}}, a list of names or {{classes: [...]}}"
+        )
+    return [(line.strip(), line.strip()) for line in text.splitlines() if line.strip()]
+
+
+def shard_classes(spec: str) -> dict[int, str]:
+    """``{label: class}`` from the json ``label`` and ``class`` of every sample of ``spec`` (only the json
+    members are read). ClassNamesError when a sample has a label but no ``class``, or one label has two."""
+    from vfmkit.data.shards import iter_shard, list_shards
+
+    seen: dict[int, str] = {}
+    for url in list_shards(spec):
+        for s in iter_shard(url):
+            meta = json.loads(s["json"]) if "json" in s else {}
+            if "label" not in meta:
+                raise ClassNamesError(f"{url}: sample {s['__key__']!r} has no json 'label' (not class shards)")
+            if "class" not in meta:
+                raise ClassNamesError(
+                    f"zero-shot shards {spec!r} carry no class names (sample {s['__key__']!r} in {url} has no "
+                    "json 'class'): pass --classes (classes.json, a JSON list or a text file, in label order)"
+                )
+            label, cls = int(meta["label"]), str(meta["class"])
+            if seen.setdefault(label, cls) != cls:
+                raise ClassNamesError(
+                    f"{url}: label {label} is class {seen[label]!r} and {cls!r} (sample {s['__key__']!r})"
+                )
+    return seen
+
+
+def class_names_for(spec: str, classes: str | Path | None = None) -> list[str]:
+    """The zero-shot class names of class shards ``spec``, in label order, checked against the shards.
+
+    ``classes`` (a classes file) or, when not given, a ``classes.json`` beside the shard directory or one level
+    up (as the embedded Imagenette has) names the classes; every shard ``class`` must be the file's id or name
+    at its label. No file: the shards' own ``class`` strings (``_`` read as a space). A mismatch, or shards with
+    no ``class``, is a ClassNamesError: never another dataset's names."""
+    from vfmkit.data.shards import list_shards
+
+    found = shard_classes(spec)
+    path = Path(classes) if classes else None
+    if path is None:
+        d = Path(list_shards(spec)[0]).parent
+        path = next((c for c in (d / "classes.json", d.parent / "classes.json") if c.is_file()), None)
+    if path is None:
+        n = max(found) + 1 if found else 0
+        missing = [i for i in range(n) if i not in found]
+        if missing:
+            raise ClassNamesError(
+                f"zero-shot shards {spec!r}: labels {missing[:5]} never occur, so their class names are unknown: "
+                "pass --classes"
+            )
+        return [found[i].replace("_", " ") for i in range(n)]
+    table = _read_classes(path)
+    for label, cls in sorted(found.items()):
+        if label >= len(table):
+            raise ClassNamesError(
+                f"classes file {str(path)!r} names {len(table)} classes but shards {spec!r} have label {label} "
+                f"({cls!r})"
+            )
+        if cls not in table[label]:
+            raise ClassNamesError(
+                f"classes file {str(path)!r} does not match shards {spec!r}: label {label} is {cls!r} in the "
+                f"shards but {table[label][0]!r} in the file"
+            )
+    return [name for _, name in table]
 
 
 @torch.no_grad()
