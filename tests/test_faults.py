@@ -314,3 +314,126 @@ def test_train_full_disk_at_a_checkpoint_leaves_the_previous_one(train_data, tra
     final_equal(ref, out)
     batches_equal(ref_fps, tmp_path / "fp_failed", tmp_path / "fp_resumed", 2)
     assert before.keys() == {"model.safetensors", "state.pt"}
+
+
+# -------------------------------------------------------------------------------------------- reinforce faults
+@pytest.fixture(scope="module")
+def rdata(tmp_path_factory):
+    """Input shards (3 x 4 real samples each) for clip (Flickr8k) and classify (Imagenette), a tiny CLIP teacher,
+    and each mode's uninterrupted reference output (images stored, as the README's example)."""
+    root = tmp_path_factory.mktemp("faults_reinforce")
+    reshard("builtin:flickr8k/train", root / "clip_src", 12, 4)
+    reshard("builtin:imagenette/train", root / "classify_src", 12, 4)
+    torch.manual_seed(0)
+    from vfmkit.data.io import atomic_save_safetensors
+    from vfmkit.models.factory import create_clip
+
+    atomic_save_safetensors(root / "tiny.safetensors", create_clip("vfm-tiny-vit").model)
+    d = {"root": root, "clip_teacher": f"openclip:vfm-tiny-vit:{root}/tiny.safetensors"}
+    mp = pytest.MonkeyPatch()
+    try:
+        for mode in ("clip", "classify"):
+            assert in_process(mp, reinforce_argv(d, mode, root / f"{mode}_ref")) == 0
+    finally:
+        mp.undo()
+    return d
+
+
+def reinforce_argv(d: dict, mode: str, out: Path) -> list[str]:
+    common = ["--out", str(out), "--n-aug", "2", "--size", "64", "--chunk", "2", "--batch-size", "4",
+              "--no-progress", "--images", "--no-prefetch"]
+    if mode == "clip":
+        return ["reinforce", "clip", str(d["root"] / "clip_src"), "--teacher", d["clip_teacher"], *common]
+    return ["reinforce", "classify", str(d["root"] / "classify_src"), "--teacher", "efficientnet-lite0@64",
+            "--class-index", "imagenette", "--topk", "3", *common]
+
+
+REINFORCE_KILLS = {  # after shard 0 (tar + done marker) is complete; inside shard 1 (its 2nd sample)
+    "between-shards": {"target": "vfmkit.pipelines.reinforce:Reinforcer.run_shard", "at": 1, "when": "after",
+                       "do": "kill"},
+    "mid-shard": {"target": "vfmkit.data.shards:ShardWriter.write", "at": 6, "when": "before", "do": "kill"},
+}
+
+
+@pytest.mark.parametrize("mode", ["clip", "classify"])
+@pytest.mark.parametrize("point", sorted(REINFORCE_KILLS))
+def test_reinforce_kill_then_rerun_equals_uninterrupted(rdata, tmp_path, monkeypatch, mode, point):
+    out = tmp_path / "out"
+    killed_run(reinforce_argv(rdata, mode, out), [REINFORCE_KILLS[point]])
+    done = sorted(p.name for p in out.glob("*.done.json"))
+    assert len(done) == 1 and not (out / "manifest.json").exists(), done  # killed after shard 0, before shard 1's end
+    assert in_process(monkeypatch, reinforce_argv(rdata, mode, out)) == 0
+    same_tree(rdata["root"] / f"{mode}_ref", out)  # every file byte for byte; no .work-* or tmp leftovers
+    uids = shard_uids(out)
+    assert uids == shard_uids(rdata["root"] / f"{mode}_src") and len(set(uids)) == 12  # none lost, none twice
+    COUNTS["samples_checked"] += len(uids)
+
+
+def test_reinforce_full_disk_keeps_finished_shards(rdata, tmp_path, monkeypatch, capsys):
+    out, ref = tmp_path / "out", rdata["root"] / "clip_ref"
+    fault = {"target": "vfmkit.data.shards:ShardWriter.write", "at": 6, "when": "before", "do": "enospc"}
+    rc = in_process(monkeypatch, reinforce_argv(rdata, "clip", out), [fault])
+    one_line_error(capsys, rc, "No space left on device")
+    COUNTS["faults"] += 1
+    left = sorted(p.name for p in out.iterdir())
+    assert left == [".lock", "reinforced.json", "shard-000000.tar", "shard-000000.tar.done.json"], left
+    for name in left:
+        assert (out / name).read_bytes() == (ref / name).read_bytes(), name
+    assert in_process(monkeypatch, reinforce_argv(rdata, "clip", out)) == 0
+    same_tree(ref, out)
+
+
+# ------------------------------------------------------------------------------------------------ import faults
+@pytest.fixture(scope="module")
+def import_src(tmp_path_factory, monkeypatch_module=None):
+    """12 real Flickr8k images as files + their captions CSV, and the uninterrupted import of them."""
+    import csv
+
+    root = tmp_path_factory.mktemp("faults_import")
+    (root / "images").mkdir()
+    rows = []
+    for s in reshard("builtin:flickr8k/heldout", root / "unused", 12, 12):
+        meta = json.loads(s["json"])
+        (root / "images" / meta["uid"]).write_bytes(s["jpg"])
+        rows += [(meta["uid"], c) for c in meta["captions"][:2]]
+    with open(root / "captions.csv", "w", newline="", encoding="utf-8") as f:
+        csv.writer(f).writerows([("image", "caption"), *rows])
+    mp = pytest.MonkeyPatch()
+    try:
+        assert in_process(mp, import_argv(root, root / "ref")) == 0
+    finally:
+        mp.undo()
+    return root
+
+
+def import_argv(root: Path, out: Path) -> list[str]:
+    return ["data", "import", "--captions", str(root / "captions.csv"), "--images", str(root / "images"),
+            "--out", str(out), "--shard-size", "4"]
+
+
+@pytest.mark.parametrize(
+    "fault",
+    [{"target": "vfmkit.data.shards:ShardWriter.write", "at": 6, "when": "before", "do": "kill"},
+     {"target": "vfmkit.data.shards:ShardWriter._finish_shard", "at": 1, "when": "after", "do": "kill"}],
+    ids=["mid-shard", "between-shards"],
+)
+def test_import_kill_then_rerun_equals_uninterrupted(import_src, tmp_path, monkeypatch, fault):
+    out = tmp_path / "out"
+    killed_run(import_argv(import_src, out), [fault])
+    assert (out / "shard-000000.tar").is_file() and not (out / "manifest.json").exists()
+    assert in_process(monkeypatch, import_argv(import_src, out)) == 0
+    same_tree(import_src / "ref", out)
+    uids = shard_uids(out)
+    assert sorted(uids) == sorted(p.name for p in (import_src / "images").iterdir()) and len(set(uids)) == 12
+    COUNTS["samples_checked"] += len(uids)
+
+
+def test_import_full_disk_leaves_no_half_written_set(import_src, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "out"
+    fault = {"target": "vfmkit.data.shards:ShardWriter.write", "at": 6, "when": "before", "do": "enospc"}
+    rc = in_process(monkeypatch, import_argv(import_src, out), [fault])
+    one_line_error(capsys, rc, "No space left on device")
+    COUNTS["faults"] += 1
+    assert sorted(p.name for p in out.iterdir()) == [".lock", "shard-000000.tar"]  # no manifest, no tmp shard
+    assert in_process(monkeypatch, import_argv(import_src, out)) == 0
+    same_tree(import_src / "ref", out)

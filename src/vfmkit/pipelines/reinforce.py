@@ -428,14 +428,18 @@ class Reinforcer:
         work = out_dir / f".work-{name}"
         shutil.rmtree(work, ignore_errors=True)  # leftovers of a killed run
         skipped: list[str] = []
-        with ShardWriter(work, prefix="part", max_count=1 << 60) as writer:
-            for chunk in self._prepared(url):
-                for sample in self.teach(chunk, name):
-                    writer.write(sample)
-                skipped += chunk.skipped
-                if on_samples is not None:
-                    on_samples(len(chunk.keys) + len(chunk.skipped))
-            count = writer.count
+        try:
+            with ShardWriter(work, prefix="part", max_count=1 << 60) as writer:
+                for chunk in self._prepared(url):
+                    for sample in self.teach(chunk, name):
+                        writer.write(sample)
+                    skipped += chunk.skipped
+                    if on_samples is not None:
+                        on_samples(len(chunk.keys) + len(chunk.skipped))
+                count = writer.count
+        except BaseException:  # e.g. a full disk: finished shards stay, this one's partial work goes
+            shutil.rmtree(work, ignore_errors=True)
+            raise
         part = work / "part-000000.tar"
         if count == 0:  # every sample unreadable: still leave a (valid, empty) shard so the set stays aligned
             tarfile.open(part, "w", format=tarfile.GNU_FORMAT).close()
