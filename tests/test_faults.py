@@ -437,3 +437,132 @@ def test_import_full_disk_leaves_no_half_written_set(import_src, tmp_path, monke
     assert sorted(p.name for p in out.iterdir()) == [".lock", "shard-000000.tar"]  # no manifest, no tmp shard
     assert in_process(monkeypatch, import_argv(import_src, out)) == 0
     same_tree(import_src / "ref", out)
+
+
+# ================================================================================ the issue's defects, one by one
+# 1. tampered reinforced data stored with its images
+def _tamper(src: Path, dst: Path) -> list[str]:
+    """Copy a reinforced set; in shard 0 change sample 0's json sha256 and give sample 1 sample 2's jpg."""
+    shutil.copytree(src, dst)
+    tar = dst / "shard-000000.tar"
+    samples = [{k: v for k, v in s.items() if k != "__url__"} for s in iter_shard(str(tar))]
+    info0 = json.loads(samples[0]["json"])
+    samples[0]["json"] = json.dumps({**info0, "sha256": "0" * 64}).encode()
+    samples[1]["jpg"] = samples[2]["jpg"]
+    with ShardWriter(dst / "rewrite", max_count=100) as w:
+        for s in samples:
+            w.write(s)
+    os.replace(dst / "rewrite" / "shard-000000.tar", tar)
+    shutil.rmtree(dst / "rewrite")
+    return [info0["uid"], json.loads(samples[1]["json"])["uid"]]
+
+
+def test_tampered_images_in_reinforced_shards_are_not_trained_on(rdata, tmp_path, monkeypatch, capsys, caplog):
+    """README's path (reinforce clip --images, then train mobileclip): a wrong json sha256 and a swapped jpg are
+    corrupt samples, named and counted in the summary line and log.jsonl, and never reach a batch."""
+    bad = _tamper(rdata["root"] / "clip_ref", tmp_path / "rdata")
+    out = tmp_path / "run"
+    argv = ["train", "mobileclip_tiny", "--out", str(out)]
+    for s in [f"method_args.reinforced={tmp_path / 'rdata'}", "train.steps=2", "data.batch_size=4",
+              "data.shuffle_buffer=0", "train.log_every=1", "optim.warmup_steps=1"]:
+        argv += ["--set", s]
+    assert in_process(monkeypatch, argv) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["n_corrupt"] == 2, summary
+    assert json.loads((out / "log.jsonl").read_text().splitlines()[-1])["n_corrupt"] == 2
+    warned = " ".join(r.getMessage() for r in caplog.records)
+    assert all(u in warned for u in bad) and "sha256" in warned
+
+
+def test_classification_replay_checks_stored_images(rdata):
+    from vfmkit.data.reinforced import ImageMismatchError, read_metadata
+    from vfmkit.data.replay import ClassificationReplay
+
+    ref = rdata["root"] / "classify_ref"
+    meta = read_metadata(ref / "reinforced.json")
+    raws = list(iter_shard(str(ref / "shard-000000.tar")))
+    decode = ClassificationReplay(meta, 32)
+    assert decode(raws[0])["image"].shape == (3, 32, 32)
+    with pytest.raises(ImageMismatchError, match=json.loads(raws[0]["json"])["uid"]):
+        decode({**raws[0], "jpg": raws[1]["jpg"]})
+
+
+# 2. one writer per output folder; a resume must not change what is trained
+@pytest.fixture
+def held_folder(tmp_path):
+    """A folder whose OUT/.lock another live process holds (forked; SIGKILLed after the test)."""
+    import signal
+
+    from vfmkit.data.lock import FolderLock
+
+    out = tmp_path / "busy"
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            FolderLock(out, "vfmkit train clip").acquire()
+            os.write(w, b"1")
+            signal.pause()
+        finally:
+            os._exit(0)
+    os.close(w)
+    assert os.read(r, 1) == b"1"
+    yield out
+    os.kill(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)
+    FolderLock(out).acquire().release()  # a killed holder leaves no stale lock
+
+
+def test_second_job_on_a_busy_folder_fails_at_once(held_folder, train_data, rdata, import_src, monkeypatch, capsys):
+    before = sorted(p.name for p in held_folder.iterdir())
+    for argv in (train_argv(train_data, held_folder), reinforce_argv(rdata, "clip", held_folder),
+                 import_argv(import_src, held_folder)):
+        rc = in_process(monkeypatch, argv)
+        one_line_error(capsys, rc, str(held_folder), "in use by vfmkit train clip (pid")
+    assert sorted(p.name for p in held_folder.iterdir()) == before  # nothing written beside the other job
+
+
+def test_resume_with_another_config_is_refused_by_key(train_ref, tmp_path, monkeypatch, capsys, train_data):
+    ref, _ = train_ref
+    out = tmp_path / "run"
+    (out / "checkpoints" / "step-000000002").mkdir(parents=True)
+    shutil.copy(ref / "config.json", out / "config.json")
+    rc = in_process(monkeypatch, train_argv(train_data, out, "optim.lr=0.01", "seed=3"))
+    one_line_error(capsys, rc, "optim.lr: 0.001 -> 0.01", "seed: 0 -> 3", "train.resume=false")
+    assert (out / "config.json").read_bytes() == (ref / "config.json").read_bytes()
+
+
+# 3. values that cannot work
+@pytest.mark.parametrize("override, key", [
+    ("train.steps=-5", "train.steps"), ("train.grad_accum=0", "train.grad_accum"),
+    ("train.log_every=0", "train.log_every"), ("data.batch_size=0", "data.batch_size"), ("optim.lr=-1", "optim.lr"),
+    ("data.num_workers=-1", "data.num_workers"), ("train.precision=fp16", "train.precision"),
+    ("train.parallel=zero3", "train.parallel"), ("data.on_corrupt=ignore", "data.on_corrupt"),
+    ("optim.beta2=1.5", "optim.beta2"), ("train.keep_ckpts=0", "train.keep_ckpts"),
+    ("optim.lr=[1e-3", "optim.lr"),  # a YAML syntax error in --set
+])
+def test_bad_values_are_refused_before_anything_is_built(tmp_path, capsys, monkeypatch, override, key):
+    import vfmkit.methods.registry as registry
+
+    monkeypatch.setattr(registry, "build_job", lambda *a, **k: pytest.fail("built before the config was checked"))
+    rc = main(["train", "clip_tiny", "--out", str(tmp_path / "out"), "--set", override])
+    one_line_error(capsys, rc, f"'{key}'")
+    assert not (tmp_path / "out").exists()
+
+
+# 4. an empty caption is a counted, named skip; 6. a non-UTF-8 CSV names the file
+def test_import_counts_an_empty_caption_and_names_a_non_utf8_csv(import_src, tmp_path, capsys):
+    names = sorted(p.name for p in (import_src / "images").iterdir())
+    csv_path = tmp_path / "captions.csv"
+    csv_path.write_text("image,caption\n" + f"{names[0]},a dog runs\n{names[1]},\n{names[2]},   \n", encoding="utf-8")
+    assert main(["data", "import", "--captions", str(csv_path), "--images", str(import_src / "images"),
+                 "--out", str(tmp_path / "out")]) == 0
+    out = capsys.readouterr().out
+    m = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert m["count"] == 1 and m["n_skipped"] == 2
+    assert {s["uid"]: s["reason"] for s in m["skipped"]} == {names[1]: "empty caption", names[2]: "empty caption"}
+    assert f"skipped {names[1]}" in out
+    csv_path.write_bytes(b"image,caption\n" + names[0].encode() + b",caf\xe9 au lait\n")
+    rc = main(["data", "import", "--captions", str(csv_path), "--images", str(import_src / "images"),
+               "--out", str(tmp_path / "out2")])
+    one_line_error(capsys, rc, str(csv_path), "not UTF-8", "line 2")
