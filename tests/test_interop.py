@@ -8,7 +8,6 @@ import json
 import os
 import subprocess
 import sys
-import tarfile
 from pathlib import Path
 
 import pytest
@@ -89,3 +88,173 @@ def test_run_dir_opens_in_plain_open_clip(tiny_run: Path, tmp_path: Path):
     sd = load_file(str(tiny_run / "model.safetensors"))
     assert all(torch.equal(sd[k], v) for k, v in b.model.state_dict().items())
     assert b.image_size == 32
+
+
+# --- 2. open_clip_train on vfmkit's shards; vfmkit eval reads its checkpoint ---------------------------------
+def test_open_clip_train_on_vfmkit_shards_and_vfmkit_eval_reads_its_checkpoint(tiny_run: Path, tmp_path: Path):
+    """open_clip_train (open_clip_torch[training], in this environment: the webdataset pin allows it) trains on
+    the embedded Flickr8k shards, its sample count read from vfmkit's sizes.json (no --train-num-samples),
+    starting from the vfmkit run (local-dir:); ``vfmkit eval`` then reads open_clip_train's epoch checkpoint."""
+    import webdataset
+
+    from vfmkit.data.builtin import builtin_path
+    from vfmkit.data.shards import read_manifest
+
+    d = builtin_path("flickr8k/heldout")
+    sizes = json.loads((d / "sizes.json").read_text())
+    assert sizes == {s["name"]: s["count"] for s in read_manifest(d)["shards"]}  # never stale
+    assert webdataset.__version__ == "0.2.86", "pyproject pins webdataset==0.2.86 (open_clip_train needs <=0.2.86)"
+    logs = tmp_path / "logs"
+    cmd = [sys.executable, "-m", "open_clip_train.main", "--train-data", f"{d}/shard-{{000000..000000}}.tar.gz",
+           "--dataset-type", "webdataset", "--model", f"local-dir:{tiny_run}", "--batch-size", "25", "--epochs", "1",
+           "--workers", "0", "--lr", "1e-4", "--warmup", "1", "--logs", str(logs), "--name", "oc", "--device", "cpu",
+           "--precision", "fp32", "--report-to", "", "--seed", "0", "--log-every-n-steps", "1"]
+    r = subprocess.run(cmd, capture_output=True, text=True, env=ENV, cwd=tmp_path, timeout=300)
+    out_log = (logs / "oc" / "out.log").read_text() if (logs / "oc" / "out.log").is_file() else ""
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    assert "[100/100 (100%)]" in out_log  # 100 samples: the count came from sizes.json
+    ckpt = logs / "oc" / "checkpoints" / "epoch_1.pt"
+    assert ckpt.is_file()
+
+    from vfmkit.models.factory import create_clip, load_state_dict
+
+    b = create_clip(f"local-dir:{tiny_run}", str(ckpt))
+    trained = load_state_dict(ckpt)
+    assert all(torch.equal(trained[k], v) for k, v in b.model.state_dict().items())
+    from safetensors.torch import load_file
+
+    before = load_file(str(tiny_run / "model.safetensors"))
+    assert any(not torch.equal(before[k], trained[k]) for k in before)  # open_clip_train did change the weights
+    rc = main(["eval", "--model", f"local-dir:{tiny_run}", "--pretrained", str(ckpt), "--tasks", "retrieval",
+               "--retrieval-data", f"{d}/shard-000001.tar.gz", "--out", str(tmp_path / "ev")])
+    assert rc == 0
+    res = json.loads((tmp_path / "ev" / "eval.json").read_text())
+    from vfmkit.eval.clip import evaluate_clip
+
+    direct = evaluate_clip(b, ["retrieval"], f"{d}/shard-000001.tar.gz", "", "", None)
+    assert res == direct and "retrieval/i2t_R@1" in res  # the CLI evaluated open_clip_train's weights
+
+
+# --- 3. model.name takes what open_clip takes, plus a timm tower ---------------------------------------------
+def test_model_name_readings(tiny_run: Path, tmp_path: Path):
+    from vfmkit.models.factory import ModelNameError, create_clip
+
+    cfg = json.loads((tiny_run / "open_clip_config.json").read_text())["model_cfg"]
+    (tmp_path / "my_tower.json").write_text(json.dumps(cfg))
+    b = create_clip(str(tmp_path / "my_tower.json"))  # a config JSON path: the same architecture, fresh init
+    assert b.image_size == 32 and b.model_cfg == cfg
+    t = create_clip("timm:test_resnet.r160_in1k", image_size=32, text_cfg="vfm-tiny-vit", embed_dim=64)
+    assert t.model_cfg["vision_cfg"]["timm_model_name"] == "test_resnet.r160_in1k"
+    with torch.no_grad():
+        x = t.model.encode_image(torch.zeros(2, 3, 32, 32))
+        y = t.model.encode_text(t.tokenizer(["a dog", "a cat"]))
+    assert x.shape == y.shape == (2, 64)
+    with pytest.raises(ModelNameError) as e:
+        create_clip("my-own-tower")
+    msg = str(e.value)
+    for reading in ("local-dir:", "hf-hub:", ".json", "timm:", "open_clip.list_models()"):
+        assert reading in msg
+    with pytest.raises(ModelNameError, match="open_clip_config.json"):
+        create_clip(f"local-dir:{tmp_path}")  # a directory with no config says what it lacks
+    with pytest.raises(ModelNameError, match="not a timm model"):
+        create_clip("timm:no_such_net")
+    # a recipe puts its own tower in: vfmkit train with model.name = timm:..., and the run opens in open_clip
+    out = tmp_path / "timm_run"
+    rc = main(["train", "clip_tiny", *_sets(f"out_dir={out}", *TINY_CLIP, "train.steps=1",
+                                            "model.name=timm:test_resnet.r160_in1k")])
+    assert rc == 0
+    import open_clip
+
+    m, _, _ = open_clip.create_model_and_transforms(f"local-dir:{out}")
+    from safetensors.torch import load_file
+
+    sd = load_file(str(out / "model.safetensors"))
+    assert all(torch.equal(sd[k], v) for k, v in m.state_dict().items())
+
+
+# --- 4. zero-shot class names come from the shards -----------------------------------------------------------
+def _class_shards(tmp_path: Path, names: list[str], with_class: bool = True) -> Path:
+    """Real Imagenette images under other class names (a 3-class set whose labels are not Imagenette's)."""
+    from vfmkit.data.shards import ShardWriter, iter_shard, list_shards
+
+    out = tmp_path / ("cls" if with_class else "nocls")
+    picked: dict[int, list[bytes]] = {}
+    for u in list_shards("builtin:imagenette/val"):
+        for s in iter_shard(u):
+            lab = json.loads(s["json"])["label"]
+            if lab < len(names) and len(picked.setdefault(lab, [])) < 4:
+                picked[lab].append(s["jpg"])
+    with ShardWriter(out) as w:
+        for lab, jpgs in sorted(picked.items()):
+            for i, jpg in enumerate(jpgs):
+                meta = {"label": lab, **({"class": names[lab]} if with_class else {})}
+                w.write({"__key__": f"{lab}_{i}", "jpg": jpg, "json": meta})
+    return out
+
+
+def test_zeroshot_class_names_from_shards(tiny_run: Path, tmp_path: Path, capsys):
+    from vfmkit.eval.zeroshot import ClassNamesError, class_names_for
+
+    assert class_names_for("builtin:imagenette/val")[:2] == ["tench", "English springer"]  # its classes.json
+    names = ["golden_retriever", "fire_truck", "teapot"]
+    shards = _class_shards(tmp_path, names)
+    assert class_names_for(str(shards)) == ["golden retriever", "fire truck", "teapot"]
+    imagenette = str(Path(__file__).resolve().parents[1] / "src/vfmkit/assets/imagenette/classes.json")
+    with pytest.raises(ClassNamesError, match="does not match"):
+        class_names_for(str(shards), imagenette)  # another dataset's names are refused, not used
+    nocls = _class_shards(tmp_path, names, with_class=False)
+    with pytest.raises(ClassNamesError, match="no class names"):
+        class_names_for(str(nocls))
+    (tmp_path / "names.txt").write_text("\n".join(names))
+    assert class_names_for(str(shards), tmp_path / "names.txt") == names
+    # through the CLI, as the issue ran it: no --classes, the shards' own names; a mismatch is an error line
+    rc = main(["eval", "--model", str(tiny_run), "--tasks", "zeroshot", "--zeroshot-data", str(shards)])
+    assert rc == 0 and "zeroshot/top1" in capsys.readouterr().out
+    rc = main(["eval", "--model", str(tiny_run), "--tasks", "zeroshot", "--zeroshot-data", str(shards),
+               "--classes", imagenette])
+    err = capsys.readouterr().err
+    assert rc == 2 and "does not match" in err and len(err.strip().splitlines()) == 1
+    rc = main(["eval", "--model", str(tiny_run), "--tasks", "zeroshot", "--zeroshot-data", str(nocls)])
+    assert rc == 2 and "no class names" in capsys.readouterr().err
+
+
+# --- 6. data info reads everything train reads ---------------------------------------------------------------
+def test_data_info_every_layout(tmp_path: Path, capsys):
+    from vfmkit.data.builtin import builtin_path
+
+    d = builtin_path("flickr8k/heldout")
+    rc = main(["data", "info", str(d / "shard-000000.tar.gz")])  # a single tar (it has a manifest beside it)
+    out = capsys.readouterr().out
+    assert rc == 0 and "100 samples in 1 shards" in out
+    rc = main(["data", "info", f"{d}/shard-{{000000..000001}}.tar.gz", "--verify"])  # a brace pattern
+    out = capsys.readouterr().out
+    assert rc == 0 and "200 samples in 2 shards" in out and "all ok" in out
+    # an img2dataset folder: tars + *_stats.json + parquet-free, no manifest
+    i2d = tmp_path / "i2d"
+    i2d.mkdir()
+    import shutil
+
+    for i in range(2):
+        shutil.copy(d / f"shard-00000{i}.tar.gz", i2d / f"0000{i}.tar")
+        (i2d / f"0000{i}_stats.json").write_text(json.dumps({"successes": 100, "failed_to_download": 3 + i,
+                                                             "failed_to_resize": 0}))
+    rc = main(["data", "info", str(i2d)])
+    out = capsys.readouterr().out
+    assert rc == 0 and "200 samples in 2 shards" in out and "img2dataset stats" in out
+    assert "failed_to_download 7" in out
+    (i2d / "00001_stats.json").write_text(json.dumps({"successes": 99}))  # stats that disagree with the tar
+    rc = main(["data", "info", str(i2d), "--verify"])
+    out = capsys.readouterr().out
+    assert rc == 1 and "100 samples read, img2dataset stats says 99" in out
+    # a plain hand-made tar with no counts anywhere: counted; a truncated one is named by --verify
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    raw = (i2d / "00000.tar").read_bytes()
+    (plain / "a.tar").write_bytes(raw)
+    (plain / "b.tar").write_bytes(raw[: len(raw) // 3])
+    rc = main(["data", "info", str(plain / "a.tar")])
+    out = capsys.readouterr().out
+    assert rc == 0 and "100 samples" in out and "counted" in out
+    rc = main(["data", "info", str(plain), "--verify"])
+    out = capsys.readouterr().out
+    assert rc == 1 and "b.tar" in out and "corrupt" in out
