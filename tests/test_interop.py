@@ -258,3 +258,32 @@ def test_data_info_every_layout(tmp_path: Path, capsys):
     rc = main(["data", "info", str(plain), "--verify"])
     out = capsys.readouterr().out
     assert rc == 1 and "b.tar" in out and "corrupt" in out
+
+
+# --- 5. subclone refuses a random parent; --pretrained takes tags and files ------------------------------------
+def test_subclone_random_parent_refused_or_warned(tmp_path: Path, capsys, monkeypatch):
+    import timm
+    from safetensors.torch import save_model
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    base = ["--num-classes", "10", "--model-arg", "img_size=32", "--layers", "1", "--width", "64",
+            "--n-calib", "8", "--n-heldout", "8"]
+    rc = main(["subclone", "run", "test_vit", "--out", str(tmp_path / "a"), *base])
+    err = capsys.readouterr().err
+    assert rc == 2 and "no pretrained weights" in err and "--allow-random-parent" in err
+    assert not (tmp_path / "a").exists()
+    rc = main(["subclone", "run", "test_vit", "--out", str(tmp_path / "b"), "--allow-random-parent", *base])
+    err = capsys.readouterr().err
+    assert rc == 0 and "RANDOMLY INITIALISED" in err
+    arch = json.loads((tmp_path / "b" / "arch.json").read_text())
+    assert arch["subclone"]["parent_weights"].startswith("random")
+    # a timm tag is tried as NAME.TAG (offline here, so it names what it tried); a file through the spec grammar
+    rc = main(["subclone", "run", "test_vit", "--pretrained", "augreg_in21k", "--out", str(tmp_path / "c"), *base])
+    assert rc == 2 and "test_vit.augreg_in21k" in capsys.readouterr().err
+    torch.manual_seed(0)
+    w = tmp_path / "parent.safetensors"
+    save_model(timm.create_model("test_vit", num_classes=10, img_size=32), str(w))
+    rc = main(["subclone", "run", f"timm:test_vit:{w}", "--out", str(tmp_path / "d"), *base])
+    captured = capsys.readouterr()
+    assert rc == 0 and "RANDOMLY" not in captured.err
+    assert json.loads((tmp_path / "d" / "arch.json").read_text())["subclone"]["parent_weights"] == str(w)

@@ -4,6 +4,9 @@
     vfmkit subclone run runs/vit_parent --out runs/vit_child --layers 3 --width 96   # subclone + function check
     vfmkit subclone train --recipe subclone_vit_child --set method_args.init=runs/vit_child --out runs/vit_ft
     vfmkit subclone run vit_small_patch16_224 --pretrained vit_s.safetensors --num-classes 1000 --out ... --width 192
+    vfmkit subclone run vit_tiny_patch16_224 --pretrained augreg_in21k ...   (a timm tag; timm:NAME:TAG too)
+
+A named parent without --pretrained has random weights and is refused (--allow-random-parent: warned loudly).
 
 A parent is a vfmkit run/subclone directory (``arch.json`` + ``model.safetensors``), a timm ViT name, an open_clip
 model name (its ``--tower visual`` or ``text``), or a local transformers GPT-2 directory (``config.json``).
@@ -20,7 +23,7 @@ from typing import Any
 def cmd_run(a: argparse.Namespace) -> int:
     import yaml
 
-    from vfmkit.methods.subclone import SubcloneError
+    from vfmkit.methods.subclone import RANDOM_PARENT_NOTE, SubcloneError
     from vfmkit.pipelines.subclone import SubcloneOptions, subclone_parent
 
     kw = {k: yaml.safe_load(v) for k, v in (s.split("=", 1) for s in a.model_arg)}
@@ -41,6 +44,7 @@ def cmd_run(a: argparse.Namespace) -> int:
         a.tower,
         a.num_classes,
         kw,
+        a.allow_random_parent,
     )
     try:
         info = subclone_parent(opts)
@@ -48,6 +52,9 @@ def cmd_run(a: argparse.Namespace) -> int:
         print(f"vfmkit subclone run: error: {e}", file=sys.stderr)
         return 2
     pd, cd, check = info["plan"].parent, info["plan"].child, info["function_check"]
+    if info["parent_weights"].startswith("random"):
+        print(f"WARNING: {info['parent']} is a RANDOMLY INITIALISED parent (--allow-random-parent): "
+              f"{RANDOM_PARENT_NOTE}", file=sys.stderr)
     print(
         f"subclone {info['parent']}: layers {pd.layers}->{cd.layers} width {pd.width}->{cd.width} heads "
         f"{pd.heads}->{cd.heads} mlp {pd.mlp_hidden}->{cd.mlp_hidden}, blocks kept {info['blocks_kept']}"
@@ -98,7 +105,10 @@ def register(subparsers: Any) -> None:
     r.add_argument("--heldout", help="held-out data for the function check (default: builtin val/heldout)")
     r.add_argument("--n-calib", type=int, default=256)
     r.add_argument("--n-heldout", type=int, default=256)
-    r.add_argument("--pretrained", help="weights file (or open_clip tag) for a named parent")
+    r.add_argument("--pretrained", help="a named parent's weights: a file, or a timm / open_clip pretrained tag "
+                   "(e.g. augreg_in21k, laion2b_s34b_b79k); without it a named parent is refused")
+    r.add_argument("--allow-random-parent", action="store_true",
+                   help="subclone a named parent with no --pretrained anyway (random init: a loud warning)")
     r.add_argument(
         "--tower", choices=("visual", "text"), default="visual", help="open_clip tower to subclone"
     )

@@ -72,6 +72,39 @@ class SubcloneError(ValueError):
     """A parent/child combination that cannot be subcloned; the message says why."""
 
 
+RANDOM_PARENT_NOTE = (
+    "subcloning a randomly initialised parent transfers nothing (measured: importance correlation 0.057 on "
+    "vit_tiny_patch16_224); the child is no better than a fresh init"
+)
+
+
+def parent_source(spec: str, pretrained: str | None, allow_random: bool = False) -> tuple[str, str | None, bool]:
+    """Where a parent's weights come from -> (the parent spec to load, its weights, whether it is random).
+
+    ``spec`` is a model spec (``vfmkit.models.spec``): a directory (a trained run/subclone, a transformers
+    folder: its own weights), ``NAME``, ``timm:NAME[:SOURCE]`` or ``openclip:NAME[:SOURCE]``; ``pretrained``
+    (``--pretrained``) is a weights file or a timm / open_clip pretrained tag and overrides ``SOURCE``
+    (``random`` asks for the seeded init). A named parent with no weights is refused (SubcloneError) unless
+    ``allow_random``; then the caller warns."""
+    from vfmkit.models.spec import parse_model_spec
+
+    ms = parse_model_spec(spec)
+    if ms.kind == "path":
+        return spec, pretrained, False
+    if ms.kind not in ("name", "timm", "openclip"):
+        raise SubcloneError(f"parent {spec!r} is a {ms.kind} spec; a parent is a directory, NAME, timm:NAME or "
+                            "openclip:NAME")
+    src = pretrained or ms.source
+    src = None if src in (None, "", "random") else src
+    if src is None and not allow_random:
+        raise SubcloneError(
+            f"parent {spec!r} has no pretrained weights (no --pretrained): {RANDOM_PARENT_NOTE}. Give --pretrained "
+            "FILE or a pretrained tag (timm, e.g. augreg_in21k; open_clip, e.g. laion2b_s34b_b79k), a trained "
+            "parent directory, or --allow-random-parent to subclone the random init anyway"
+        )
+    return ms.name, src, src is None
+
+
 def _is_identity(m: nn.Module | None) -> bool:
     return m is None or isinstance(m, nn.Identity)
 

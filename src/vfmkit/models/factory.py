@@ -268,16 +268,26 @@ def write_open_clip_files(bundle: ClipBundle, out_dir: str | Path) -> list[Path]
 def create_classifier(
     name: str, num_classes: int, pretrained: str | bool | None = None, **kwargs: Any
 ) -> torch.nn.Module:
-    """A timm classifier. ``pretrained`` is True (timm hub weights), a local file, or None."""
+    """A timm classifier. ``pretrained`` is True or ``"pretrained"`` (timm's default hub weights), a local file,
+    a timm pretrained tag (``augreg_in21k``: ``NAME.augreg_in21k`` from the hub or its cache), or None."""
     import timm
 
-    if isinstance(pretrained, str) and pretrained:
+    if isinstance(pretrained, str) and pretrained and pretrained != "pretrained":
         p = Path(pretrained)
-        if not p.is_file():
+        if p.is_file():
+            model = timm.create_model(name, pretrained=False, num_classes=num_classes, **kwargs)
+            model.load_state_dict(load_state_dict(p))
+            return model
+        if p.suffix in (".safetensors", ".pt", ".pth", ".bin") or "/" in pretrained:
             raise FileNotFoundError(f"pretrained checkpoint not found: {p}")
-        model = timm.create_model(name, pretrained=False, num_classes=num_classes, **kwargs)
-        model.load_state_dict(load_state_dict(p))
-        return model
+        tagged = f"{name.partition('.')[0]}.{pretrained}"
+        try:
+            return timm.create_model(tagged, pretrained=True, num_classes=num_classes, **kwargs)
+        except Exception as e:  # noqa: BLE001  unknown tag or no network: say both readings that were tried
+            raise FileNotFoundError(
+                f"pretrained {pretrained!r} for timm model {name!r}: not a file, and timm tag {tagged!r} did not "
+                f"load ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+            ) from e
     return timm.create_model(name, pretrained=bool(pretrained), num_classes=num_classes, **kwargs)
 
 

@@ -175,12 +175,14 @@ class SubcloneOptions:
     tower: str = "visual"
     num_classes: int | None = None
     model_kwargs: dict = field(default_factory=dict)
+    allow_random_parent: bool = False  # a named parent without weights is refused unless this is set
 
 
 def subclone_parent(o: SubcloneOptions) -> dict:
     """Subclone ``o.parent`` into ``o.out`` (arch.json + model.safetensors [+ vocab.json]) -> the info record
     saved under ``arch.json["subclone"]`` plus ``plan`` (the sc.Plan)."""
-    parent = load_parent(o.parent, o.pretrained, o.tower, o.num_classes, o.model_kwargs)
+    spec, weights, random_parent = sc.parent_source(o.parent, o.pretrained, o.allow_random_parent)
+    parent = load_parent(spec, weights, o.tower, o.num_classes, o.model_kwargs)
     img = parent.kind == "image"
     calib = o.calib or ("builtin:imagenette/train" if img else "builtin:flickr8k/train")
     heldout = o.heldout or ("builtin:imagenette/val" if img else "builtin:flickr8k/heldout")
@@ -198,6 +200,7 @@ def subclone_parent(o: SubcloneOptions) -> dict:
     check = sc.function_check(parent.model, res.model, batches_for(parent, heldout, o.n_heldout))
     info = {
         "parent": parent.source,
+        "parent_weights": "random (--allow-random-parent)" if random_parent else (weights or "its own (directory)"),
         "parent_dims": vars(res.plan.parent),
         "child_dims": vars(res.plan.child),
         "blocks_kept": res.plan.blocks,
