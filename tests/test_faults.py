@@ -16,7 +16,6 @@ import os
 import shutil
 import subprocess
 import sys
-import tarfile
 from pathlib import Path
 
 import pytest
@@ -29,7 +28,7 @@ from vfmkit.data.shards import ShardWriter, iter_shard, list_shards
 # ------------------------------------------------------------------------------------------------ fault driver
 # The same code runs in a subprocess (as ``python -c DRIVER argv...``, faults in $VFMKIT_TEST_FAULTS) and in this
 # process (exec'd; faults installed with monkeypatch). A fault wraps ``module:attr.path`` and fires on the Nth call.
-DRIVER = r'''
+DRIVER = r"""
 import errno, hashlib, importlib, json, os, signal, sys
 
 
@@ -99,7 +98,7 @@ if __name__ == "__main__":
     from vfmkit.cli import main
 
     sys.exit(main(sys.argv[1:]))
-'''
+"""
 _drv: dict = {"__name__": "faults_driver"}
 exec(compile(DRIVER, "faults_driver", "exec"), _drv)
 
@@ -108,10 +107,16 @@ COUNTS = {"faults": 0, "runs_compared": 0, "samples_checked": 0}
 
 def _env() -> dict:
     src = str(Path(__import__("vfmkit").__file__).parents[1])
-    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([src, os.environ.get("PYTHONPATH", "")])}
+    return {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": os.pathsep.join([src, os.environ.get("PYTHONPATH", "")]),
+    }
 
 
-def killed_run(argv: list[str], faults: list[dict], fp_file: Path | None = None, *, fresh: bool = False) -> None:
+def killed_run(
+    argv: list[str], faults: list[dict], fp_file: Path | None = None, *, fresh: bool = False
+) -> None:
     """Run ``vfmkit ARGV`` in a child process that SIGKILLs itself at the fault; assert that it died there.
 
     The child is forked from this process (the kill is a real SIGKILL of a separate process; forking skips the
@@ -120,9 +125,12 @@ def killed_run(argv: list[str], faults: list[dict], fp_file: Path | None = None,
         env = {**_env(), "VFMKIT_TEST_FAULTS": json.dumps(faults)}
         if fp_file is not None:
             env["VFMKIT_TEST_FP"] = str(fp_file)
-        r = subprocess.run([sys.executable, "-c", DRIVER, *argv], env=env, capture_output=True, text=True,
-                           timeout=300)
-        assert r.returncode == -9, f"the run was not killed at {faults}: rc {r.returncode}\n{r.stderr[-2000:]}"
+        r = subprocess.run(
+            [sys.executable, "-c", DRIVER, *argv], env=env, capture_output=True, text=True, timeout=300
+        )
+        assert r.returncode == -9, (
+            f"the run was not killed at {faults}: rc {r.returncode}\n{r.stderr[-2000:]}"
+        )
     else:
         sys.stdout.flush()
         sys.stderr.flush()
@@ -152,6 +160,7 @@ def in_process(monkeypatch, argv: list[str], faults: list[dict] = (), fp_file: P
 
 def same_tree(a: Path, b: Path, skip: tuple[str, ...] = ()) -> list[str]:
     """Relative paths of files in ``a``; asserts ``b`` holds the same files with the same bytes."""
+
     def files(root: Path) -> list[str]:
         return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file() and p.name not in skip)
 
@@ -198,16 +207,27 @@ STEPS, CKPT_EVERY, BATCH = 8, 2, 4
 
 
 def train_argv(data: Path, out: Path, *extra: str) -> list[str]:
-    sets = [f"data.train={data}", f"train.steps={STEPS}", f"train.ckpt_every={CKPT_EVERY}", f"data.batch_size={BATCH}",
-            "data.shuffle_buffer=8", "train.progress=false", "train.tensorboard=false", "train.log_every=2",
-            "optim.warmup_steps=2", *extra]
+    sets = [
+        f"data.train={data}",
+        f"train.steps={STEPS}",
+        f"train.ckpt_every={CKPT_EVERY}",
+        f"data.batch_size={BATCH}",
+        "data.shuffle_buffer=8",
+        "train.progress=false",
+        "train.tensorboard=false",
+        "train.log_every=2",
+        "optim.warmup_steps=2",
+        *extra,
+    ]
     return ["train", "clip_tiny", "--out", str(out), *[a for s in sets for a in ("--set", s)]]
 
 
 @pytest.fixture(scope="module")
 def train_data(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("faults_train")
-    reshard("builtin:flickr8k/train", root / "data", 20, 8)  # 20 samples, 5 per epoch at batch 4: 8 steps cross one
+    reshard(
+        "builtin:flickr8k/train", root / "data", 20, 8
+    )  # 20 samples, 5 per epoch at batch 4: 8 steps cross one
     return root / "data"
 
 
@@ -245,14 +265,18 @@ def latest_step(out: Path) -> int:
 
 
 # ------------------------------------------------------------------------------------------------ train faults
-def test_train_kill_mid_step_then_truncated_checkpoint_falls_back(train_data, train_ref, tmp_path, monkeypatch,
-                                                                   capsys):
+def test_train_kill_mid_step_then_truncated_checkpoint_falls_back(
+    train_data, train_ref, tmp_path, monkeypatch, capsys
+):
     """kill -9 in step 6 (last checkpoint: step 4); then step 4's model.safetensors is truncated: the resume names
     it, falls back to step 2, and ends with the uninterrupted run's weights and batches."""
     ref, ref_fps = train_ref
     out = tmp_path / "run"
-    killed_run(train_argv(train_data, out), [{"target": "vfmkit.engine.trainer:_Run.train_step", "at": 6,
-                                               "when": "before", "do": "kill"}], tmp_path / "fp_killed")
+    killed_run(
+        train_argv(train_data, out),
+        [{"target": "vfmkit.engine.trainer:_Run.train_step", "at": 6, "when": "before", "do": "kill"}],
+        tmp_path / "fp_killed",
+    )
     assert latest_step(out) == 4 and not (out / "model.safetensors").exists()
     bad = out / "checkpoints" / "step-000000004" / "model.safetensors"
     bad.write_bytes(bad.read_bytes()[: bad.stat().st_size // 2])
@@ -276,17 +300,25 @@ def test_train_kill_mid_step_then_truncated_checkpoint_falls_back(train_data, tr
     [  # killed inside the step-4 checkpoint write: model.safetensors is in the tmp folder, state.pt is not
         ({"target": "vfmkit.engine.checkpoint:torch.save", "at": 2, "when": "before", "do": "kill"}, 2),
         # killed after the step-4 folder was renamed into place, before `latest` names it
-        ({"target": "vfmkit.engine.checkpoint:atomic_write_text", "at": 2, "when": "before", "do": "kill"}, 2),
+        (
+            {"target": "vfmkit.engine.checkpoint:atomic_write_text", "at": 2, "when": "before", "do": "kill"},
+            2,
+        ),
     ],
     ids=["during-checkpoint-write", "before-latest-pointer"],
 )
-def test_train_kill_in_checkpoint_write_resumes_from_last_complete(train_data, train_ref, tmp_path, monkeypatch,
-                                                                  fault, resumes_from):
+def test_train_kill_in_checkpoint_write_resumes_from_last_complete(
+    train_data, train_ref, tmp_path, monkeypatch, fault, resumes_from
+):
     ref, ref_fps = train_ref
     out = tmp_path / "run"
     # one of the kills in a fresh interpreter (as a user's process), the others forked
-    killed_run(train_argv(train_data, out), [fault], tmp_path / "fp_killed", fresh=fault["at"] == 2 and
-               fault["target"].endswith("torch.save"))
+    killed_run(
+        train_argv(train_data, out),
+        [fault],
+        tmp_path / "fp_killed",
+        fresh=fault["at"] == 2 and fault["target"].endswith("torch.save"),
+    )
     assert latest_step(out) == resumes_from
     assert in_process(monkeypatch, train_argv(train_data, out), fp_file=tmp_path / "fp_resumed") == 0
     final_equal(ref, out)
@@ -296,14 +328,20 @@ def test_train_kill_in_checkpoint_write_resumes_from_last_complete(train_data, t
     assert logged[-1] == STEPS
 
 
-def test_train_full_disk_at_a_checkpoint_leaves_the_previous_one(train_data, train_ref, tmp_path, monkeypatch,
-                                                                  capsys):
+def test_train_full_disk_at_a_checkpoint_leaves_the_previous_one(
+    train_data, train_ref, tmp_path, monkeypatch, capsys
+):
     """ENOSPC while the step-4 checkpoint is written: one error line, exit 2; step 2's checkpoint and `latest`
     untouched, no partial folder left to fill the disk further; the same command then finishes as the ref."""
     ref, ref_fps = train_ref
     out = tmp_path / "run"
-    fault = {"target": "vfmkit.engine.checkpoint:save_model", "at": 2, "when": "before", "do": "enospc",
-             "path": str(out / "checkpoints")}
+    fault = {
+        "target": "vfmkit.engine.checkpoint:save_model",
+        "at": 2,
+        "when": "before",
+        "do": "enospc",
+        "path": str(out / "checkpoints"),
+    }
     rc = in_process(monkeypatch, train_argv(train_data, out), [fault], tmp_path / "fp_failed")
     one_line_error(capsys, rc, "No space left on device", str(out / "checkpoints"))
     COUNTS["faults"] += 1
@@ -340,17 +378,44 @@ def rdata(tmp_path_factory):
 
 
 def reinforce_argv(d: dict, mode: str, out: Path) -> list[str]:
-    common = ["--out", str(out), "--n-aug", "2", "--size", "64", "--chunk", "2", "--batch-size", "4",
-              "--no-progress", "--images", "--no-prefetch"]
+    common = [
+        "--out",
+        str(out),
+        "--n-aug",
+        "2",
+        "--size",
+        "64",
+        "--chunk",
+        "2",
+        "--batch-size",
+        "4",
+        "--no-progress",
+        "--images",
+        "--no-prefetch",
+    ]
     if mode == "clip":
         return ["reinforce", "clip", str(d["root"] / "clip_src"), "--teacher", d["clip_teacher"], *common]
-    return ["reinforce", "classify", str(d["root"] / "classify_src"), "--teacher", "efficientnet-lite0@64",
-            "--class-index", "imagenette", "--topk", "3", *common]
+    return [
+        "reinforce",
+        "classify",
+        str(d["root"] / "classify_src"),
+        "--teacher",
+        "efficientnet-lite0@64",
+        "--class-index",
+        "imagenette",
+        "--topk",
+        "3",
+        *common,
+    ]
 
 
 REINFORCE_KILLS = {  # after shard 0 (tar + done marker) is complete; inside shard 1 (its 2nd sample)
-    "between-shards": {"target": "vfmkit.pipelines.reinforce:Reinforcer.run_shard", "at": 1, "when": "after",
-                       "do": "kill"},
+    "between-shards": {
+        "target": "vfmkit.pipelines.reinforce:Reinforcer.run_shard",
+        "at": 1,
+        "when": "after",
+        "do": "kill",
+    },
     "mid-shard": {"target": "vfmkit.data.shards:ShardWriter.write", "at": 6, "when": "before", "do": "kill"},
 }
 
@@ -361,7 +426,9 @@ def test_reinforce_kill_then_rerun_equals_uninterrupted(rdata, tmp_path, monkeyp
     out = tmp_path / "out"
     killed_run(reinforce_argv(rdata, mode, out), [REINFORCE_KILLS[point]])
     done = sorted(p.name for p in out.glob("*.done.json"))
-    assert len(done) == 1 and not (out / "manifest.json").exists(), done  # killed after shard 0, before shard 1's end
+    assert len(done) == 1 and not (out / "manifest.json").exists(), (
+        done
+    )  # killed after shard 0, before shard 1's end
     assert in_process(monkeypatch, reinforce_argv(rdata, mode, out)) == 0
     same_tree(rdata["root"] / f"{mode}_ref", out)  # every file byte for byte; no .work-* or tmp leftovers
     uids = shard_uids(out)
@@ -407,14 +474,26 @@ def import_src(tmp_path_factory, monkeypatch_module=None):
 
 
 def import_argv(root: Path, out: Path) -> list[str]:
-    return ["data", "import", "--captions", str(root / "captions.csv"), "--images", str(root / "images"),
-            "--out", str(out), "--shard-size", "4"]
+    return [
+        "data",
+        "import",
+        "--captions",
+        str(root / "captions.csv"),
+        "--images",
+        str(root / "images"),
+        "--out",
+        str(out),
+        "--shard-size",
+        "4",
+    ]
 
 
 @pytest.mark.parametrize(
     "fault",
-    [{"target": "vfmkit.data.shards:ShardWriter.write", "at": 6, "when": "before", "do": "kill"},
-     {"target": "vfmkit.data.shards:ShardWriter._finish_shard", "at": 1, "when": "after", "do": "kill"}],
+    [
+        {"target": "vfmkit.data.shards:ShardWriter.write", "at": 6, "when": "before", "do": "kill"},
+        {"target": "vfmkit.data.shards:ShardWriter._finish_shard", "at": 1, "when": "after", "do": "kill"},
+    ],
     ids=["mid-shard", "between-shards"],
 )
 def test_import_kill_then_rerun_equals_uninterrupted(import_src, tmp_path, monkeypatch, fault):
@@ -457,14 +536,22 @@ def _tamper(src: Path, dst: Path) -> list[str]:
     return [info0["uid"], json.loads(samples[1]["json"])["uid"]]
 
 
-def test_tampered_images_in_reinforced_shards_are_not_trained_on(rdata, tmp_path, monkeypatch, capsys, caplog):
+def test_tampered_images_in_reinforced_shards_are_not_trained_on(
+    rdata, tmp_path, monkeypatch, capsys, caplog
+):
     """README's path (reinforce clip --images, then train mobileclip): a wrong json sha256 and a swapped jpg are
     corrupt samples, named and counted in the summary line and log.jsonl, and never reach a batch."""
     bad = _tamper(rdata["root"] / "clip_ref", tmp_path / "rdata")
     out = tmp_path / "run"
     argv = ["train", "mobileclip_tiny", "--out", str(out)]
-    for s in [f"method_args.reinforced={tmp_path / 'rdata'}", "train.steps=2", "data.batch_size=4",
-              "data.shuffle_buffer=0", "train.log_every=1", "optim.warmup_steps=1"]:
+    for s in [
+        f"method_args.reinforced={tmp_path / 'rdata'}",
+        "train.steps=2",
+        "data.batch_size=4",
+        "data.shuffle_buffer=0",
+        "train.log_every=1",
+        "optim.warmup_steps=1",
+    ]:
         argv += ["--set", s]
     assert in_process(monkeypatch, argv) == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
@@ -513,10 +600,15 @@ def held_folder(tmp_path):
     FolderLock(out).acquire().release()  # a killed holder leaves no stale lock
 
 
-def test_second_job_on_a_busy_folder_fails_at_once(held_folder, train_data, rdata, import_src, monkeypatch, capsys):
+def test_second_job_on_a_busy_folder_fails_at_once(
+    held_folder, train_data, rdata, import_src, monkeypatch, capsys
+):
     before = sorted(p.name for p in held_folder.iterdir())
-    for argv in (train_argv(train_data, held_folder), reinforce_argv(rdata, "clip", held_folder),
-                 import_argv(import_src, held_folder)):
+    for argv in (
+        train_argv(train_data, held_folder),
+        reinforce_argv(rdata, "clip", held_folder),
+        import_argv(import_src, held_folder),
+    ):
         rc = in_process(monkeypatch, argv)
         one_line_error(capsys, rc, str(held_folder), "in use by vfmkit train clip (pid")
     assert sorted(p.name for p in held_folder.iterdir()) == before  # nothing written beside the other job
@@ -533,18 +625,29 @@ def test_resume_with_another_config_is_refused_by_key(train_ref, tmp_path, monke
 
 
 # 3. values that cannot work
-@pytest.mark.parametrize("override, key", [
-    ("train.steps=-5", "train.steps"), ("train.grad_accum=0", "train.grad_accum"),
-    ("train.log_every=0", "train.log_every"), ("data.batch_size=0", "data.batch_size"), ("optim.lr=-1", "optim.lr"),
-    ("data.num_workers=-1", "data.num_workers"), ("train.precision=fp16", "train.precision"),
-    ("train.parallel=zero3", "train.parallel"), ("data.on_corrupt=ignore", "data.on_corrupt"),
-    ("optim.beta2=1.5", "optim.beta2"), ("train.keep_ckpts=0", "train.keep_ckpts"),
-    ("optim.lr=[1e-3", "optim.lr"),  # a YAML syntax error in --set
-])
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("train.steps=-5", "train.steps"),
+        ("train.grad_accum=0", "train.grad_accum"),
+        ("train.log_every=0", "train.log_every"),
+        ("data.batch_size=0", "data.batch_size"),
+        ("optim.lr=-1", "optim.lr"),
+        ("data.num_workers=-1", "data.num_workers"),
+        ("train.precision=fp16", "train.precision"),
+        ("train.parallel=zero3", "train.parallel"),
+        ("data.on_corrupt=ignore", "data.on_corrupt"),
+        ("optim.beta2=1.5", "optim.beta2"),
+        ("train.keep_ckpts=0", "train.keep_ckpts"),
+        ("optim.lr=[1e-3", "optim.lr"),  # a YAML syntax error in --set
+    ],
+)
 def test_bad_values_are_refused_before_anything_is_built(tmp_path, capsys, monkeypatch, override, key):
     import vfmkit.methods.registry as registry
 
-    monkeypatch.setattr(registry, "build_job", lambda *a, **k: pytest.fail("built before the config was checked"))
+    monkeypatch.setattr(
+        registry, "build_job", lambda *a, **k: pytest.fail("built before the config was checked")
+    )
     rc = main(["train", "clip_tiny", "--out", str(tmp_path / "out"), "--set", override])
     one_line_error(capsys, rc, f"'{key}'")
     assert not (tmp_path / "out").exists()
@@ -554,15 +657,193 @@ def test_bad_values_are_refused_before_anything_is_built(tmp_path, capsys, monke
 def test_import_counts_an_empty_caption_and_names_a_non_utf8_csv(import_src, tmp_path, capsys):
     names = sorted(p.name for p in (import_src / "images").iterdir())
     csv_path = tmp_path / "captions.csv"
-    csv_path.write_text("image,caption\n" + f"{names[0]},a dog runs\n{names[1]},\n{names[2]},   \n", encoding="utf-8")
-    assert main(["data", "import", "--captions", str(csv_path), "--images", str(import_src / "images"),
-                 "--out", str(tmp_path / "out")]) == 0
+    csv_path.write_text(
+        "image,caption\n" + f"{names[0]},a dog runs\n{names[1]},\n{names[2]},   \n", encoding="utf-8"
+    )
+    assert (
+        main(
+            [
+                "data",
+                "import",
+                "--captions",
+                str(csv_path),
+                "--images",
+                str(import_src / "images"),
+                "--out",
+                str(tmp_path / "out"),
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     m = json.loads((tmp_path / "out" / "manifest.json").read_text())
     assert m["count"] == 1 and m["n_skipped"] == 2
-    assert {s["uid"]: s["reason"] for s in m["skipped"]} == {names[1]: "empty caption", names[2]: "empty caption"}
+    assert {s["uid"]: s["reason"] for s in m["skipped"]} == {
+        names[1]: "empty caption",
+        names[2]: "empty caption",
+    }
     assert f"skipped {names[1]}" in out
     csv_path.write_bytes(b"image,caption\n" + names[0].encode() + b",caf\xe9 au lait\n")
-    rc = main(["data", "import", "--captions", str(csv_path), "--images", str(import_src / "images"),
-               "--out", str(tmp_path / "out2")])
+    rc = main(
+        [
+            "data",
+            "import",
+            "--captions",
+            str(csv_path),
+            "--images",
+            str(import_src / "images"),
+            "--out",
+            str(tmp_path / "out2"),
+        ]
+    )
     one_line_error(capsys, rc, str(csv_path), "not UTF-8", "line 2")
+
+
+# 5. errors are one line naming the file / key / sample, exit code 2; --debug shows the traceback
+@pytest.fixture(scope="module")
+def bad_data(tmp_path_factory) -> dict:
+    root = tmp_path_factory.mktemp("faults_bad")
+    samples = reshard("builtin:flickr8k/train", root / "good", 8, 8)
+    with ShardWriter(root / "corrupt", max_count=8) as w:
+        for i, s in enumerate(samples):
+            w.write({**s, "jpg": b"\xff\xd8 not a jpeg"} if i == 1 else s)
+    (root / "truncated").mkdir()
+    data = (root / "good" / "shard-000000.tar").read_bytes()
+    (root / "truncated" / "shard-000000.tar").write_bytes(data[: len(data) // 3])
+    return {"root": root, "corrupt_key": samples[1]["__key__"]}
+
+
+def short_train(data: Path | str, out: Path, *extra: str) -> list[str]:
+    sets = [
+        f"data.train={data}",
+        "train.steps=1",
+        "data.batch_size=4",
+        "data.shuffle_buffer=0",
+        "train.progress=false",
+        "train.tensorboard=false",
+        "train.log_every=1",
+        *extra,
+    ]
+    return ["train", "clip_tiny", "--out", str(out), *[a for s in sets for a in ("--set", s)]]
+
+
+def test_corrupt_sample_raise_is_one_line_and_skip_is_counted_where_seen(bad_data, tmp_path, capsys):
+    corrupt = bad_data["root"] / "corrupt"
+    rc = main(short_train(corrupt, tmp_path / "a", "data.on_corrupt=raise"))
+    one_line_error(capsys, rc, bad_data["corrupt_key"], "shard-000000.tar")
+    assert main(short_train(corrupt, tmp_path / "b")) == 0  # skip: named as it occurs, totalled at the end
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["n_corrupt"] == 1
+    assert json.loads((tmp_path / "b" / "log.jsonl").read_text().splitlines()[-1])["n_corrupt"] == 1
+
+
+def test_truncated_shard_is_one_line(bad_data, tmp_path, capsys):
+    rc = main(short_train(bad_data["root"] / "truncated" / "shard-000000.tar", tmp_path / "a"))
+    one_line_error(capsys, rc, "shard-000000.tar")
+
+
+def test_debug_shows_the_traceback(bad_data, tmp_path, monkeypatch):
+    from vfmkit.data.loader import CorruptSampleError
+
+    argv = short_train(bad_data["root"] / "corrupt", tmp_path / "a", "data.on_corrupt=raise")
+    with pytest.raises(CorruptSampleError):
+        main(["--debug", *argv])
+    monkeypatch.setenv("VFMKIT_DEBUG", "1")
+    with pytest.raises(CorruptSampleError):
+        main(argv)
+
+
+def _checkpoint_dir(ref: Path, out: Path, step: int) -> Path:
+    ck = out / "checkpoints" / f"step-{step:09d}"
+    ck.mkdir(parents=True)
+    shutil.copy(ref / "config.json", out / "config.json")
+    (out / "checkpoints" / "latest").write_text(ck.name)
+    return ck
+
+
+def test_pickle_bearing_state_is_not_a_vfmkit_checkpoint(
+    train_ref, train_data, tmp_path, capsys, monkeypatch
+):
+    ref, _ = train_ref
+    out = tmp_path / "run"
+    ck = _checkpoint_dir(ref, out, 2)
+    shutil.copy(ref / "checkpoints" / "step-000000008" / "model.safetensors", ck / "model.safetensors")
+    torch.save({"step": 2, "payload": print}, ck / "state.pt")  # a pickled callable: code, not data
+    rc = in_process(monkeypatch, train_argv(train_data, out))
+    line = one_line_error(capsys, rc, str(ck / "state.pt"), "not a vfmkit checkpoint")
+    assert "weights_only" not in line and "False" not in line
+
+
+def test_no_complete_checkpoint_is_named(train_ref, train_data, tmp_path, capsys, monkeypatch):
+    ref, _ = train_ref
+    out = tmp_path / "run"
+    ck = _checkpoint_dir(ref, out, 2)
+    for name in ("model.safetensors", "state.pt"):
+        data = (ref / "checkpoints" / "step-000000008" / name).read_bytes()
+        (ck / name).write_bytes(data[: len(data) // 2] if name == "model.safetensors" else data)
+    rc = in_process(monkeypatch, train_argv(train_data, out))
+    one_line_error(capsys, rc, str(ck / "model.safetensors"), "truncated", "train.resume=false")
+
+
+def test_unwritable_outputs_are_found_before_the_work(train_data, tmp_path, capsys, monkeypatch):
+    import vfmkit.methods.registry as registry
+
+    rc = main(train_argv(train_data, Path("/sys/vfmkit-test/run")))  # EPERM even for root
+    one_line_error(capsys, rc, "/sys/vfmkit-test/run", "not writable")
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "checkpoints").write_text("a file where the checkpoint folder goes")
+    steps = []
+    real = registry.build_job
+
+    def build_job(*a, **k):
+        job = real(*a, **k)
+        loss_fn = job.loss_fn
+        job.loss_fn = lambda *x: (steps.append(1), loss_fn(*x))[1]
+        return job
+
+    monkeypatch.setattr(registry, "build_job", build_job)
+    rc = main(train_argv(train_data, out))
+    one_line_error(capsys, rc, "checkpoint folder", str(out / "checkpoints"), "not writable")
+    assert (
+        steps == [] and not (out / "log.jsonl").exists()
+    )  # refused before the first step, not after the work
+
+
+@pytest.mark.parametrize(
+    "argv, needles",
+    [
+        (["train", "clip_tiny", "--set", "model.name=no-such-model"], ["no-such-model"]),
+        (["eval", "--tasks", "bogus"], ["'bogus'", "zeroshot"]),
+        (["eval", "--tasks", "zeroshot", "--pretrained", "no-such-tag"], ["no-such-tag"]),
+        (
+            ["reinforce", "clip", "builtin:flickr8k/heldout", "--teacher", "no-such-teacher", "--n-aug", "1"],
+            ["no-such-teacher"],
+        ),
+        (["train", "no_such_recipe"], ["no_such_recipe"]),
+        (["data", "import", "--class-folders", "/nonexistent/folder"], ["/nonexistent/folder"]),
+    ],
+)
+def test_user_errors_are_one_line(tmp_path, capsys, argv, needles):
+    argv = [*argv, "--out", str(tmp_path / "out")]
+    rc = main(argv)
+    one_line_error(capsys, rc, *needles)
+
+
+def test_reinforce_rerun_with_other_settings_is_one_line(rdata, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "out"
+    shutil.copytree(rdata["root"] / "clip_ref", out)
+    argv = reinforce_argv(rdata, "clip", out)
+    argv[argv.index("--n-aug") + 1] = "3"
+    rc = in_process(monkeypatch, argv)
+    one_line_error(capsys, rc, str(out / "reinforced.json"), "other settings")
+    same_tree(rdata["root"] / "clip_ref", out)  # nothing rewritten
+
+
+def test_report_counts():
+    """Prints the suite's counts for the closing note (the fault tests above add to them when they run)."""
+    print(
+        f"\nfault suite: {COUNTS['faults']} faults injected, {COUNTS['runs_compared']} runs compared with an "
+        f"uninterrupted one, {COUNTS['samples_checked']} samples (uids / batch fingerprints) checked"
+    )
+    assert all(v >= 0 for v in COUNTS.values())

@@ -210,6 +210,9 @@ def load_config(src: str | Path | dict | None = None, overrides: list[str] | Non
         p = Path(src)
         if not p.exists() and not str(src).endswith((".yaml", ".yml")):
             p = Path(__file__).parent / "recipes" / f"{src}.yaml"
+            if not p.is_file():
+                known = ", ".join(sorted(q.stem for q in p.parent.glob("*.yaml")))
+                raise ConfigError(f"recipe {str(src)!r} is neither a YAML file nor a builtin recipe (known: {known})")
         data = load_yaml(p)
     for k, v in parse_overrides(overrides):
         set_dotted(data, k, v)
