@@ -246,6 +246,7 @@ def dense_probe(
             "progress": False,
             "tensorboard": False,
             "grad_clip": 1.0,
+            "ckpt_every": max(50, steps // 2),
         },
         "method_args": margs,
     }
