@@ -287,3 +287,25 @@ def test_subclone_random_parent_refused_or_warned(tmp_path: Path, capsys, monkey
     captured = capsys.readouterr()
     assert rc == 0 and "RANDOMLY" not in captured.err
     assert json.loads((tmp_path / "d" / "arch.json").read_text())["subclone"]["parent_weights"] == str(w)
+
+
+# --- 8. plain log lines when stderr is not a terminal; a finished run says so -----------------------------------
+def test_plain_log_lines_and_finished_rerun(tmp_path: Path, capsys):
+    import re
+
+    out = tmp_path / "run"
+    args = ["train", "clip_tiny", *_sets(f"out_dir={out}", *TINY_CLIP, "train.steps=4", "train.log_every=2",
+                                         "train.progress=true")]
+    assert main(args) == 0  # under pytest stderr is a pipe, as in CI / nohup / a cluster job
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.splitlines() if ln.startswith("train clip step")]
+    assert "\r" not in err and len(lines) == 2
+    pat = r"train clip step (\d+)/4 loss (\d+\.\d+) samples/s (\d+\.\d) eta (\S+)"
+    got = [re.fullmatch(pat, ln) for ln in lines]
+    assert all(got) and [int(m.group(1)) for m in got] == [2, 4] and got[1].group(4) == "0s"
+    logged = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()]
+    assert [f"{r['loss']:.4f}" for r in logged if "loss" in r] == [m.group(2) for m in got]
+    assert main(args) == 0  # rerun of the finished run
+    err = capsys.readouterr().err
+    assert "already complete (step 4/4)" in err and str(out / "model.safetensors") in err
+    assert "train clip step" not in err

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import time
 from collections.abc import Callable, Iterable
 from contextlib import nullcontext
@@ -193,6 +194,8 @@ def train(
         run.restore_state(state)
         run.open_logs()
         started_at = run.step
+        if run.step >= cfg.train.steps:
+            run.say_complete()
         while run.step < cfg.train.steps:
             agg = run.train_step()
             run.log(agg)
@@ -312,7 +315,10 @@ class _Run:
         self.logger = _Logger(self.out, self.dist_info.is_main, self.t.tensorboard)
         self.it = iter(self.loader)
         self.pbar = None
-        if self.t.progress and self.dist_info.is_main:
+        # redirected (CI, nohup, a cluster job): plain lines, one per log step, instead of a \r-joined bar
+        self.plain = bool(self.t.progress and self.dist_info.is_main and not sys.stderr.isatty())
+        self.start_step = self.step
+        if self.t.progress and self.dist_info.is_main and not self.plain:
             from tqdm import tqdm
 
             self.pbar = tqdm(
@@ -390,6 +396,8 @@ class _Run:
             self.window_t, self.window_n = now, 0
             self.history.append(rec)
             self.logger.log(rec)
+            if self.plain:
+                self.print_line(step, logs["loss"])
             if self.pbar is not None:
                 self.pbar.set_postfix(
                     loss=f"{logs['loss']:.4f}",
@@ -397,6 +405,28 @@ class _Run:
                 )
         if self.pbar is not None:
             self.pbar.update(1)
+
+    def print_line(self, step: int, loss: float) -> None:
+        """``train METHOD step S/T loss L samples/s X eta ...`` on stderr (the plain-log form of the bar)."""
+        elapsed = time.perf_counter() - self.t0
+        done = step - self.start_step
+        eta = (self.t.steps - step) * elapsed / done if done else float("nan")
+        print(
+            f"train {self.cfg.method} step {step}/{self.t.steps} loss {loss:.4f} "
+            f"samples/s {self.seen / max(elapsed, 1e-9):.1f} eta {_fmt_seconds(eta)}",
+            file=sys.stderr,
+            flush=True,
+        )
+
+    def say_complete(self) -> None:
+        """A rerun of a finished run: say so and where its results are (rank 0, stderr)."""
+        if self.dist_info.is_main:
+            print(
+                f"train {self.cfg.method}: {self.out} is already complete (step {self.step}/{self.t.steps}); "
+                f"results: {self.out / 'model.safetensors'}, {self.out / 'log.jsonl'}",
+                file=sys.stderr,
+                flush=True,
+            )
 
     def eval_due(self) -> bool:
         t = self.t
@@ -463,6 +493,15 @@ class _Run:
         return TrainResult(
             self.step, self.out, self.history, final, self.seen / max(elapsed, 1e-9), self.resumed
         )
+
+
+def _fmt_seconds(s: float) -> str:
+    if not math.isfinite(s):
+        return "?"
+    s = int(round(s))
+    h, m = divmod(s, 3600)
+    m, sec = divmod(m, 60)
+    return f"{h}h{m:02d}m{sec:02d}s" if h else (f"{m}m{sec:02d}s" if m else f"{sec}s")
 
 
 def _run_eval(eval_fn, model, ema, step, history, logger) -> dict:
