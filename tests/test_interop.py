@@ -309,3 +309,37 @@ def test_plain_log_lines_and_finished_rerun(tmp_path: Path, capsys):
     err = capsys.readouterr().err
     assert "already complete (step 4/4)" in err and str(out / "model.safetensors") in err
     assert "train clip step" not in err
+
+
+# --- 7. the public Python API, as the docs show it --------------------------------------------------------------
+def _python_blocks(path: Path) -> list[str]:
+    text = path.read_text(encoding="utf-8")
+    return [b.split("```", 1)[0] for b in text.split("```python\n")[1:] if "import vfmkit\n" in b.split("```", 1)[0]]
+
+
+def test_import_vfmkit_is_cheap_and_exposes_the_api():
+    code = ("import sys, vfmkit; heavy = [m for m in ('torch', 'open_clip', 'timm', 'numpy') if m in sys.modules];"
+            "print(heavy, sorted(vfmkit.__all__))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=ENV, timeout=60)
+    assert r.returncode == 0, r.stderr
+    heavy, names = r.stdout.strip().split("] ")
+    assert heavy == "["
+    for name in ("train", "evaluate", "reinforce", "load_model", "load_config", "derive", "export"):
+        assert repr(name) in names
+
+
+@pytest.mark.parametrize("doc", ["README.md", "docs/ARCHITECTURE.md"])
+def test_docs_python_api_examples_run(doc: str, tmp_path: Path, monkeypatch, capsys):
+    """The ``import vfmkit`` examples in README and ARCHITECTURE run as written (in a scratch folder: runs/)."""
+    blocks = _python_blocks(ROOT / doc)
+    assert blocks, f"{doc} has no 'import vfmkit' example"
+    monkeypatch.chdir(tmp_path)
+    for code in blocks:
+        ns: dict = {}
+        exec(compile(code, f"{doc}:example", "exec"), ns)  # noqa: S102  the docs' own example, run as a user would
+        assert ns["res"].step == 2 and (tmp_path / "runs" / "api" / "open_clip_config.json").is_file()
+        from safetensors.torch import load_file
+
+        sd = load_file(str(tmp_path / "runs" / "api" / "model.safetensors"))
+        assert all(torch.equal(sd[k], v) for k, v in ns["bundle"].model.state_dict().items())
+    assert "i2t_R@1" in capsys.readouterr().out or doc == "README.md"
