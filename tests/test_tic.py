@@ -269,6 +269,8 @@ def test_sequential_lwf_patching_oracle_step_plans(stream, tmp_path):
     assert len(table) == 5 and by["oracle"][-1] == "1.000" and 0 < float(by["sequential"][-1]) < 1
     with pytest.raises(ConfigError, match="unknown TiC strategy"):
         run_strategy(cfg, "replay-everything", tmp_path)
+    with pytest.raises(ConfigError, match="data.batch_size"):
+        run_strategy(_cfg(stream, **{"data.batch_size": 1000}), "sequential", tmp_path / "big")
     with pytest.raises(ConfigError, match="method_args.lwf_wieght"):
         run_strategy(_cfg(stream, **{"method_args.lwf_wieght": 2}), "lwf", tmp_path)
 

@@ -223,6 +223,9 @@ def run_strategy(
         budget = None if kind in ("all", "new") else pargs.replay_budget
         mix = _mix_dir(out, kind, budget, t)
         m = build_mix(pargs.stream, t, kind, mix, budget=budget)
+        if m["count"] < cfg.data.batch_size:
+            raise ConfigError(f"config key 'data.batch_size': {cfg.data.batch_size} is more than the {m['count']} "
+                              f"samples of {strategy}'s mix at step {t}")  # fmt: skip
         prev = root / f"step-{t - 1:02d}" / "model.safetensors" if t > 0 else None
         steps = C * (t + 1) if strat.budget == "cumulative" else C
         train_dir = out / "step0" / f"seed-{cfg.seed}" if shared else sd / "train"
