@@ -17,8 +17,16 @@ from vfmkit.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "src")}
-TINY_CLIP = ["train.steps=3", "train.log_every=1", "data.batch_size=8", "data.image_size=32", "train.ckpt_every=0",
-             "train.tensorboard=false", "train.progress=false", "optim.warmup_steps=1"]
+TINY_CLIP = [
+    "train.steps=3",
+    "train.log_every=1",
+    "data.batch_size=8",
+    "data.image_size=32",
+    "train.ckpt_every=0",
+    "train.tensorboard=false",
+    "train.progress=false",
+    "optim.warmup_steps=1",
+]
 
 
 def _sets(*overrides: str) -> list[str]:
@@ -71,8 +79,14 @@ def test_run_dir_opens_in_plain_open_clip(tiny_run: Path, tmp_path: Path):
     assert (tiny_run / "open_clip_config.json").is_file()
     jpg = _sample_jpg(tmp_path)
     env = {k: v for k, v in ENV.items() if k != "PYTHONPATH"}  # plain open_clip: vfmkit not on the path
-    r = subprocess.run([sys.executable, "-c", _embed_script(f"local-dir:{tiny_run}"), str(jpg)],
-                       capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120)
+    r = subprocess.run(
+        [sys.executable, "-c", _embed_script(f"local-dir:{tiny_run}"), str(jpg)],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=120,
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     theirs = json.loads(r.stdout)
     b = create_clip(str(tiny_run))  # a run dir is a model name (local-dir: reading)
@@ -91,7 +105,9 @@ def test_run_dir_opens_in_plain_open_clip(tiny_run: Path, tmp_path: Path):
 
 
 # --- 2. open_clip_train on vfmkit's shards; vfmkit eval reads its checkpoint ---------------------------------
-def test_open_clip_train_on_vfmkit_shards_and_vfmkit_eval_reads_its_checkpoint(tiny_run: Path, tmp_path: Path):
+def test_open_clip_train_on_vfmkit_shards_and_vfmkit_eval_reads_its_checkpoint(
+    tiny_run: Path, tmp_path: Path
+):
     """open_clip_train (open_clip_torch[training], in this environment: the webdataset pin allows it) trains on
     the embedded Flickr8k shards, its sample count read from vfmkit's sizes.json (no --train-num-samples),
     starting from the vfmkit run (local-dir:); ``vfmkit eval`` then reads open_clip_train's epoch checkpoint."""
@@ -103,12 +119,45 @@ def test_open_clip_train_on_vfmkit_shards_and_vfmkit_eval_reads_its_checkpoint(t
     d = builtin_path("flickr8k/heldout")
     sizes = json.loads((d / "sizes.json").read_text())
     assert sizes == {s["name"]: s["count"] for s in read_manifest(d)["shards"]}  # never stale
-    assert webdataset.__version__ == "0.2.86", "pyproject pins webdataset==0.2.86 (open_clip_train needs <=0.2.86)"
+    assert webdataset.__version__ == "0.2.86", (
+        "pyproject pins webdataset==0.2.86 (open_clip_train needs <=0.2.86)"
+    )
     logs = tmp_path / "logs"
-    cmd = [sys.executable, "-m", "open_clip_train.main", "--train-data", f"{d}/shard-{{000000..000000}}.tar.gz",
-           "--dataset-type", "webdataset", "--model", f"local-dir:{tiny_run}", "--batch-size", "25", "--epochs", "1",
-           "--workers", "0", "--lr", "1e-4", "--warmup", "1", "--logs", str(logs), "--name", "oc", "--device", "cpu",
-           "--precision", "fp32", "--report-to", "", "--seed", "0", "--log-every-n-steps", "1"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "open_clip_train.main",
+        "--train-data",
+        f"{d}/shard-{{000000..000000}}.tar.gz",
+        "--dataset-type",
+        "webdataset",
+        "--model",
+        f"local-dir:{tiny_run}",
+        "--batch-size",
+        "25",
+        "--epochs",
+        "1",
+        "--workers",
+        "0",
+        "--lr",
+        "1e-4",
+        "--warmup",
+        "1",
+        "--logs",
+        str(logs),
+        "--name",
+        "oc",
+        "--device",
+        "cpu",
+        "--precision",
+        "fp32",
+        "--report-to",
+        "",
+        "--seed",
+        "0",
+        "--log-every-n-steps",
+        "1",
+    ]
     r = subprocess.run(cmd, capture_output=True, text=True, env=ENV, cwd=tmp_path, timeout=300)
     out_log = (logs / "oc" / "out.log").read_text() if (logs / "oc" / "out.log").is_file() else ""
     assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
@@ -124,9 +173,24 @@ def test_open_clip_train_on_vfmkit_shards_and_vfmkit_eval_reads_its_checkpoint(t
     from safetensors.torch import load_file
 
     before = load_file(str(tiny_run / "model.safetensors"))
-    assert any(not torch.equal(before[k], trained[k]) for k in before)  # open_clip_train did change the weights
-    rc = main(["eval", "--model", f"local-dir:{tiny_run}", "--pretrained", str(ckpt), "--tasks", "retrieval",
-               "--retrieval-data", f"{d}/shard-000001.tar.gz", "--out", str(tmp_path / "ev")])
+    assert any(
+        not torch.equal(before[k], trained[k]) for k in before
+    )  # open_clip_train did change the weights
+    rc = main(
+        [
+            "eval",
+            "--model",
+            f"local-dir:{tiny_run}",
+            "--pretrained",
+            str(ckpt),
+            "--tasks",
+            "retrieval",
+            "--retrieval-data",
+            f"{d}/shard-000001.tar.gz",
+            "--out",
+            str(tmp_path / "ev"),
+        ]
+    )
     assert rc == 0
     res = json.loads((tmp_path / "ev" / "eval.json").read_text())
     from vfmkit.eval.clip import evaluate_clip
@@ -136,7 +200,7 @@ def test_open_clip_train_on_vfmkit_shards_and_vfmkit_eval_reads_its_checkpoint(t
 
 
 # --- 3. model.name takes what open_clip takes, plus a timm tower ---------------------------------------------
-def test_model_name_readings(tiny_run: Path, tmp_path: Path):
+def test_model_name_readings(tiny_run: Path, tmp_path: Path, monkeypatch):
     from vfmkit.models.factory import ModelNameError, create_clip
 
     cfg = json.loads((tiny_run / "open_clip_config.json").read_text())["model_cfg"]
@@ -158,10 +222,21 @@ def test_model_name_readings(tiny_run: Path, tmp_path: Path):
         create_clip(f"local-dir:{tmp_path}")  # a directory with no config says what it lacks
     with pytest.raises(ModelNameError, match="not a timm model"):
         create_clip("timm:no_such_net")
+    import huggingface_hub.constants
+
+    # hf-hub: goes to open_clip's hub loader (offline here, so its error; no network retries)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(RuntimeError, match="HF Hub nobody/no-such-clip"):
+        create_clip("hf-hub:nobody/no-such-clip")
     # a recipe puts its own tower in: vfmkit train with model.name = timm:..., and the run opens in open_clip
     out = tmp_path / "timm_run"
-    rc = main(["train", "clip_tiny", *_sets(f"out_dir={out}", *TINY_CLIP, "train.steps=1",
-                                            "model.name=timm:test_resnet.r160_in1k")])
+    rc = main(
+        [
+            "train",
+            "clip_tiny",
+            *_sets(f"out_dir={out}", *TINY_CLIP, "train.steps=1", "model.name=timm:test_resnet.r160_in1k"),
+        ]
+    )
     assert rc == 0
     import open_clip
 
@@ -210,8 +285,19 @@ def test_zeroshot_class_names_from_shards(tiny_run: Path, tmp_path: Path, capsys
     # through the CLI, as the issue ran it: no --classes, the shards' own names; a mismatch is an error line
     rc = main(["eval", "--model", str(tiny_run), "--tasks", "zeroshot", "--zeroshot-data", str(shards)])
     assert rc == 0 and "zeroshot/top1" in capsys.readouterr().out
-    rc = main(["eval", "--model", str(tiny_run), "--tasks", "zeroshot", "--zeroshot-data", str(shards),
-               "--classes", imagenette])
+    rc = main(
+        [
+            "eval",
+            "--model",
+            str(tiny_run),
+            "--tasks",
+            "zeroshot",
+            "--zeroshot-data",
+            str(shards),
+            "--classes",
+            imagenette,
+        ]
+    )
     err = capsys.readouterr().err
     assert rc == 2 and "does not match" in err and len(err.strip().splitlines()) == 1
     rc = main(["eval", "--model", str(tiny_run), "--tasks", "zeroshot", "--zeroshot-data", str(nocls)])
@@ -236,8 +322,9 @@ def test_data_info_every_layout(tmp_path: Path, capsys):
 
     for i in range(2):
         shutil.copy(d / f"shard-00000{i}.tar.gz", i2d / f"0000{i}.tar")
-        (i2d / f"0000{i}_stats.json").write_text(json.dumps({"successes": 100, "failed_to_download": 3 + i,
-                                                             "failed_to_resize": 0}))
+        (i2d / f"0000{i}_stats.json").write_text(
+            json.dumps({"successes": 100, "failed_to_download": 3 + i, "failed_to_resize": 0})
+        )
     rc = main(["data", "info", str(i2d)])
     out = capsys.readouterr().out
     assert rc == 0 and "200 samples in 2 shards" in out and "img2dataset stats" in out
@@ -262,12 +349,25 @@ def test_data_info_every_layout(tmp_path: Path, capsys):
 
 # --- 5. subclone refuses a random parent; --pretrained takes tags and files ------------------------------------
 def test_subclone_random_parent_refused_or_warned(tmp_path: Path, capsys, monkeypatch):
+    import huggingface_hub.constants
     import timm
     from safetensors.torch import save_model
 
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    base = ["--num-classes", "10", "--model-arg", "img_size=32", "--layers", "1", "--width", "64",
-            "--n-calib", "8", "--n-heldout", "8"]
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # a hub tag fails at once, offline
+    base = [
+        "--num-classes",
+        "10",
+        "--model-arg",
+        "img_size=32",
+        "--layers",
+        "1",
+        "--width",
+        "64",
+        "--n-calib",
+        "8",
+        "--n-heldout",
+        "8",
+    ]
     rc = main(["subclone", "run", "test_vit", "--out", str(tmp_path / "a"), *base])
     err = capsys.readouterr().err
     assert rc == 2 and "no pretrained weights" in err and "--allow-random-parent" in err
@@ -278,7 +378,9 @@ def test_subclone_random_parent_refused_or_warned(tmp_path: Path, capsys, monkey
     arch = json.loads((tmp_path / "b" / "arch.json").read_text())
     assert arch["subclone"]["parent_weights"].startswith("random")
     # a timm tag is tried as NAME.TAG (offline here, so it names what it tried); a file through the spec grammar
-    rc = main(["subclone", "run", "test_vit", "--pretrained", "augreg_in21k", "--out", str(tmp_path / "c"), *base])
+    rc = main(
+        ["subclone", "run", "test_vit", "--pretrained", "augreg_in21k", "--out", str(tmp_path / "c"), *base]
+    )
     assert rc == 2 and "test_vit.augreg_in21k" in capsys.readouterr().err
     torch.manual_seed(0)
     w = tmp_path / "parent.safetensors"
@@ -294,8 +396,11 @@ def test_plain_log_lines_and_finished_rerun(tmp_path: Path, capsys):
     import re
 
     out = tmp_path / "run"
-    args = ["train", "clip_tiny", *_sets(f"out_dir={out}", *TINY_CLIP, "train.steps=4", "train.log_every=2",
-                                         "train.progress=true")]
+    args = [
+        "train",
+        "clip_tiny",
+        *_sets(f"out_dir={out}", *TINY_CLIP, "train.steps=4", "train.log_every=2", "train.progress=true"),
+    ]
     assert main(args) == 0  # under pytest stderr is a pipe, as in CI / nohup / a cluster job
     err = capsys.readouterr().err
     lines = [ln for ln in err.splitlines() if ln.startswith("train clip step")]
@@ -314,12 +419,18 @@ def test_plain_log_lines_and_finished_rerun(tmp_path: Path, capsys):
 # --- 7. the public Python API, as the docs show it --------------------------------------------------------------
 def _python_blocks(path: Path) -> list[str]:
     text = path.read_text(encoding="utf-8")
-    return [b.split("```", 1)[0] for b in text.split("```python\n")[1:] if "import vfmkit\n" in b.split("```", 1)[0]]
+    return [
+        b.split("```", 1)[0]
+        for b in text.split("```python\n")[1:]
+        if "import vfmkit\n" in b.split("```", 1)[0]
+    ]
 
 
 def test_import_vfmkit_is_cheap_and_exposes_the_api():
-    code = ("import sys, vfmkit; heavy = [m for m in ('torch', 'open_clip', 'timm', 'numpy') if m in sys.modules];"
-            "print(heavy, sorted(vfmkit.__all__))")
+    code = (
+        "import sys, vfmkit; heavy = [m for m in ('torch', 'open_clip', 'timm', 'numpy') if m in sys.modules];"
+        "print(heavy, sorted(vfmkit.__all__))"
+    )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=ENV, timeout=60)
     assert r.returncode == 0, r.stderr
     heavy, names = r.stdout.strip().split("] ")

@@ -169,15 +169,8 @@ def resolve_clip_name(name: str, kwargs: dict) -> tuple[str, dict | None, dict]:
             "vfmkit.models.factory.write_open_clip_files)"
         )
     tried.append("local-dir:DIR / a directory with open_clip_config.json (no such directory)")
-    if name.startswith("hf-hub:"):
-        model_cfg = None
-        try:
-            from huggingface_hub import hf_hub_download
-
-            model_cfg, pp = _read_json_cfg(Path(hf_hub_download(name[len("hf-hub:"):], OPEN_CLIP_CONFIG)))
-        except Exception:  # noqa: BLE001  offline: open_clip itself reports the failure when it loads
-            pp = {}
-        return name, model_cfg, pp
+    if name.startswith("hf-hub:"):  # open_clip fetches it (and its config, read back by create_clip)
+        return name, None, {}
     tried.append("hf-hub:REPO (no hf-hub: prefix)")
     if name.endswith(".json"):
         p = Path(name).expanduser()
@@ -231,6 +224,11 @@ def create_clip(
     )
     if schema and path:
         model.load_state_dict(load_state_dict(path), strict=True)
+    if model_cfg is None and oc_name.startswith("hf-hub:"):
+        from huggingface_hub import hf_hub_download  # open_clip just fetched it: the local cache has it
+
+        f = hf_hub_download(oc_name[len("hf-hub:") :], OPEN_CLIP_CONFIG, local_files_only=True)
+        model_cfg = _read_json_cfg(Path(f))[0]
     tokenizer = open_clip.get_tokenizer(oc_name)
     size = model.visual.image_size
     size = size[0] if isinstance(size, (tuple, list)) else size
