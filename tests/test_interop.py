@@ -314,7 +314,7 @@ def test_data_info_every_layout(tmp_path: Path, capsys):
     assert rc == 0 and "100 samples in 1 shards" in out
     rc = main(["data", "info", f"{d}/shard-{{000000..000001}}.tar.gz", "--verify"])  # a brace pattern
     out = capsys.readouterr().out
-    assert rc == 0 and "200 samples in 2 shards" in out and "all ok" in out
+    assert rc == 0 and "200 samples in 2 shards" in out and "all shards match" in out
     # an img2dataset folder: tars + *_stats.json + parquet-free, no manifest
     i2d = tmp_path / "i2d"
     i2d.mkdir()

@@ -103,7 +103,7 @@ def _info(args: argparse.Namespace) -> int:
     if d["verify"] is not None:
         v = d["verify"]
         print(f"  verify: {v['read']} shards read to the end, {v['sha256_checked']} sha256 checked against the "
-              f"manifest: " + ("all ok" if not v["problems"] else f"{len(v['problems'])} PROBLEM(S)"))
+              f"manifest: " + ("all shards match" if not v["problems"] else f"{len(v['problems'])} PROBLEM(S)"))
         for line in v["problems"]:
             print(f"    {line}")
         return 1 if v["problems"] else 0
