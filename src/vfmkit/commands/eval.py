@@ -10,13 +10,17 @@ from pathlib import Path
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("eval", help="evaluate a CLIP model (zero-shot, retrieval, linear probe)")
-    p.add_argument("--model", default="vfm-tiny-vit", help="open_clip / vfmkit model name")
-    p.add_argument("--pretrained", default=None, help="open_clip tag, checkpoint file or vfmkit run dir")
+    p.add_argument("--model", default="vfm-tiny-vit",
+                   help="a vfmkit run dir or local-dir:DIR, an open_clip name, hf-hub:REPO, a config .json, timm:NAME")
+    p.add_argument("--pretrained", default=None,
+                   help="open_clip tag, checkpoint file (open_clip_train's epoch_N.pt too) or vfmkit run dir")
     p.add_argument("--tasks", default="zeroshot,retrieval,probe")
     p.add_argument("--retrieval-data", default="builtin:flickr8k/heldout")
     p.add_argument("--zeroshot-data", default="builtin:imagenette/val")
     p.add_argument("--probe-train", default="builtin:imagenette/train")
-    p.add_argument("--classes", default=None, help="classes.json (default: the embedded Imagenette one)")
+    p.add_argument("--classes", default=None,
+                   help="zero-shot class names (classes.json, JSON list or text file, label order); default: the "
+                   "shards' json 'class' (with a classes.json beside them if any); checked against the shards")
     p.add_argument("--out", default=None, help="write results JSON and a Markdown table here")
     p.add_argument("--tower", default=None, help="task seg: any tower spec (efficientnet-lite0, timm:NAME[:CKPT], "
                    "openclip:NAME[:WEIGHTS], a seg run dir); default: the image tower of --model/--pretrained")
