@@ -54,8 +54,14 @@ def train(recipe: Any, *overrides: str, out_dir: str | Path | None = None, eval_
     return run(cfg, eval_fn, **train_kwargs)
 
 
-def load_model(name: str | Path, pretrained: str | None = None, *, image_size: int | None = None,
-               device: str = "cpu", **kwargs: Any):
+def load_model(
+    name: str | Path,
+    pretrained: str | None = None,
+    *,
+    image_size: int | None = None,
+    device: str = "cpu",
+    **kwargs: Any,
+):
     """A CLIP model as ``ClipBundle(model, preprocess_train, preprocess_val, tokenizer, image_size, mean, std,
     model_cfg, preprocess_cfg)``. ``name``: a vfmkit run directory (or ``local-dir:DIR``), an open_clip name,
     ``hf-hub:REPO``, a model-config JSON, ``timm:NAME``; ``pretrained``: an open_clip tag or a weights file (for a
@@ -66,9 +72,16 @@ def load_model(name: str | Path, pretrained: str | None = None, *, image_size: i
     return create_clip(str(name), pretrained, device=device, image_size=image_size, **kwargs)
 
 
-def evaluate(model: Any, pretrained: str | None = None, *, tasks: Sequence[str] = ("zeroshot", "retrieval", "probe"),
-             retrieval_data: str = "builtin:flickr8k/heldout", zeroshot_data: str = "builtin:imagenette/val",
-             probe_train: str = "builtin:imagenette/train", classes: str | None = None) -> dict[str, float]:
+def evaluate(
+    model: Any,
+    pretrained: str | None = None,
+    *,
+    tasks: Sequence[str] = ("zeroshot", "retrieval", "probe"),
+    retrieval_data: str = "builtin:flickr8k/heldout",
+    zeroshot_data: str = "builtin:imagenette/val",
+    probe_train: str = "builtin:imagenette/train",
+    classes: str | None = None,
+) -> dict[str, float]:
     """``vfmkit eval`` for a model name / run directory (loaded with :func:`load_model`) or a ``ClipBundle``:
     ``{"zeroshot/top1": ..., "retrieval/i2t_R@1": ..., "probe/top1": ...}`` (percent). Zero-shot class names come
     from the shards' json ``class`` (``classes`` names them when the shards do not; a mismatch is an error)."""

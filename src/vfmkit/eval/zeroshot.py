@@ -55,7 +55,9 @@ def shard_classes(spec: str) -> dict[int, str]:
         for s in iter_shard(url):
             meta = json.loads(s["json"]) if "json" in s else {}
             if "label" not in meta:
-                raise ClassNamesError(f"{url}: sample {s['__key__']!r} has no json 'label' (not class shards)")
+                raise ClassNamesError(
+                    f"{url}: sample {s['__key__']!r} has no json 'label' (not class shards)"
+                )
             if "class" not in meta:
                 raise ClassNamesError(
                     f"zero-shot shards {spec!r} carry no class names (sample {s['__key__']!r} in {url} has no "

@@ -37,9 +37,21 @@ OPEN_CLIP_CONFIG = "open_clip_config.json"
 _registered = False
 _dynamic_dir: Path | None = None
 # create_model arguments that are not model-config keys (everything else in kwargs overrides the config)
-_CREATE_ARGS = {"precision", "jit", "force_quick_gelu", "force_custom_text", "force_patch_dropout",
-                "force_preprocess_cfg", "force_context_length", "pretrained_image", "pretrained_text",
-                "cache_dir", "output_dict", "require_pretrained", "load_weights"}
+_CREATE_ARGS = {
+    "precision",
+    "jit",
+    "force_quick_gelu",
+    "force_custom_text",
+    "force_patch_dropout",
+    "force_preprocess_cfg",
+    "force_context_length",
+    "pretrained_image",
+    "pretrained_text",
+    "cache_dir",
+    "output_dict",
+    "require_pretrained",
+    "load_weights",
+}
 
 
 def register_tiny_configs() -> None:
@@ -127,12 +139,16 @@ def _timm_tower_cfg(name: str, source: str | None, kwargs: dict) -> dict:
     if not timm.is_model(name.partition(".")[0]):
         raise ModelNameError(f"model name 'timm:{name}': {name!r} is not a timm model (timm.list_models())")
     if source not in (None, "pretrained", "random"):
-        raise ModelNameError(f"model name 'timm:{name}:{source}': the timm tower source is pretrained or random")
+        raise ModelNameError(
+            f"model name 'timm:{name}:{source}': the timm tower source is pretrained or random"
+        )
     text = kwargs.pop("text_cfg", "vfm-tiny-vit")
     if isinstance(text, str):
         base = open_clip.get_model_config(text)
         if base is None:
-            raise ModelNameError(f"model name 'timm:{name}': text_cfg {text!r} is not an open_clip model name")
+            raise ModelNameError(
+                f"model name 'timm:{name}': text_cfg {text!r} is not an open_clip model name"
+            )
         text = base["text_cfg"]
     if not isinstance(text, dict):
         raise ModelNameError(f"model name 'timm:{name}': text_cfg must be a dict or an open_clip model name")
@@ -164,7 +180,8 @@ def resolve_clip_name(name: str, kwargs: dict) -> tuple[str, dict | None, dict]:
             model_cfg, pp = _read_json_cfg(f)
             return f"local-dir:{d}", model_cfg, pp
         raise ModelNameError(
-            f"model name {name!r}: {str(d)!r} is " + ("a directory without " if d.is_dir() else "not a directory with ")
+            f"model name {name!r}: {str(d)!r} is "
+            + ("a directory without " if d.is_dir() else "not a directory with ")
             + f"{OPEN_CLIP_CONFIG} (a vfmkit CLIP run writes one beside model.safetensors; older runs: "
             "vfmkit.models.factory.write_open_clip_files)"
         )
@@ -213,7 +230,9 @@ def create_clip(
     tag, path = _resolve_pretrained(pretrained)
     schema = oc_name.startswith(("local-dir:", "hf-hub:"))
     if schema and tag:
-        raise ValueError(f"model name {name!r} carries its own weights: pretrained {tag!r} must be a file or run dir")
+        raise ValueError(
+            f"model name {name!r} carries its own weights: pretrained {tag!r} must be a file or run dir"
+        )
     model, pre_train, pre_val = open_clip.create_model_and_transforms(
         oc_name,
         pretrained=None if schema else (tag or path),
