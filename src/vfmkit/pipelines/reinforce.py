@@ -445,8 +445,8 @@ class Reinforcer:
             tarfile.open(part, "w", format=tarfile.GNU_FORMAT).close()
         os.replace(part, out_dir / name)
         marker = {"name": name, "count": count, "sha256": sha256_file(out_dir / name), "skipped": skipped}
+        shutil.rmtree(work, ignore_errors=True)  # before the marker: a kill between them leaves no .work folder
         atomic_write_json(out_dir / (name + DONE_SUFFIX), marker)
-        shutil.rmtree(work, ignore_errors=True)
         return marker
 
 
