@@ -3,6 +3,7 @@ grammar, tar-sample reader key convention, ShardLoader.from_config. Real embedde
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import json
@@ -241,6 +242,8 @@ def test_loader_from_config_matches_the_constructor():
     assert val.urls == list_shards("builtin:imagenette/val") and val.batch_size == 4
     with pytest.raises(TypeError, match="bogus"):
         ShardLoader.from_config(cfg, key, None, bogus=1)
-    bad = load_config("clip_tiny", ["data.on_corrupt=ignore"])
+    with pytest.raises(ConfigError, match="data.on_corrupt"):  # load_config refuses it before anything is built
+        load_config("clip_tiny", ["data.on_corrupt=ignore"])
+    bad = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, on_corrupt="ignore"))  # unvalidated
     with pytest.raises(ConfigError, match="data.on_corrupt"):
         ShardLoader.from_config(bad, key, None)
