@@ -17,6 +17,7 @@ import torch
 
 import vfmkit
 from vfmkit.data.augment import ReplayableAugment
+from vfmkit.data.decode import decode_uint8
 from vfmkit.data.reinforced import decode_classification, decode_multimodal, read_metadata, sha256_hex
 from vfmkit.data.shards import ShardWriter, list_shards
 from vfmkit.methods.captions import (
@@ -30,10 +31,14 @@ from vfmkit.pipelines.reinforce import (
     DONE_SUFFIX,
     ReinforceArgs,
     Reinforcer,
-    decode_image,
     iter_shard,
     reinforce,
 )
+
+
+def decode_tv(sample):
+    """The generator's decode: uint8 [3, H, W] through torchvision."""
+    return decode_uint8(sample, backend="torchvision")
 
 
 def _reshard(src: str, out: Path, n: int, per_shard: int) -> list[dict]:
@@ -95,7 +100,7 @@ def test_clip_records_match_independent_recomputation(setup, tmp_path, capsys):
     for rec, src in zip(records, samples, strict=True):
         assert rec.jpg == src["jpg"] and rec.sha256 == sha256_hex(src["jpg"])
         assert rec.syn_text == caps[rec.uid][:2] and rec.caption == src["txt"].decode()
-        img = decode_image(src)
+        img = decode_tv(src)
         # params are the seeded draws for (seed, uid, aug index), and the embeddings those of their replay
         want = [aug.sample_for(0, rec.uid, a, tuple(img.shape[-2:])) for a in range(3)]
         assert rec.params == want
@@ -155,10 +160,10 @@ def test_classify_with_real_efficientnet_lite0(tmp_path):
             if p.mix is not None:
                 assert p.mix.partner in uids and p.mix.partner != rec.uid
     # recompute sample 0's targets from its stored params (partner included) with the same teacher
-    rec, img = recs[0], decode_image(samples[0])
+    rec, img = recs[0], decode_tv(samples[0])
     xs = []
     for p in rec.params:
-        partner = decode_image(samples[uids.index(p.mix.partner)]) if p.mix is not None else None
+        partner = decode_tv(samples[uids.index(p.mix.partner)]) if p.mix is not None else None
         x = aug.replay(img, p, partner_img=partner)  # uint8, or float in [0, 1] when mixed
         xs.append(x.float() / 255 if x.dtype == torch.uint8 else x)
     probs = gen.teachers(torch.stack(xs))

@@ -13,11 +13,11 @@ import torch
 import torch.nn.functional as F
 
 from vfmkit.data.builtin import imagenette_classes
+from vfmkit.data.decode import decode_float
 from vfmkit.data.shards import list_shards
 from vfmkit.eval.retrieval import retrieval_metrics
 from vfmkit.models.offline_teacher import (
     OfflineHeads,
-    decode_image,
     load_offline_heads,
     save_offline_teacher,
 )
@@ -48,7 +48,7 @@ def builtin_samples(name: str, limit: int | None = None) -> list[dict]:
 
 
 def images_of(samples: list[dict]) -> torch.Tensor:
-    return torch.stack([decode_image(s["jpg"], s["key"]) for s in samples])
+    return torch.stack([decode_float(s["jpg"], name=s["key"]) for s in samples])
 
 
 # ----------------------------------------------------------------------------------------- real classifier
@@ -133,7 +133,7 @@ def test_openclip_teacher_from_local_checkpoint(tiny_clip_ckpt) -> None:
     t = load_teacher(f"openclip:{name}:{path}")
     assert (t.embed_dim, t.image_size) == (24, 32)
     assert t.logit_scale == pytest.approx(float(torch.tensor(3.0).exp()), rel=1e-5)
-    images = decode_image(builtin_samples("flickr8k/heldout", limit=1)[0]["jpg"])[None].repeat(2, 1, 1, 1)
+    images = decode_float(builtin_samples("flickr8k/heldout", limit=1)[0]["jpg"])[None].repeat(2, 1, 1, 1)
     zi, zt = t.encode_image(images), t.encode_text(["a dog runs", "two children play in water", "x"])
     assert zi.shape == (2, 24) and zt.shape == (3, 24)
     assert torch.allclose(zi.norm(dim=-1), torch.ones(2), atol=1e-5)

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vfmkit.config import ConfigError, RunConfig, parse_section
+from vfmkit.data.decode import decode_float
 from vfmkit.engine.distributed import DistInfo
 from vfmkit.methods.registry import Job
 from vfmkit.models.base import LITE_MEAN, LITE_STD, build_efficientnet_lite0, resize_center_crop
@@ -35,7 +36,6 @@ from vfmkit.models.offline_teacher import (
     MAX_LOGIT_SCALE,
     OfflineHeads,
     clip_loss,
-    decode_image,
     lite0_features,
     load_minilm,
     minilm_features,
@@ -142,7 +142,7 @@ def cache_image_features(
     def compute(s: int, e: int) -> Tensor:
         xs = []
         for i in range(s, e):
-            img = decode_image(images[names[i]], names[i])
+            img = decode_float(images[names[i]], name=names[i])
             if view == 0:
                 xs.append(resize_center_crop(img[None], image_size)[0])
             else:

@@ -15,7 +15,6 @@ Saved teacher directory (what ships in ``vfmkit/assets/teacher``):
 
 from __future__ import annotations
 
-import io
 import json
 import math
 import os
@@ -189,19 +188,6 @@ def load_offline_teacher(
 
 
 # ------------------------------------------------------------------------------------------------ image bytes
-
-
-def decode_image(data: bytes, name: str = "?") -> Tensor:
-    """JPEG/PNG bytes -> float [3,H,W] in [0,1]; a bad file raises ValueError naming it."""
-    import numpy as np
-    from PIL import Image
-
-    try:
-        with Image.open(io.BytesIO(data)) as im:
-            arr = np.array(im.convert("RGB"), dtype=np.uint8)
-    except Exception as e:
-        raise ValueError(f"cannot decode image {name}: {e}") from e
-    return torch.from_numpy(arr).permute(2, 0, 1).float().div_(255.0)
 
 
 def teacher_train_images(path: str | Path | None = None) -> frozenset[str]:

@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from vfmkit.data.decode import decode_uint8
 from vfmkit.data.shards import iter_shard
 
 DONE_SUFFIX = ".done.json"
@@ -133,17 +134,6 @@ class Chunk:
     partners: list[list] = field(default_factory=list)  # per sample, per aug: the partner's index or None
     renders: dict[int, Tensor] = field(default_factory=dict)
     skipped: list[str] = field(default_factory=list)  # "url/key: why" of unreadable samples
-
-
-def decode_image(sample: dict) -> Tensor:
-    """The image of a raw sample (jpg/jpeg/png/webp) -> uint8 [3, H, W]; raises naming what is wrong."""
-    from torchvision.io import ImageReadMode
-    from torchvision.io import decode_image as tv_decode
-
-    ext = next((e for e in ("jpg", "jpeg", "png", "webp") if e in sample), None)
-    if ext is None:
-        raise KeyError("no image member (jpg/jpeg/png/webp)")
-    return tv_decode(torch.frombuffer(bytearray(sample[ext]), dtype=torch.uint8), mode=ImageReadMode.RGB)
 
 
 def _real_caption(sample: dict, meta: dict) -> str | None:
@@ -260,7 +250,7 @@ class Reinforcer:
         for raw in raws:
             try:
                 meta = json.loads(raw["json"]) if "json" in raw else {}
-                img = decode_image(raw)
+                img = decode_uint8(raw, name=raw.get("__key__"), backend="torchvision")
                 text = _real_caption(raw, meta) if self.args.mode == "clip" else None
                 if self.args.mode == "clip" and text is None:
                     raise KeyError("no caption (txt or json captions)")

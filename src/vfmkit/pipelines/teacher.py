@@ -180,16 +180,16 @@ def encode_flickr_split(
     teacher, data_dir: str | Path, split: str = "val", *, limit: int = 0, batch_size: int = 64
 ) -> dict[str, float]:
     """Any ``ImageTextTeacher`` end to end on a Flickr8k split (5 captions per image) -> R@1/5/10 both ways."""
+    from vfmkit.data.decode import decode_float
     from vfmkit.data.flickr8k import read_flickr8k, read_tar_images
     from vfmkit.eval.retrieval import retrieval_metrics
-    from vfmkit.models.offline_teacher import decode_image
 
     caps, splits = read_flickr8k(data_dir)
     names = sorted(splits[split])[: limit or None]
     images = read_tar_images(Path(data_dir) / "images.tar", names)
     zi = []
     for s in range(0, len(names), batch_size):
-        batch = [decode_image(images[n], n) for n in names[s : s + batch_size]]
+        batch = [decode_float(images[n], name=n) for n in names[s : s + batch_size]]
         zi.append(teacher.encode_image(torch.stack(batch)).cpu())  # Flickr8k images here are all 160x160
     texts = [c for n in names for c in caps[n][:5]]
     zt = torch.cat([teacher.encode_text(texts[s : s + 512]).cpu() for s in range(0, len(texts), 512)])
