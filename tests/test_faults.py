@@ -822,12 +822,15 @@ def test_unwritable_outputs_are_found_before_the_work(train_data, tmp_path, caps
         ),
         (["train", "no_such_recipe"], ["no_such_recipe"]),
         (["data", "import", "--class-folders", "/nonexistent/folder"], ["/nonexistent/folder"]),
+        (["quickstart", "--steps", "-1"], ["'train.steps'"]),  # before the teacher and the reinforcement
     ],
+    ids=["model", "task", "pretrained-tag", "teacher", "recipe", "import-source", "quickstart-steps"],
 )
 def test_user_errors_are_one_line(tmp_path, capsys, argv, needles):
     argv = [*argv, "--out", str(tmp_path / "out")]
     rc = main(argv)
     one_line_error(capsys, rc, *needles)
+    assert not (tmp_path / "out").exists()  # nothing written
 
 
 def test_reinforce_rerun_with_other_settings_is_one_line(rdata, tmp_path, capsys, monkeypatch):

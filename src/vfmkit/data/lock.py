@@ -57,9 +57,10 @@ class FolderLock:
     """``with FolderLock(out, "vfmkit train"):`` or ``lock = FolderLock(...).acquire(); ...; lock.release()``."""
 
     def __init__(self, folder: str | os.PathLike, holder: str = "vfmkit") -> None:
-        self.folder, self.holder, self._key = Path(folder), holder, None
+        self.folder, self.holder, self._key, self.created = Path(folder), holder, None, False
 
     def acquire(self) -> FolderLock:
+        self.created = not self.folder.exists()
         probe_writable(self.folder)
         key = str(self.folder.resolve())
         with _mu:
@@ -89,7 +90,9 @@ class FolderLock:
             self._key = key
         return self
 
-    def release(self) -> None:
+    def release(self, discard_if_unused: bool = False) -> None:
+        """Drop the lock. ``discard_if_unused``: a folder this lock created and nothing else wrote into (the job
+        failed before writing) is removed again, so a refused job leaves nothing behind."""
         if self._key is None:
             return
         with _mu:
@@ -99,6 +102,9 @@ class FolderLock:
                 if entry[1] == 0:
                     del _held[self._key]
                     os.ftruncate(entry[0], 0)  # an idle folder's .lock is empty (same bytes after any run)
+                    if discard_if_unused and self.created and os.listdir(self.folder) == [LOCK_NAME]:
+                        (self.folder / LOCK_NAME).unlink()
+                        self.folder.rmdir()
                     fcntl.flock(entry[0], fcntl.LOCK_UN)
                     os.close(entry[0])
         self._key = None
@@ -106,5 +112,5 @@ class FolderLock:
     def __enter__(self) -> FolderLock:
         return self.acquire()
 
-    def __exit__(self, *exc: object) -> None:
-        self.release()
+    def __exit__(self, exc_type, *exc: object) -> None:
+        self.release(discard_if_unused=exc_type is not None)

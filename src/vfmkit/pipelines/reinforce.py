@@ -412,7 +412,8 @@ class Reinforcer:
 
         Returns the marker: ``{"name", "count", "sha256", "skipped"}``. ``on_samples(n)`` reports progress.
         """
-        from vfmkit.data.shards import ShardWriter, atomic_write_json, sha256_file
+        from vfmkit.data.io import atomic_write_json
+        from vfmkit.data.shards import ShardWriter, sha256_file
 
         name = out_name(url)
         work = out_dir / f".work-{name}"
@@ -445,7 +446,7 @@ class Reinforcer:
 
 def _check_or_write_meta(out_dir: Path, meta_dict: dict, rank: int) -> None:
     """Metadata is written once (rank 0, atomically); a rerun into the same folder must use the same settings."""
-    from vfmkit.data.shards import atomic_write_json
+    from vfmkit.data.io import atomic_write_json
 
     path = out_dir / METADATA
     if path.is_file():
@@ -479,7 +480,8 @@ def _write_manifest_if_complete(urls: list[str], out_dir: Path) -> dict | None:
 
     Any rank may be the last to finish; the manifest's content depends only on the markers, so concurrent
     writers write the same bytes (atomically)."""
-    from vfmkit.data.shards import FORMAT, MANIFEST, atomic_write_json
+    from vfmkit.data.io import atomic_write_json
+    from vfmkit.data.shards import FORMAT, MANIFEST
 
     names = [out_name(u) for u in urls]
     if not all(shard_done(out_dir, n) for n in names):
@@ -525,10 +527,14 @@ def reinforce(
     lock = FolderLock(out, f"vfmkit reinforce {args.mode}").acquire() if rank == 0 else None
     try:
         probe_writable(out)
-        return _reinforce_locked(urls, out, args, rank, world_size, progress, reinforcer)
-    finally:
+        res = _reinforce_locked(urls, out, args, rank, world_size, progress, reinforcer)
+    except BaseException:
         if lock is not None:
-            lock.release()
+            lock.release(discard_if_unused=True)  # refused before writing (e.g. unknown teacher): no folder left
+        raise
+    if lock is not None:
+        lock.release()
+    return res
 
 
 def _reinforce_locked(urls, out: Path, args: ReinforceArgs, rank, world_size, progress, reinforcer) -> dict:
