@@ -7,7 +7,7 @@
     print(text)
     record("catlip", res, text)
 
-``results/<name>.json`` is replaced atomically (``vfmkit.data.shards.atomic_write_json``); ``RESULTS.<name>.md``
+``results/<name>.json`` is replaced atomically (``vfmkit.data.io.atomic_write_json``); ``RESULTS.<name>.md``
 gets one appended block with the command line and the printed text. ``collect_results.py`` assembles both.
 """
 
@@ -21,7 +21,7 @@ import sys
 from datetime import UTC, datetime
 from pathlib import Path
 
-from vfmkit.data.shards import atomic_write_json
+from vfmkit.data.io import atomic_write_json
 
 ROOT = Path(__file__).resolve().parent  # the benchmarks folder: results/ and RESULTS.<name>.md live here
 REQUIRED = ("headline", "floor", "floor_met", "date", "machine")

@@ -107,7 +107,7 @@ def labels_for(captions: list[list[str]], min_count: int):
     for cs in captions:
         rows.append(vocab.encode(o for s in syn[i: i + len(cs)] for o in s))
         i += len(cs)
-    from vfmkit.data.shards import atomic_write_json
+    from vfmkit.data.io import atomic_write_json
 
     vocab.save(vpath)
     atomic_write_json(lpath, {"rows": rows, "tag_captions_per_s": rate})

@@ -36,7 +36,7 @@ import torch
 
 from vfmkit.config import derive, load_config
 from vfmkit.data.importer import import_class_folders
-from vfmkit.data.shards import atomic_write_json
+from vfmkit.data.io import atomic_write_json
 from vfmkit.engine import init_distributed, train
 from vfmkit.methods.registry import build_job
 

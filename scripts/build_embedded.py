@@ -18,7 +18,8 @@ import tarfile
 from pathlib import Path
 
 from vfmkit.data.importer import import_captions, import_class_folders
-from vfmkit.data.shards import atomic_write_bytes, atomic_write_json, read_manifest
+from vfmkit.data.io import atomic_write_bytes, atomic_write_json
+from vfmkit.data.shards import read_manifest
 
 ASSETS = Path(__file__).resolve().parents[1] / "src" / "vfmkit" / "assets"
 

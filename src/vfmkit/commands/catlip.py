@@ -119,7 +119,7 @@ def _classes(spec: str) -> list[str]:
 
 
 def run_transfer(ns: argparse.Namespace) -> int:
-    from vfmkit.data.shards import atomic_write_json
+    from vfmkit.data.io import atomic_write_json
     from vfmkit.methods.catlip import load_catlip_run, plan_transfer_init, transfer_eval
     from vfmkit.text.vocab import Vocabulary
 

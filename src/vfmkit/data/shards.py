@@ -27,7 +27,7 @@ from typing import Any
 
 import braceexpand
 
-from vfmkit.data.io import atomic_write_bytes, atomic_write_json  # noqa: F401  (re-exported for old importers)
+from vfmkit.data.io import atomic_write_json
 
 MANIFEST = "manifest.json"
 SIZES = "sizes.json"  # open_clip_train's per-directory sample counts

@@ -17,6 +17,7 @@ from torch import nn
 
 from vfmkit.config import ConfigError, RunConfig, parse_section
 from vfmkit.data.decode import decode_image
+from vfmkit.data.loader import ShardLoader
 from vfmkit.engine.distributed import DistInfo
 from vfmkit.methods.registry import Job
 
@@ -106,13 +107,6 @@ def parse_args(cfg: RunConfig) -> ClipArgs:
     return parse_section(ClipArgs, cfg.method_args, "method_args")
 
 
-def make_train_loader(cfg: RunConfig, decode: Callable, dist_info: DistInfo):
-    """``ShardLoader.from_config`` (kept as a name for importers)."""
-    from vfmkit.data.loader import ShardLoader
-
-    return ShardLoader.from_config(cfg, decode, dist_info)
-
-
 def build(cfg: RunConfig, dist_info: DistInfo) -> Job:
     """The plain CLIP job: open_clip model + its train transform, captions tokenised, ClipLoss/SigLipLoss."""
     from vfmkit.models.factory import create_clip, write_open_clip_files
@@ -120,8 +114,8 @@ def build(cfg: RunConfig, dist_info: DistInfo) -> Job:
     args = parse_args(cfg)
     torch.manual_seed(cfg.seed)
     bundle = create_clip(cfg.model.name, cfg.model.pretrained, image_size=cfg.data.image_size, **cfg.model.kwargs)
-    loader = make_train_loader(cfg, make_clip_decoder(bundle.preprocess_train, bundle.tokenizer, args.caption),
-                               dist_info)
+    decode = make_clip_decoder(bundle.preprocess_train, bundle.tokenizer, args.caption)
+    loader = ShardLoader.from_config(cfg, decode, dist_info)
     loss = make_contrastive_loss(args.loss, cfg, dist_info, args.local_loss, args.gather_with_grad)
     return Job(bundle.model, make_clip_loss_fn(loss), loader,
                after_step=lambda m: clamp_logit_scale(m, args.max_logit_scale), extra={"bundle": bundle},

@@ -22,13 +22,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from vfmkit.config import ConfigError, RunConfig, parse_section
+from vfmkit.data.loader import ShardLoader
 from vfmkit.engine.distributed import DistInfo
 from vfmkit.methods.clip import (
     clamp_logit_scale,
     clip_outputs,
     make_clip_decoder,
     make_contrastive_loss,
-    make_train_loader,
 )
 
 
@@ -93,9 +93,8 @@ def build(cfg: RunConfig, dist_info: DistInfo):
             .model.eval()
             .requires_grad_(False)
         )
-    loader = make_train_loader(
-        cfg, make_clip_decoder(bundle.preprocess_train, bundle.tokenizer, args.caption), dist_info
-    )
+    decode = make_clip_decoder(bundle.preprocess_train, bundle.tokenizer, args.caption)
+    loader = ShardLoader.from_config(cfg, decode, dist_info)
     loss = make_contrastive_loss(args.loss, cfg, dist_info)
     return Job(
         bundle.model,

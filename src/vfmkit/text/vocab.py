@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from vfmkit.data.shards import atomic_write_json
+from vfmkit.data.io import atomic_write_json
 from vfmkit.text.wordnet import WordNet, WordNetError, offset_to_wnid, wnid_to_offset
 
 FORMAT = "vfmkit-catlip-vocab/1"
