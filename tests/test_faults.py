@@ -850,3 +850,18 @@ def test_report_counts():
         f"uninterrupted one, {COUNTS['samples_checked']} samples (uids / batch fingerprints) checked"
     )
     assert all(v >= 0 for v in COUNTS.values())
+
+
+def test_resume_false_starts_over_without_the_old_runs_checkpoints(bad_data, tmp_path, capsys):
+    out = tmp_path / "run"
+    old = out / "checkpoints" / "step-000000100"
+    old.mkdir(parents=True)
+    (old / "state.pt").write_bytes(b"an old run's checkpoint")
+    (out / "checkpoints" / "latest").write_text(old.name)
+    assert main(short_train(bad_data["root"] / "good", out, "train.resume=false", "train.keep_ckpts=1")) == 0
+    ck = out / "checkpoints"
+    assert sorted(p.name for p in ck.iterdir()) == [
+        "latest",
+        "step-000000001",
+    ]  # the new run's, named by latest
+    assert (ck / (ck / "latest").read_text() / "state.pt").is_file()

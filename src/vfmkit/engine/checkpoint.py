@@ -81,10 +81,18 @@ def save_checkpoint(
         shutil.rmtree(final)
     os.replace(tmp, final)
     atomic_write_text(ckpt_root / "latest", final.name)
-    old = sorted(p for p in ckpt_root.glob("step-*") if p.is_dir())
+    old = sorted(p for p in ckpt_root.glob("step-*") if p.is_dir() and p.name <= final.name)
     for p in old[: max(0, len(old) - keep)]:
         shutil.rmtree(p, ignore_errors=True)
     return final
+
+
+def discard_checkpoints(ckpt_root: Path) -> None:
+    """Remove every checkpoint under ``ckpt_root`` (a run told not to resume starts over in its folder)."""
+    if (ckpt_root / "latest").is_file():
+        (ckpt_root / "latest").unlink()
+    for p in ckpt_root.glob("step-*"):
+        shutil.rmtree(p, ignore_errors=True)
 
 
 class CheckpointError(ValueError):

@@ -31,6 +31,7 @@ from vfmkit.data.lock import FolderLock, probe_writable
 from vfmkit.engine.checkpoint import (
     check_resume_config,
     checkpoint_candidates,
+    discard_checkpoints,
     module_tensors,
     resume_checkpoint,
     rng_state,
@@ -246,6 +247,8 @@ class _Run:
                 probe_writable(self.ckpt_root, "checkpoint folder")
                 if self.t.resume and checkpoint_candidates(self.ckpt_root):
                     check_resume_config(self.out, to_dict(self.cfg))
+                elif not self.t.resume:
+                    discard_checkpoints(self.ckpt_root)  # start over: no old run's checkpoint to fall back to
                 atomic_write_text(self.out / "config.json", json.dumps(to_dict(self.cfg), indent=2))
             except BaseException:
                 self.release_output()
