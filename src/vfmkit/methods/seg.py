@@ -73,19 +73,10 @@ def ordered_dense_loader(
     on_corrupt: str = "skip",
 ):
     """Dense shards in shard order, un-augmented (optionally resized to ``size``), no sample dropped."""
-    from vfmkit.data.loader import ShardLoader
+    from vfmkit.eval.features import ordered_loader
 
     decode = make_dense_decoder(None, num_classes=num_classes, void=void, size=tuple(size) if size else None)
-    return ShardLoader(
-        spec,
-        decode,
-        batch_size,
-        shuffle_buffer=0,
-        seed=0,
-        num_workers=0,
-        on_corrupt=on_corrupt,
-        drop_last=False,
-    )
+    return ordered_loader(spec, decode, batch_size, on_corrupt=on_corrupt)
 
 
 def _meta(args: SegArgs, info: dict) -> dict:
