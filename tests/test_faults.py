@@ -865,3 +865,17 @@ def test_resume_false_starts_over_without_the_old_runs_checkpoints(bad_data, tmp
         "step-000000001",
     ]  # the new run's, named by latest
     assert (ck / (ck / "latest").read_text() / "state.pt").is_file()
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [["eval", "--tasks", "retrieval"], ["export", "vfm-tiny-vit"], ["quickstart"], ["catlip", "vocab"]],
+)
+def test_every_command_probes_its_out_before_the_work(argv, capsys, monkeypatch):
+    import vfmkit.models.factory as factory
+
+    monkeypatch.setattr(
+        factory, "create_clip", lambda *a, **k: pytest.fail("work started before --out was probed")
+    )
+    rc = main([*argv, "--out", "/sys/vfmkit-test/out"])
+    one_line_error(capsys, rc, "/sys/vfmkit-test/out", "not writable")

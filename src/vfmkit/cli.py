@@ -6,6 +6,7 @@ import argparse
 import importlib
 import os
 import sys
+from pathlib import Path
 
 # Each module defines ``register(subparsers)`` and sets ``func`` on its parser via set_defaults.
 COMMANDS = [
@@ -70,17 +71,51 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     debug = args.debug or os.environ.get("VFMKIT_DEBUG", "") not in ("", "0", "false")
+    created: list[Path] = []
     try:
+        created = probe_out(getattr(args, "out", None))
         rc = args.func(args)
     except KeyboardInterrupt:
         print(f"vfmkit {args.command}: interrupted", file=sys.stderr)
         return 130
     except Exception as e:
+        _remove_empty(created)
         if debug:
             raise
         print(f"vfmkit {args.command}: error: {error_line(e)}", file=sys.stderr)
         return 2
+    if rc:
+        _remove_empty(created)
     return int(rc or 0)
+
+
+def probe_out(out: str | os.PathLike | None) -> list[Path]:
+    """Check before any work that ``--out`` can be written (an output named like a file: its folder). Returns
+    the folders this made, deepest first, so a command that then fails leaves none of them behind empty."""
+    from vfmkit.data.lock import probe_writable
+
+    if out is None:
+        return []
+    p = Path(out)
+    folder = p.parent if (p.is_file() or (not p.exists() and p.suffix)) else p
+    missing, q = [], folder
+    while not q.exists() and q != q.parent:
+        missing.append(q)
+        q = q.parent
+    try:
+        probe_writable(folder, "output folder")
+    except OSError:
+        _remove_empty(missing)
+        raise
+    return missing
+
+
+def _remove_empty(folders: list[Path]) -> None:
+    for d in folders:
+        try:
+            d.rmdir()
+        except OSError:
+            break
 
 
 if __name__ == "__main__":

@@ -91,8 +91,8 @@ class FolderLock:
         return self
 
     def release(self, discard_if_unused: bool = False) -> None:
-        """Drop the lock. ``discard_if_unused``: a folder this lock created and nothing else wrote into (the job
-        failed before writing) is removed again, so a refused job leaves nothing behind."""
+        """Drop the lock. ``discard_if_unused``: when nothing but ``.lock`` was written (the job failed before
+        writing), ``.lock`` goes, and the folder too if this lock created it: a refused job leaves nothing behind."""
         if self._key is None:
             return
         with _mu:
@@ -102,9 +102,10 @@ class FolderLock:
                 if entry[1] == 0:
                     del _held[self._key]
                     os.ftruncate(entry[0], 0)  # an idle folder's .lock is empty (same bytes after any run)
-                    if discard_if_unused and self.created and os.listdir(self.folder) == [LOCK_NAME]:
+                    if discard_if_unused and os.listdir(self.folder) == [LOCK_NAME]:
                         (self.folder / LOCK_NAME).unlink()
-                        self.folder.rmdir()
+                        if self.created:
+                            self.folder.rmdir()
                     fcntl.flock(entry[0], fcntl.LOCK_UN)
                     os.close(entry[0])
         self._key = None
