@@ -33,6 +33,7 @@ from torchvision.transforms.v2 import functional as TF
 
 from vfmkit.data.decode import decode_uint8
 from vfmkit.data.importer import ImageSource, prepare_jpeg
+from vfmkit.data.lock import FolderLock
 from vfmkit.data.rng import seeded_rng
 from vfmkit.data.shards import ShardWriter
 
@@ -160,6 +161,7 @@ def import_dense(
         class_names = list(classes)
     num_classes = len(class_names) if class_names is not None else None
     source = ImageSource(src)
+    lock = None
     try:
         pairs, unpaired = _pair_names(source.names())
         stems = sorted(pairs)
@@ -175,6 +177,7 @@ def import_dense(
             "num_classes": num_classes,
             "void": void,
         }
+        lock = FolderLock(out_dir, "vfmkit data import --dense").acquire()  # one writer per folder
         with ShardWriter(out_dir, max_count=shard_size, extra=extra, compress=compress) as w:
             for i, stem in enumerate(stems):
                 key = f"{i:09d}"
@@ -197,6 +200,8 @@ def import_dense(
             w.extra.update(n_skipped=len(skipped), skipped=skipped)
         return {"format": "vfmkit-shards/1", "shards": w.shards, "count": w.count, **w.extra}
     finally:
+        if lock is not None:
+            lock.release()
         source.close()
 
 
