@@ -50,7 +50,10 @@ def _split_names(args: argparse.Namespace) -> list[str] | None:
         raise ValueError("--split-file and --split go together")
     if args.split_file is None:
         return None
-    splits = json.loads(args.split_file.read_text(encoding="utf-8"))
+    try:
+        splits = json.loads(args.split_file.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ValueError(f"split file {str(args.split_file)!r} is not valid UTF-8 JSON: {e}") from e
     if args.split not in splits:
         raise ValueError(f"split {args.split!r} not in {str(args.split_file)!r} (has {sorted(splits)})")
     return list(splits[args.split])
