@@ -24,6 +24,9 @@ METHODS = {
     "supervised": "vfmkit.methods.supervised",
     "tic": "vfmkit.methods.tic",
     "seg": "vfmkit.methods.seg",
+    "cliptex": "vfmkit.methods.cliptex",
+    "transfer": "vfmkit.methods.transfer",
+    "merge": "vfmkit.methods.merge",
 }
 
 

@@ -1,0 +1,268 @@
+"""SAM-CLIP-style merging (issue 15): the merged model's initialisation, the two-stream step, per-group learning
+rates, zero-shot segmentation and resume of Stage II. Teacher A is the shipped offline teacher; teacher B a tiny
+CamVid seg model trained for a few steps on the embedded subset (mechanics only)."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from vfmkit.config import ConfigError, load_config
+
+TINY_MERGE = {
+    "data": {"train": "builtin:flickr8k/train", "batch_size": 2, "shuffle_buffer": 0},
+    "optim": {"lr": 1e-3, "warmup_steps": 0, "weight_decay": 0.0, "schedule": "constant"},
+    "train": {
+        "steps": 1,
+        "progress": False,
+        "tensorboard": False,
+        "ckpt_every": 0,
+        "log_every": 1,
+        "grad_clip": 0.0,
+        "eval_every": 0,
+    },
+}
+
+
+def _cfg(tmp: Path, method_args: dict, **sections) -> object:
+    d = copy.deepcopy(TINY_MERGE)
+    for k, v in sections.items():
+        d[k] = {**d.get(k, {}), **v}
+    return load_config(
+        {
+            "method": "merge",
+            "out_dir": str(tmp),
+            **d,
+            "method_args": {
+                "batch_b": 2,
+                "image_size_a": 64,
+                "crop_b": [64, 96],
+                "dense_val": "",
+                **method_args,
+            },
+        }
+    )
+
+
+@pytest.fixture(scope="session")
+def teacher_b_dir(tmp_path_factory) -> Path:
+    """A tiny CamVid seg run (Lite0 + ASPP, 2 steps on the embedded subset): a real seg run folder."""
+    from vfmkit.methods.registry import run
+
+    out = tmp_path_factory.mktemp("camvid_b")
+    cfg = load_config(
+        "camvid_teacher",
+        [
+            f"out_dir={out}",
+            "data.train=builtin:camvid/train",
+            "data.val=builtin:camvid/val",
+            "data.batch_size=2",
+            "train.steps=2",
+            "train.ckpt_every=0",
+            "train.progress=false",
+            "train.tensorboard=false",
+            "train.eval_every=0",
+            "optim.warmup_steps=1",
+            "method_args.crop=[64,96]",
+        ],
+    )
+    run(cfg, eval_fn=lambda m, s: {})
+    assert (out / "model.safetensors").is_file()
+    return out
+
+
+@pytest.fixture(scope="session")
+def teachers(teacher_b_dir):
+    from vfmkit.methods.merge import load_teacher_b
+    from vfmkit.models.teachers import load_teacher
+
+    return load_teacher("offline"), load_teacher_b(str(teacher_b_dir))
+
+
+def test_head_initialisation_copies_the_intended_weights(teachers):
+    from vfmkit.models.merge import build_merged_model, teacher_a_proj_init
+
+    ta, tb = teachers
+    m = build_merged_model(tb, ta.embed_dim, proj_init=teacher_a_proj_init(ta))
+    net_b = tb.tower.net
+    # the shared backbone and Head_B are B's, tensor for tensor
+    for (k, v), (k2, v2) in zip(tb.tower.state_dict().items(), m.tower.state_dict().items(), strict=True):
+        assert k == k2 and torch.equal(v, v2)
+    for (k, v), (k2, v2) in zip(tb.head.state_dict().items(), m.head_b.state_dict().items(), strict=True):
+        assert k == k2 and torch.equal(v, v2)
+    # Head_A: a copy of the last stage (last block + head conv + BN) and of A's image head
+    last = net_b._blocks[-1].state_dict()
+    got = m.head_a.blocks[0].state_dict()
+    assert list(last) == list(got) and all(torch.equal(last[k], got[k]) for k in last)
+    assert torch.equal(m.head_a.conv_head.weight, net_b._conv_head.weight)
+    assert torch.equal(m.head_a.bn.running_var, net_b._bn1.running_var)
+    assert torch.equal(m.head_a.proj.linear.weight, ta.heads.image_head.linear.weight.float())
+    assert m.split == len(net_b._blocks) - 1
+    # copies, not shared tensors: training the merged model leaves the teachers alone
+    assert m.head_a.conv_head.weight.data_ptr() != net_b._conv_head.weight.data_ptr()
+    assert m.tower.net._conv_head.weight.data_ptr() != net_b._conv_head.weight.data_ptr()
+    # at initialisation the merged model's B path is teacher B, and Head_A on B's backbone is a function of it
+    x = torch.randint(0, 256, (2, 3, 64, 96), dtype=torch.uint8)
+    m.eval()
+    with torch.no_grad():
+        assert torch.allclose(m(x, "b"), tb(x), atol=1e-5)
+        dense, emb = m(x, "dense_a"), m(x, "a")
+        expect = torch.nn.functional.normalize(dense.mean((2, 3)), dim=-1)
+        assert torch.allclose(emb, expect, atol=1e-6)
+    with pytest.raises(ValueError, match="pooling"):
+        build_merged_model(tb, ta.embed_dim, pool="median")
+
+
+@pytest.fixture(scope="module")
+def one_step(tmp_path_factory, teachers):
+    """One Stage II engine step, with the batch and RNG state the loss saw recorded."""
+    from vfmkit.engine import train
+    from vfmkit.engine.distributed import DistInfo
+    from vfmkit.methods.registry import build_job
+
+    ta, tb = teachers
+    out = tmp_path_factory.mktemp("merge_step")
+    cfg = _cfg(out, {"stage": "multitask", "w_a": 1.0, "w_b": 3.0}, optim={"eps": 1e-12})
+    job = build_job(cfg, DistInfo(), teacher_a=ta, teacher_b=tb)
+    init = copy.deepcopy(job.model)
+    seen = {}
+
+    def loss_fn(m, batch, step):
+        seen["batch"] = copy.deepcopy(batch)
+        seen["rng"] = torch.get_rng_state()
+        return job.loss_fn(m, batch, step)
+
+    train(cfg, job.model, loss_fn, job.loader, out_dir=cfg.out_dir, groups=job.groups)
+    return cfg, job, init, seen
+
+
+def test_two_stream_step_equals_one_step_on_the_summed_loss(one_step, teachers):
+    """The engine's step on {"a", "b"} = backward of each stream's loss accumulated, then one AdamW step."""
+    from vfmkit.methods.merge import dense_kd_loss
+
+    cfg, job, init, seen = one_step
+    ta, tb = teachers
+    assert set(seen["batch"]) == {"a", "b"}
+    assert seen["batch"]["a"]["image"].shape[0] == 2 and seen["batch"]["b"]["image"].shape[-2:] == (64, 96)
+    m = copy.deepcopy(init)
+    m.train()
+    torch.set_rng_state(seen["rng"])  # the same dropout draws as the engine's forward
+    xa, xb = seen["batch"]["a"]["image"], seen["batch"]["b"]["image"]
+    with torch.no_grad():
+        ta_t, tb_t = ta.encode_image(xa), tb(xb)
+    la = (1 - (m(xa, "a") * ta_t).sum(-1)).mean()
+    la.backward()  # stream A's gradients ...
+    lb = 3.0 * dense_kd_loss(m(xb, "b"), tb_t)
+    lb.backward()  # ... accumulated with stream B's
+    params = dict(m.named_parameters())
+    names = {id(p): n for n, p in job.model.named_parameters()}
+    groups = [{**g, "params": [params[names[id(p)]] for p in g["params"]]} for g in job.groups]
+    o = cfg.optim
+    opt = torch.optim.AdamW(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, fused=True)
+    opt.step()
+    got = job.model.state_dict()
+    worst = max(float((v.float() - got[k].float()).abs().max()) for k, v in m.state_dict().items())
+    assert worst < 1e-6, worst
+    moved = max(float((v.float() - got[k].float()).abs().max()) for k, v in init.state_dict().items())
+    assert moved > 1e-5  # the step changed the weights (so the comparison above is not vacuous)
+
+
+def test_per_group_learning_rates_are_applied(one_step):
+    """Adam's first step moves a weight by lr * g / (|g| + eps): the largest move of each part is its lr."""
+    from vfmkit.models.merge import MergedModel
+
+    cfg, job, _, _ = one_step
+    m = job.model
+    assert isinstance(m, MergedModel)
+    lr = cfg.optim.lr
+    seen_mults = sorted({g["lr_mult"] for g in job.groups})
+    assert seen_mults == [0.1, 1.0]
+    init = one_step[2]  # the weights before the step
+    for part, mult in (("tower", 0.1), ("head_b", 0.1), ("head_a", 1.0)):
+        a, b = getattr(init, part).state_dict(), getattr(m, part).state_dict()
+        biggest = max(
+            float((a[k] - b[k]).abs().max()) for k in a if a[k].is_floating_point() and "running" not in k
+        )
+        assert biggest == pytest.approx(lr * mult, rel=0.02), (part, biggest)  # float32 rounding
+
+
+def test_zeroshot_segmentation_recovers_a_hand_built_mask():
+    from vfmkit.eval.zeroshot_seg import (
+        class_text_embeddings,
+        evaluate_zeroshot_seg,
+        majority_baseline,
+        zeroshot_segment,
+    )
+
+    g = torch.Generator().manual_seed(0)
+    k, d = 4, 16
+    dirs = torch.linalg.qr(torch.randn(d, d, generator=g))[0][:k]  # orthonormal class directions
+    names = ["sky", "road", "car", "tree"]
+    idx = {n: i for i, n in enumerate(names)}
+
+    def encode_text(texts):  # a prompt's embedding: its class direction, scaled per template
+        return torch.stack([dirs[idx[t.split()[-1].rstrip(".")]] * (1 + len(t) % 3) for t in texts])
+
+    text = class_text_embeddings(encode_text, names, ("a photo of a {}.", "a {}."))
+    assert torch.allclose(text, dirs, atol=1e-6)
+    mask = torch.randint(0, k, (2, 6, 8), generator=g)
+    mask[0, 0, :3] = 11  # void pixels are not scored
+    clean = mask.clamp(max=k - 1)
+    dense = dirs[clean].permute(0, 3, 1, 2) * torch.rand(2, 1, 6, 8, generator=g).add(0.5)
+    noise = torch.randn(2, d, 6, 8, generator=g) * 0.05
+    dense = dense + noise
+    assert torch.equal(zeroshot_segment(dense, text)[mask != 11], mask[mask != 11])
+    res = evaluate_zeroshot_seg(
+        lambda x: dense, [{"image": torch.zeros(2, 3, 6, 8), "mask": mask}], text, k, 11, names
+    )
+    assert res["mIoU"] == 100.0 and res["pixel_acc"] == 100.0 and res["n_images"] == 2
+    # a swapped class direction is scored as wrong
+    res_bad = evaluate_zeroshot_seg(
+        lambda x: dense, [{"image": torch.zeros(2, 3, 6, 8), "mask": mask}], text[[1, 0, 2, 3]], k, 11, names
+    )
+    assert res_bad["iou/sky"] == 0.0 and res_bad["iou/car"] == 100.0
+    maj = majority_baseline([torch.tensor([[0, 0, 1]])], [torch.tensor([[0, 1, 11]])], 2, 11)
+    assert maj["class"] == 0 and maj["pixel_acc"] == 50.0 and maj["mIoU"] == 25.0
+
+
+def test_teacher_a_dense_features_pool_to_its_embedding(teachers):
+    """Teacher A's dense baseline is its own image head per location: mean-pooled, it is A's embedding."""
+    from vfmkit.eval.zeroshot_seg import teacher_dense_features
+
+    ta, _ = teachers
+    x = torch.rand(2, 3, ta.image_size, ta.image_size)
+    dense = teacher_dense_features(ta)(x)
+    emb = torch.nn.functional.normalize(dense.mean((2, 3)), dim=-1)
+    assert torch.allclose(emb, ta.encode_image(x), atol=1e-4)
+
+
+def test_resume_after_interruption_mid_stage_two_equals_uninterrupted(tmp_path, teachers):
+    from vfmkit.methods.registry import run_job
+
+    ta, tb = teachers
+    kw = {"build_kwargs": {"teacher_a": ta, "teacher_b": tb}}
+    margs = {"stage": "multitask"}
+    over = {"train": {"steps": 3, "ckpt_every": 1}}
+    _, full = run_job(_cfg(tmp_path / "full", margs, **over), **kw)
+    _, first = run_job(_cfg(tmp_path / "cut", margs, **over), stop_after=2, **kw)
+    assert first.step == 2
+    _, rest = run_job(_cfg(tmp_path / "cut", margs, **over), **kw)
+    assert rest.resumed_from == 2 and rest.step == 3
+    a = (tmp_path / "full" / "model.safetensors").read_bytes()
+    assert a == (tmp_path / "cut" / "model.safetensors").read_bytes()
+    assert json.loads((tmp_path / "cut" / "merge.json").read_text())["stage"] == "multitask"
+
+
+def test_bad_method_args_are_named(tmp_path):
+    from vfmkit.methods.merge import parse_args
+
+    with pytest.raises(ConfigError, match="method_args.stage"):
+        parse_args(_cfg(tmp_path, {"stage": "three"}))
+    with pytest.raises(ConfigError, match="method_args.dense_loss"):
+        parse_args(_cfg(tmp_path, {"dense_loss": "mse"}))
+    with pytest.raises(ConfigError, match="method_args.nope"):
+        parse_args(_cfg(tmp_path, {"nope": 1}))
