@@ -879,3 +879,21 @@ def test_every_command_probes_its_out_before_the_work(argv, capsys, monkeypatch)
     )
     rc = main([*argv, "--out", "/sys/vfmkit-test/out"])
     one_line_error(capsys, rc, "/sys/vfmkit-test/out", "not writable")
+
+
+def test_out_that_is_a_file_and_a_bad_split_file_are_named(tmp_path, capsys, import_src):
+    f = tmp_path / "taken"
+    f.write_text("a file")
+    rc = main(["train", "clip_tiny", "--out", str(f / "run")])
+    one_line_error(capsys, rc, str(f / "run"), "not writable")
+    (tmp_path / "split.json").write_text('{"train": [')
+    rc = main(
+        [
+            *import_argv(import_src, tmp_path / "out"),
+            "--split-file",
+            str(tmp_path / "split.json"),
+            "--split",
+            "train",
+        ]
+    )
+    one_line_error(capsys, rc, str(tmp_path / "split.json"), "not valid")
