@@ -21,6 +21,7 @@ COMMANDS = [
     "backfill",
     "tic",
     "export",
+    "transfer",
 ]
 
 

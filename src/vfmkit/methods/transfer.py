@@ -1,0 +1,156 @@
+"""Task-oriented knowledge transfer (arXiv:2311.18237): the training pieces, through the one engine.
+
+Method ``transfer`` (``method_args.mode``), each on modules and data a pipeline hands over
+(``registry.run_job(cfg, build_kwargs=...)``; ``pipelines/transfer.py`` is the multi-stage job):
+
+- ``finetune``: cross-entropy of a handed model on handed tensors ``{"image", "label"}`` (normalised float
+  images), with a seeded random horizontal flip. The teacher's fine-tuning (after its linear probe: LP-FT) and the
+  student's final fine-tuning on the few labels.
+- ``kd``: distillation of task outputs on handed tensors ``{"image", "target"}``: :func:`task_kl`, the KL per
+  image (``target [B, C]``) or per pixel (``target [B, C, H, W]``, segmentation). Task-oriented distillation of a
+  classifier from a *stored* reinforced set is method ``dr`` (``mode: reinforced``, ``p: 1``): the teacher's
+  outputs are computed once by ``pipelines.reinforce`` and replayed, with the same loss (:func:`task_kl` equals
+  ``dr.kl_loss`` per image).
+- ``feature``: the task-agnostic baseline: the student's pooled features, through a linear projection, regress
+  the frozen foundation model's pooled features (``1 - cosine``), on the very views ``dr`` replays from the same
+  reinforced set (``method_args.reinforced``), so the two distillations see identical images.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from vfmkit.config import ConfigError, RunConfig, parse_section
+from vfmkit.engine.distributed import DistInfo
+from vfmkit.methods.registry import Job
+
+MODES = ("finetune", "kd", "feature")
+
+
+@dataclass
+class TransferArgs:
+    mode: str = "finetune"
+    temperature: float = 1.0  # kd: student temperature T (loss scaled by T^2)
+    flip: bool = True  # finetune/kd: seeded random horizontal flips
+    reinforced: str | None = None  # feature: the reinforced transfer set whose views are replayed
+    label_smoothing: float = 0.0  # finetune
+
+
+# ---------------------------------------------------------------------------------------------- losses
+def task_kl(logits: Tensor, target: Tensor, temperature: float = 1.0, ignore: Tensor | None = None) -> Tensor:
+    """``KL(target || softmax(logits / T)) * T^2`` averaged per image (``[B, C]``) or per pixel (``[B, C, H, W]``:
+    summed over classes at each pixel, averaged over the pixels not masked by ``ignore`` ``[B, H, W]`` (True:
+    skip)). ``target`` rows sum to 1 over the class dim."""
+    if logits.shape != target.shape:
+        raise ValueError(f"logits {tuple(logits.shape)} and target {tuple(target.shape)} differ")
+    logp = F.log_softmax(logits.float() / temperature, dim=1)
+    t = target.float()
+    kl = (torch.xlogy(t, t) - t * logp).sum(1)  # [B] or [B, H, W]
+    if ignore is not None:
+        keep = ~ignore
+        kl = kl[keep] if keep.any() else kl.new_zeros(1)
+    return kl.mean() * (temperature * temperature)
+
+
+def feature_loss(student_feat: Tensor, teacher_feat: Tensor) -> Tensor:
+    """``1 - cos(student, teacher)`` averaged over the batch."""
+    return (1.0 - F.cosine_similarity(student_feat.float(), teacher_feat.float(), dim=-1)).mean()
+
+
+def _flip(x: Tensor, step: int, seed: int, dims: tuple[int, ...] = (-1,)) -> tuple[Tensor, Tensor]:
+    g = torch.Generator().manual_seed(int(seed) * 1_000_003 + int(step))
+    m = torch.rand(x.shape[0], generator=g) < 0.5
+    return m, torch.where(m.view(-1, *([1] * (x.dim() - 1))).to(x.device), x.flip(dims), x)
+
+
+# ---------------------------------------------------------------------------------------------- modules
+class PooledFeatures(nn.Module):
+    """A timm student's pooled features (``forward_head(pre_logits=True)``) through a linear projection."""
+
+    def __init__(self, student: nn.Module, out_dim: int) -> None:
+        super().__init__()
+        self.student = student
+        self.proj = nn.Linear(int(student.num_features), int(out_dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        s = self.student
+        return self.proj(s.forward_head(s.forward_features(x), pre_logits=True))
+
+
+def build(
+    cfg: RunConfig,
+    dist_info: DistInfo,
+    model: nn.Module | None = None,
+    tensors: dict[str, Tensor] | None = None,
+    teacher_features: Callable[[Tensor], Tensor] | None = None,
+) -> Job:
+    from vfmkit.data.loader import TensorLoader
+
+    args = parse_section(TransferArgs, cfg.method_args, "method_args")
+    if args.mode not in MODES:
+        raise ConfigError(f"config key 'method_args.mode': {args.mode!r} is not one of {', '.join(MODES)}")
+    if args.temperature <= 0:
+        raise ConfigError(f"config key 'method_args.temperature': {args.temperature} must be > 0")
+    if model is None:
+        raise ConfigError(
+            "config key 'method': 'transfer' trains a module handed to it (vfmkit transfer run, or "
+            "registry.run_job(cfg, build_kwargs={'model': ..., ...}))"
+        )
+    seed = cfg.seed
+    if args.mode == "feature":
+        if teacher_features is None or not args.reinforced:
+            raise ConfigError(
+                "config key 'method_args.reinforced': mode 'feature' needs the reinforced transfer set and "
+                "build_kwargs teacher_features"
+            )
+        from vfmkit.methods import dr
+
+        dargs = dr.DrArgs(mode="reinforced", reinforced=args.reinforced, p=1.0)
+        setup = dr.resolve_setup(dargs, cfg.data.image_size or 224)
+        student = model.student if isinstance(model, PooledFeatures) else model
+        mean, std, default = dr.student_norm(student)
+        size = cfg.data.image_size or default
+        loader = dr.make_train_loader(cfg, dargs, setup, size, (mean, std), dist_info)
+        m_t = torch.tensor(mean).view(1, 3, 1, 1)
+        s_t = torch.tensor(std).view(1, 3, 1, 1)
+
+        def loss_fn(m: nn.Module, batch: dict, step: int):
+            x = batch["image"]
+            with torch.no_grad():
+                x01 = (x * s_t.to(x.device) + m_t.to(x.device)).clamp(0, 1)
+                target = teacher_features(x01)
+            loss = feature_loss(m(x), target.to(x.device))
+            return loss, {}
+
+        return Job(model, loss_fn, loader)
+
+    if tensors is None or "image" not in tensors:
+        raise ConfigError("config key 'method_args.mode': needs build_kwargs tensors with 'image'")
+    need = "label" if args.mode == "finetune" else "target"
+    if need not in tensors:
+        raise ConfigError(f"config key 'method_args.mode': mode {args.mode!r} needs a tensor {need!r}")
+    n = int(tensors["image"].shape[0])
+    loader = TensorLoader(
+        tensors, min(cfg.data.batch_size, n), seed=seed, rank=dist_info.rank, world_size=dist_info.world_size
+    )
+
+    def loss_fn(m: nn.Module, batch: dict, step: int):
+        x = batch["image"]
+        if args.flip:
+            flipped, x = _flip(x, step, seed)
+        logits = m(x)
+        if args.mode == "finetune":
+            y = batch["label"].long()
+            loss = F.cross_entropy(logits.float(), y, label_smoothing=args.label_smoothing)
+            return loss, {"acc": float((logits.argmax(1) == y).float().mean())}
+        t = batch["target"]
+        if args.flip and t.dim() == 4:  # per-pixel targets flip with their image
+            t = torch.where(flipped.view(-1, 1, 1, 1).to(t.device), t.flip(-1), t)
+        return task_kl(logits, t, args.temperature), {}
+
+    return Job(model, loss_fn, loader)

@@ -1,0 +1,713 @@
+"""Task-oriented knowledge transfer (arXiv:2311.18237) as a multi-stage job:
+
+    finetune-teacher -> build-transfer-set -> distill -> finetune-student
+
+Every stage writes its outputs into ``OUT/<stage>-<hash>/``, where the hash is of the stage's config (its
+options plus the hashes of the stages it reads), and finishes with ``stage.json`` (``{"config", "result"}``,
+written atomically last). A stage whose ``stage.json`` exists is read back, not rerun, so arms that share a stage
+(the teacher, a transfer set) compute it once, and a killed run resumes: training stages resume from the engine's
+checkpoints in their folder, the teacher-output store (``pipelines.reinforce``) from its finished shards.
+Swappable: ``teacher_weights`` brings an already fine-tuned teacher (a ``model.safetensors`` of this stage),
+``transfer_set`` a ready shard folder (images, unlabelled).
+
+- finetune-teacher: the real EfficientNet-Lite0 (``efficientnet-lite0@SIZE``) with a new task head: linear probe
+  on frozen features, then full fine-tuning (LP-FT), both through the engine; val top-1 of both recorded.
+- build-transfer-set: ``retrieval`` (each labelled image queries its ``k`` nearest pool images in the fine-tuned
+  teacher's pooled-feature space: :func:`vfmkit.data.curate.curate`, balanced, deduplicated), ``random`` (a
+  seeded random subset of the pool of ``transfer_size``) or ``all``; the set is written as shards, its
+  composition in ``composition.json``. The teacher's outputs on it are stored once with the classification
+  reinforcement machinery (``vfmkit reinforce classify``: ``n_aug`` stored augmentations per image).
+- distill: ``task`` (method ``dr``, reinforced mode, p=1: KL to the stored teacher outputs), ``feature`` (method
+  ``transfer`` mode ``feature``: the frozen, un-tuned foundation model's pooled features, same replayed views) or
+  ``none`` (scratch).
+- finetune-student: method ``transfer`` mode ``finetune`` on the labels (scratch: for distill + finetune steps,
+  so every arm trains the same number of steps); val top-1 before and after.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+STAGES = ("finetune-teacher", "build-transfer-set", "distill", "finetune-student")
+LITE_DIM = 1280
+
+
+@dataclass
+class TransferOptions:
+    """Options of one transfer arm (``vfmkit transfer run`` flags)."""
+
+    out: str = "runs/transfer"
+    labelled: str = "builtin:imagenette/train"  # labelled images (json label or <wnid>/ class tree)
+    val: str = "builtin:imagenette/val"
+    val_every: int = 1  # evaluate on every n-th val image (stored order), 1: all
+    pool: list[str] = field(default_factory=lambda: ["builtin:flickr8k/train"])  # unlabelled pool specs
+    pool_limits: list[int] = field(default_factory=list)  # per pool spec: first N images (0: all)
+    pool_skip_labelled: bool = True  # a pool spec equal to `labelled` leaves out the labelled subset
+    per_class: int = 10  # labels per class, drawn by label_seed
+    label_seed: int = 0
+    seed: int = 0
+    # teacher
+    teacher: str = "efficientnet-lite0@128"
+    teacher_weights: str | None = (
+        None  # a fine-tuned teacher (this stage's model.safetensors): skip the stage
+    )
+    teacher_lp_steps: int = 100
+    teacher_ft_steps: int = 100
+    teacher_lp_lr: float = 1e-2
+    teacher_ft_lr: float = 3e-4
+    # transfer set
+    transfer_set: str | None = None  # a ready shard folder of unlabelled images: skip curation
+    curation: str = "retrieval"  # retrieval | random | all
+    k: int = 20  # retrieval: neighbours per labelled image
+    balance: bool = True
+    dedup_threshold: float | None = 0.98
+    transfer_size: int = 0  # random: subset size (0: the size of the retrieval set with the same options)
+    knn_backend: str = "auto"  # auto | exact | faiss
+    n_aug: int = 4  # stored teacher outputs per image
+    # student
+    distill: str = "task"  # task | feature | none
+    student: str = "resnet10t"
+    image_size: int = 64
+    distill_steps: int = 200
+    finetune_steps: int = 100
+    batch_size: int = 64
+    lr: float = 2e-3
+    finetune_lr: float = 1e-3
+    weight_decay: float = 0.05
+
+    def __post_init__(self) -> None:
+        if self.curation not in ("retrieval", "random", "all"):
+            raise ValueError(f"curation must be retrieval, random or all, got {self.curation!r}")
+        if self.distill not in ("task", "feature", "none"):
+            raise ValueError(f"distill must be task, feature or none, got {self.distill!r}")
+        if self.per_class < 1 or self.k < 1 or self.n_aug < 1:
+            raise ValueError("per_class, k and n_aug must be >= 1")
+        if min(self.distill_steps, self.finetune_steps, self.teacher_lp_steps, self.teacher_ft_steps) < 0:
+            raise ValueError("step counts must be >= 0")
+        if self.pool_limits and len(self.pool_limits) != len(self.pool):
+            raise ValueError(
+                f"pool_limits has {len(self.pool_limits)} entries for {len(self.pool)} pool specs"
+            )
+
+
+def options_from(
+    config: str | None = None, overrides: list[str] | None = None, out: str | None = None
+) -> TransferOptions:
+    """Options from a YAML mapping file and ``KEY=VALUE`` overrides (values read with ``yaml.safe_load``);
+    an unknown key or a bad value is a ConfigError naming it."""
+    from pathlib import Path as _P
+
+    import yaml
+
+    from vfmkit.config import ConfigError, parse_section
+
+    d: dict = {}
+    if config:
+        try:
+            d = yaml.safe_load(_P(config).read_text()) or {}
+        except (OSError, yaml.YAMLError) as e:
+            raise ConfigError(f"transfer config {config!r}: {e}") from e
+        if not isinstance(d, dict):
+            raise ConfigError(f"transfer config {config!r}: expected a mapping")
+    for item in overrides or []:
+        key, eq, value = item.partition("=")
+        if not eq or not key:
+            raise ConfigError(f"override {item!r}: expected KEY=VALUE")
+        try:
+            d[key.strip()] = yaml.safe_load(value)
+        except yaml.YAMLError as e:
+            raise ConfigError(f"override {item!r}: {e}") from e
+    if out:
+        d["out"] = out
+    try:
+        return parse_section(TransferOptions, d, "transfer")
+    except ValueError as e:
+        if isinstance(e, ConfigError):
+            raise
+        raise ConfigError(f"transfer options: {e}") from e
+
+
+# ---------------------------------------------------------------------------------------------- stage cache
+def _hash(cfg: dict) -> str:
+    return hashlib.sha256(json.dumps(cfg, sort_keys=True, default=str).encode()).hexdigest()[:10]
+
+
+def run_stage(out: Path, name: str, cfg: dict, fn) -> tuple[Path, dict]:
+    """``fn(folder) -> result`` once per config: ``OUT/<name>-<hash>/stage.json`` caches it."""
+    from vfmkit.data.io import atomic_write_json
+
+    folder = out / f"{name}-{_hash(cfg)}"
+    done = folder / "stage.json"
+    if done.is_file():
+        rec = json.loads(done.read_text())
+        return folder, {**rec["result"], "cached": True}
+    folder.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    result = fn(folder)
+    result = {**result, "seconds": round(time.perf_counter() - t0, 2)}
+    atomic_write_json(done, {"stage": name, "config": cfg, "result": result})
+    return folder, {**result, "cached": False}
+
+
+def _config(
+    out_dir: Path,
+    method: str,
+    *,
+    steps: int,
+    lr: float,
+    batch: int,
+    seed: int,
+    wd: float = 0.0,
+    method_args: dict | None = None,
+    model: dict | None = None,
+    data: dict | None = None,
+):
+    from vfmkit.config import load_config
+
+    return load_config(
+        {
+            "method": method,
+            "seed": seed,
+            "out_dir": str(out_dir),
+            "model": model or {"name": "none"},
+            "data": {"batch_size": batch, **(data or {})},
+            "optim": {"lr": lr, "weight_decay": wd, "warmup_steps": max(1, min(20, steps // 10))},
+            "train": {
+                "steps": max(1, steps),
+                "log_every": max(1, steps // 4),
+                "eval_every": 0,
+                "ckpt_every": max(1, steps // 2),
+                "keep_ckpts": 1,
+                "progress": False,
+                "tensorboard": False,
+            },
+            "method_args": method_args or {},
+        }
+    )
+
+
+# ---------------------------------------------------------------------------------------------- data
+@dataclass
+class LabelledData:
+    keys: list[str]
+    images: Tensor  # uint8 [N, 3, S, S] at the source's stored size (square crop)
+    labels: Tensor
+
+
+def _samples(spec: str):
+    from vfmkit.data.samples import read_samples
+
+    return [s for s in read_samples(spec) if s.image is not None]
+
+
+def select_labelled(samples, per_class: int, seed: int):
+    """``per_class`` samples of each class, drawn by ``seed`` from the keys in sorted order (deterministic)."""
+    from vfmkit.data.rng import seeded_rng
+
+    by: dict[int, list] = {}
+    for s in samples:
+        if s.label is None:
+            raise ValueError(f"labelled sample {s.key!r} has no label")
+        by.setdefault(int(s.label), []).append(s)
+    out = []
+    for c in sorted(by):
+        group = sorted(by[c], key=lambda s: s.key)
+        if len(group) < per_class:
+            raise ValueError(f"class {c} has {len(group)} labelled images, fewer than per_class={per_class}")
+        out += seeded_rng("transfer-labels", seed, c).sample(group, per_class)
+    return out
+
+
+def _decode(samples, size: int) -> tuple[Tensor, Tensor]:
+    from vfmkit.data.samples import decode_images
+
+    return decode_images(samples, size)
+
+
+def _norm(x: Tensor, mean, std) -> Tensor:
+    from vfmkit.data.samples import normalize
+
+    return normalize(x, tuple(mean), tuple(std))
+
+
+# ---------------------------------------------------------------------------------------------- teacher
+class LiteTeacher(nn.Module):
+    """EfficientNet-Lite0 with a task head: normalised images -> logits; :meth:`features` -> pooled [B, 1280]."""
+
+    def __init__(self, num_classes: int, image_size: int) -> None:
+        super().__init__()
+        from vfmkit.models.base import build_efficientnet_lite0
+
+        self.image_size = int(image_size)
+        self.backbone = build_efficientnet_lite0(image_size)
+        for p in self.backbone.parameters():
+            p.requires_grad_(True)
+        self.backbone._fc = nn.Identity()
+        self.head = nn.Linear(LITE_DIM, int(num_classes))
+
+    def train(self, mode: bool = True) -> LiteTeacher:
+        """Batch-norm statistics stay the pretrained ones while fine-tuning (a few labels make tiny batches)."""
+        super().train(mode)
+        for m in self.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.eval()
+        return self
+
+    def features(self, x: Tensor) -> Tensor:
+        b = self.backbone
+        return b._avg_pooling(b.extract_features(x)).flatten(1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.backbone._dropout(self.features(x)))
+
+
+@torch.no_grad()
+def _batched(fn, x: Tensor, bs: int = 64) -> Tensor:
+    return torch.cat([fn(x[i : i + bs]).float() for i in range(0, x.shape[0], bs)]) if len(x) else x
+
+
+def _top1(logits: Tensor, labels: Tensor) -> float:
+    return round(100.0 * float((logits.argmax(1) == labels).float().mean()), 2)
+
+
+def _lite_norm(x: Tensor) -> Tensor:
+    from vfmkit.models.base import LITE_MEAN, LITE_STD
+
+    return _norm(x, LITE_MEAN, LITE_STD)
+
+
+def load_teacher_weights(path: str | Path, num_classes: int, image_size: int) -> LiteTeacher:
+    from vfmkit.models.factory import load_state_dict
+
+    t = LiteTeacher(num_classes, image_size)
+    t.load_state_dict(load_state_dict(str(path)))
+    return t.eval()
+
+
+def finetune_teacher(
+    folder: Path, o: TransferOptions, lab: LabelledData, val: LabelledData, size: int
+) -> dict:
+    """LP then FT of Lite0 on the labelled images; writes ``model.safetensors``."""
+    from vfmkit.data.io import atomic_save_safetensors
+    from vfmkit.eval.probe import fit_linear_head
+    from vfmkit.methods.registry import run_job
+
+    n_cls = int(lab.labels.max()) + 1
+    torch.manual_seed(o.seed)
+    teacher = LiteTeacher(n_cls, size)
+    x, vx = _lite_norm(lab.images), _lite_norm(val.images)
+    teacher.eval()
+    feats, vfeats = _batched(teacher.features, x), _batched(teacher.features, vx)
+    lp_cfg = _config(
+        folder / "lp",
+        "transfer",
+        steps=o.teacher_lp_steps,
+        lr=o.teacher_lp_lr,
+        batch=o.batch_size,
+        seed=o.seed,
+    )
+    fit_linear_head(teacher.head, feats, lab.labels, lp_cfg, folder / "lp")
+    _reload(teacher.head, folder / "lp")
+    lp_top1 = _top1(teacher.head(vfeats), val.labels)
+    ft_cfg = _config(
+        folder / "ft",
+        "transfer",
+        steps=o.teacher_ft_steps,
+        lr=o.teacher_ft_lr,
+        batch=min(o.batch_size, 32),
+        seed=o.seed,
+        wd=1e-4,
+        method_args={"mode": "finetune"},
+    )
+    teacher.train()
+    run_job(ft_cfg, build_kwargs={"model": teacher, "tensors": {"image": x, "label": lab.labels}})
+    _reload(teacher, folder / "ft")
+    teacher.eval()
+    ft_top1 = _top1(_batched(teacher, vx), val.labels)
+    atomic_save_safetensors(folder / "model.safetensors", teacher)
+    return {"lp_top1": lp_top1, "ft_top1": ft_top1, "num_classes": n_cls, "n_labelled": len(lab.keys)}
+
+
+# ---------------------------------------------------------------------------------------------- transfer set
+def _pool(o: TransferOptions, labelled_keys: set[str]):
+    """(samples, source name per sample) of the pool specs (labelled images left out where the spec is the
+    labelled spec), each spec capped at its limit in stored order."""
+    out, src = [], []
+    for i, spec in enumerate(o.pool):
+        limit = o.pool_limits[i] if o.pool_limits else 0
+        items = _samples(spec)
+        if o.pool_skip_labelled and spec == o.labelled:
+            items = [s for s in items if s.key not in labelled_keys]
+        items = items[:limit] if limit else items
+        out += items
+        src += [_source_name(spec)] * len(items)
+    return out, src
+
+
+def _source_name(spec: str) -> str:
+    """``builtin:flickr8k/train`` -> ``flickr8k/train``; ``/data/imagenette/train.tar`` -> ``imagenette/train``."""
+    p = Path(spec.split(":", 1)[-1].rstrip("/"))
+    return f"{p.parent.name}/{p.name.split('.')[0]}" if p.parent.name else p.name.split(".")[0]
+
+
+def _reload(model: nn.Module, run_dir: Path) -> None:
+    """The engine's final weights of ``run_dir`` into ``model`` (so a rerun of a run the engine reports as
+    complete gives the trained model, not the fresh one)."""
+    from vfmkit.models.factory import load_state_dict
+
+    model.load_state_dict(load_state_dict(str(run_dir / "model.safetensors")))
+
+
+def write_transfer_shards(folder: Path, samples, sources: list[str]) -> int:
+    """The transfer set as shards: original image bytes + json (uid, source key, ``label`` -1: unlabelled)."""
+    from vfmkit.data.shards import ShardWriter
+
+    tmp = folder / "shards.tmp"
+    if tmp.exists():
+        import shutil
+
+        shutil.rmtree(tmp)
+    with ShardWriter(tmp, prefix="transfer", max_count=1000) as w:
+        for i, (s, src) in enumerate(zip(samples, sources, strict=True)):
+            w.write(
+                {
+                    "__key__": f"t{i:07d}",
+                    "jpg": s.image,
+                    "json": {"uid": f"t{i:07d}", "label": -1, "source": src, "source_key": s.key},
+                }
+            )
+    tmp.replace(folder / "shards")
+    return len(samples)
+
+
+def build_transfer_set(
+    folder: Path, o: TransferOptions, teacher: LiteTeacher, lab: LabelledData, size: int
+) -> dict:
+    from vfmkit.data.curate import curate
+    from vfmkit.data.io import atomic_write_json
+    from vfmkit.data.rng import seeded_rng
+
+    pool, sources = _pool(o, set(lab.keys))
+    if not pool:
+        raise ValueError("the transfer pool is empty")
+    comp: dict[str, Any] = {"pool": len(pool), "pool_per_source": {}}
+    for s in sources:
+        comp["pool_per_source"][s] = comp["pool_per_source"].get(s, 0) + 1
+    if o.curation == "all":
+        chosen = list(range(len(pool)))
+    else:
+        px, _ = _decode(pool, size)
+        emb = _batched(teacher.features, _lite_norm(px))
+        qemb = _batched(teacher.features, _lite_norm(lab.images))
+        cur = curate(
+            qemb,
+            lab.labels,
+            emb,
+            o.k,
+            balance=o.balance,
+            dedup_threshold=o.dedup_threshold,
+            backend=o.knn_backend,
+            pool_sources=sources,
+        )
+        if o.curation == "retrieval":
+            chosen = cur.indices
+            comp["retrieval"] = cur.composition
+        else:
+            n = o.transfer_size or len(cur.indices)
+            chosen = sorted(
+                seeded_rng("transfer-random", o.seed, n).sample(range(len(pool)), min(n, len(pool)))
+            )
+    samples = [pool[i] for i in chosen]
+    srcs = [sources[i] for i in chosen]
+    comp["n"] = len(samples)
+    comp["per_source"] = {s: srcs.count(s) for s in sorted(set(srcs))}
+    write_transfer_shards(folder, samples, srcs)
+    atomic_write_json(folder / "composition.json", comp)
+    return comp
+
+
+def reinforce_transfer_set(
+    folder: Path, o: TransferOptions, teacher: LiteTeacher, shards: str, size: int
+) -> dict:
+    """The teacher's outputs on the transfer set, stored once (``vfmkit reinforce classify`` layout)."""
+    from vfmkit.models.base import LITE_MEAN, LITE_STD
+    from vfmkit.models.teachers import ClassifierEnsemble, ClassifierTeacher
+    from vfmkit.pipelines.reinforce import ReinforceArgs, Reinforcer, reinforce
+
+    args = ReinforceArgs(
+        mode="classify",
+        teachers=["transfer-teacher"],
+        n_aug=o.n_aug,
+        recipe={"size": size},
+        seed=o.seed,
+        images=True,
+        device="cpu",
+        prefetch=False,
+        batch_size=64,
+        chunk=64,
+        topk=10,
+    )
+    ct = ClassifierTeacher(
+        f"lite0-finetuned@{size}", teacher, size, LITE_MEAN, LITE_STD, None, "bicubic", 1.0
+    )
+    ens = ClassifierEnsemble([ct])
+    res = reinforce(
+        shards,
+        folder / "reinforced",
+        args,
+        rank=0,
+        world_size=1,
+        progress=False,
+        reinforcer=Reinforcer(args, teachers=ens),
+    )
+    return {"samples": int(res.get("samples", 0)), "resumed": res.get("resumed")}
+
+
+# ---------------------------------------------------------------------------------------------- student
+def _student(o: TransferOptions, n_cls: int) -> nn.Module:
+    from vfmkit.models.factory import create_classifier
+
+    torch.manual_seed(o.seed)  # as dr.build seeds its student: every arm starts from the same init
+    return create_classifier(o.student, n_cls)
+
+
+def _student_norm(model: nn.Module):
+    from vfmkit.methods.dr import student_norm
+
+    mean, std, _ = student_norm(model)
+    return mean, std
+
+
+def distill(folder: Path, o: TransferOptions, reinforced: str, n_cls: int) -> dict:
+    from vfmkit.methods.registry import run_job
+
+    common = {
+        "steps": o.distill_steps,
+        "lr": o.lr,
+        "batch": o.batch_size,
+        "seed": o.seed,
+        "wd": o.weight_decay,
+    }
+    data = {"train": reinforced, "image_size": o.image_size, "shuffle_buffer": 500}
+    if o.distill == "task":
+        cfg = _config(
+            folder,
+            "dr",
+            model={"name": o.student},
+            data=data,
+            method_args={"mode": "reinforced", "reinforced": reinforced, "p": 1.0, "num_classes": n_cls},
+            **common,
+        )
+        job, res = run_job(cfg)
+        return {"final_loss": res.final_logs.get("loss"), "steps": res.step}
+    from vfmkit.methods.transfer import PooledFeatures
+
+    tsize = int(o.teacher.split("@")[1]) if "@" in o.teacher else 224
+    frozen = LiteTeacher(n_cls, tsize).eval()  # the un-tuned foundation model (its head is unused)
+    for p in frozen.parameters():
+        p.requires_grad_(False)
+
+    def teacher_features(x01: Tensor) -> Tensor:
+        x = torch.nn.functional.interpolate(
+            x01, size=(tsize, tsize), mode="bilinear", antialias=True, align_corners=False
+        )
+        return frozen.features(_lite_norm_float(x))
+
+    model = PooledFeatures(_student(o, n_cls), LITE_DIM)
+    cfg = _config(
+        folder,
+        "transfer",
+        model={"name": o.student},
+        data=data,
+        method_args={"mode": "feature", "reinforced": reinforced},
+        **common,
+    )
+    job, res = run_job(cfg, build_kwargs={"model": model, "teacher_features": teacher_features})
+    return {"final_loss": res.final_logs.get("loss"), "steps": res.step}
+
+
+def _lite_norm_float(x01: Tensor) -> Tensor:
+    from vfmkit.models.base import LITE_MEAN, LITE_STD
+
+    m = torch.tensor(LITE_MEAN, device=x01.device).view(1, 3, 1, 1)
+    s = torch.tensor(LITE_STD, device=x01.device).view(1, 3, 1, 1)
+    return (x01 - m) / s
+
+
+def load_student(o: TransferOptions, n_cls: int, distill_dir: Path | None) -> nn.Module:
+    from vfmkit.models.factory import load_state_dict
+
+    model = _student(o, n_cls)
+    if distill_dir is not None:
+        state = load_state_dict(str(distill_dir / "model.safetensors"))
+        if o.distill == "feature":
+            state = {k[len("student.") :]: v for k, v in state.items() if k.startswith("student.")}
+        model.load_state_dict(state)
+    return model
+
+
+def finetune_student(
+    folder: Path, o: TransferOptions, model: nn.Module, lab: LabelledData, val: LabelledData, steps: int
+) -> dict:
+    from vfmkit.methods.registry import run_job
+
+    mean, std = _student_norm(model)
+    x, vx = _norm(lab.images, mean, std), _norm(val.images, mean, std)
+    model.eval()
+    before = _top1(_batched(model, vx), val.labels)
+    cfg = _config(
+        folder,
+        "transfer",
+        steps=steps,
+        lr=o.finetune_lr,
+        batch=o.batch_size,
+        seed=o.seed,
+        wd=o.weight_decay,
+        method_args={"mode": "finetune"},
+    )
+    model.train()
+    if steps > 0:
+        run_job(cfg, build_kwargs={"model": model, "tensors": {"image": x, "label": lab.labels}})
+        _reload(model, folder)
+    model.eval()
+    return {"top1_before_finetune": before, "top1": _top1(_batched(model, vx), val.labels)}
+
+
+# ---------------------------------------------------------------------------------------------- driver
+def run_transfer(o: TransferOptions, stop_after: str | None = None) -> dict:
+    """Run one arm's stages (each cached); ``stop_after`` a stage name ends there. Returns every stage's result
+    and the folders."""
+    if stop_after is not None and stop_after not in STAGES:
+        raise ValueError(f"stop_after must be one of {', '.join(STAGES)}, got {stop_after!r}")
+    torch.manual_seed(o.seed)
+    out = Path(o.out)
+    tsize = int(o.teacher.split("@")[1]) if "@" in o.teacher else 224
+    if not o.teacher.startswith("efficientnet-lite0"):
+        raise ValueError(f"teacher {o.teacher!r}: this pipeline fine-tunes 'efficientnet-lite0@SIZE'")
+    lab_samples = select_labelled(_samples(o.labelled), o.per_class, o.label_seed)
+    val_samples = _samples(o.val)[:: max(1, o.val_every)]
+    lab_t = LabelledData([s.key for s in lab_samples], *_decode(lab_samples, tsize))
+    val_t = LabelledData([s.key for s in val_samples], *_decode(val_samples, tsize))
+    n_cls = int(lab_t.labels.max()) + 1
+    report: dict[str, Any] = {"options": asdict(o), "stages": {}}
+    if o.distill == "none":  # scratch: no teacher, no transfer set
+        return _student_stage(o, out, report, lab_samples, val_samples, n_cls, None, None)
+
+    data_cfg = {
+        "labelled": o.labelled,
+        "val": o.val,
+        "val_every": o.val_every,
+        "per_class": o.per_class,
+        "label_seed": o.label_seed,
+    }
+    t_cfg = {
+        **data_cfg,
+        "teacher": o.teacher,
+        "lp_steps": o.teacher_lp_steps,
+        "ft_steps": o.teacher_ft_steps,
+        "lp_lr": o.teacher_lp_lr,
+        "ft_lr": o.teacher_ft_lr,
+        "seed": o.seed,
+        "batch": o.batch_size,
+    }
+    if o.teacher_weights:
+        t_dir, t_res = Path(o.teacher_weights).parent, {"given": str(o.teacher_weights), "cached": True}
+        t_path, t_hash = Path(o.teacher_weights), _hash({"weights": str(o.teacher_weights)})
+    else:
+        t_dir, t_res = run_stage(out, "teacher", t_cfg, lambda f: finetune_teacher(f, o, lab_t, val_t, tsize))
+        t_path, t_hash = t_dir / "model.safetensors", _hash(t_cfg)
+    report["stages"]["finetune-teacher"] = {**t_res, "dir": str(t_dir)}
+    if stop_after == "finetune-teacher":
+        return report
+    teacher = load_teacher_weights(t_path, n_cls, tsize)
+
+    s_cfg = {
+        "teacher": t_hash,
+        "curation": o.curation,
+        "pool": o.pool,
+        "pool_limits": o.pool_limits,
+        "k": o.k,
+        "balance": o.balance,
+        "dedup": o.dedup_threshold,
+        "size": o.transfer_size,
+        "transfer_set": o.transfer_set,
+        "n_aug": o.n_aug,
+        "seed": o.seed,
+        "labels": data_cfg,
+    }
+
+    def _set(f: Path) -> dict:
+        comp = (
+            {"given": o.transfer_set} if o.transfer_set else build_transfer_set(f, o, teacher, lab_t, tsize)
+        )
+        shards = o.transfer_set or str(f / "shards")
+        return {"composition": comp, **reinforce_transfer_set(f, o, teacher, shards, tsize)}
+
+    s_dir, s_res = run_stage(out, "transfer-set", s_cfg, _set)
+    report["stages"]["build-transfer-set"] = {**s_res, "dir": str(s_dir)}
+    if stop_after == "build-transfer-set":
+        return report
+
+    d_dir, d_res = _distill_stage(o, out, s_cfg, s_dir, n_cls)
+    report["stages"]["distill"] = {**d_res, "dir": str(d_dir)}
+    if stop_after == "distill":
+        return report
+    return _student_stage(o, out, report, lab_samples, val_samples, n_cls, d_dir, _hash(s_cfg))
+
+
+def _student_cfg(o: TransferOptions) -> dict:
+    return {
+        "student": o.student,
+        "image_size": o.image_size,
+        "batch": o.batch_size,
+        "seed": o.seed,
+        "lr": o.lr,
+        "wd": o.weight_decay,
+    }
+
+
+def _distill_stage(o: TransferOptions, out: Path, s_cfg: dict, s_dir: Path, n_cls: int):
+    d_cfg = {**_student_cfg(o), "set": _hash(s_cfg), "distill": o.distill, "steps": o.distill_steps}
+    return run_stage(
+        out, f"distill-{o.distill}", d_cfg, lambda f: distill(f, o, str(s_dir / "reinforced"), n_cls)
+    )
+
+
+def _student_stage(o, out, report, lab_samples, val_samples, n_cls, d_dir, set_hash) -> dict:
+    data_cfg = {
+        "labelled": o.labelled,
+        "val": o.val,
+        "val_every": o.val_every,
+        "per_class": o.per_class,
+        "label_seed": o.label_seed,
+    }
+    f_cfg = {
+        **_student_cfg(o),
+        "distill": o.distill,
+        "set": set_hash,
+        "distill_steps": o.distill_steps,
+        "finetune_steps": o.finetune_steps,
+        "finetune_lr": o.finetune_lr,
+        "labels": data_cfg,
+    }
+    # scratch trains for distill + finetune steps, so every arm trains the same number of steps
+    steps = o.finetune_steps if d_dir is not None else o.distill_steps + o.finetune_steps
+    lab = LabelledData([s.key for s in lab_samples], *_decode(lab_samples, o.image_size))
+    val = LabelledData([s.key for s in val_samples], *_decode(val_samples, o.image_size))
+    f_dir, f_res = run_stage(
+        out,
+        "student",
+        f_cfg,
+        lambda f: finetune_student(f, o, load_student(o, n_cls, d_dir), lab, val, steps),
+    )
+    report["stages"]["finetune-student"] = {**f_res, "dir": str(f_dir)}
+    report["top1"] = f_res["top1"]
+    return report
