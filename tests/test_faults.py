@@ -292,6 +292,12 @@ def test_train_kill_mid_step_then_truncated_checkpoint_falls_back(
         logging.getLogger("vfmkit").removeHandler(handler)
     assert any(str(bad) in r.getMessage() for r in records), [r.getMessage() for r in records]
     final_equal(ref, out)
+
+    # log.jsonl: each step once, with the uninterrupted run's values (the killed run's step-4 line is not doubled)
+    def losses(run):
+        return [(r["step"], r["loss"]) for r in map(json.loads, (run / "log.jsonl").read_text().splitlines())]
+
+    assert losses(out) == losses(ref)
     batches_equal(ref_fps, tmp_path / "fp_killed", tmp_path / "fp_resumed", 2)
 
 

@@ -87,6 +87,27 @@ def save_checkpoint(
     return final
 
 
+def trim_log(path: Path, step: int) -> None:
+    """Keep the records of ``log.jsonl`` up to ``step`` (the step a run starts or resumes from), atomically: a run
+    killed after its last checkpoint logged steps the resumed run does again, and without this they would appear
+    twice; a run that starts over keeps none of the old run's lines. A line cut short by a kill is dropped."""
+    import json
+
+    if not path.is_file():
+        return
+    lines = path.read_text(encoding="utf-8").splitlines()
+    keep = []
+    for line in lines:
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(rec, dict) and int(rec.get("step", 0)) <= step:
+            keep.append(line)
+    if keep != lines:
+        atomic_write_text(path, "".join(x + "\n" for x in keep))
+
+
 def discard_checkpoints(ckpt_root: Path) -> None:
     """Remove every checkpoint under ``ckpt_root`` (a run told not to resume starts over in its folder)."""
     if (ckpt_root / "latest").is_file():

@@ -37,6 +37,7 @@ from vfmkit.engine.checkpoint import (
     rng_state,
     save_checkpoint,
     set_rng_state,
+    trim_log,
 )
 from vfmkit.engine.distributed import DistInfo, all_reduce_mean, barrier, init_distributed
 from vfmkit.engine.parallel import (
@@ -315,6 +316,8 @@ class _Run:
 
     def open_logs(self) -> None:
         """log.jsonl (+ TensorBoard), the progress bar, the data iterator and the throughput clocks."""
+        if self.dist_info.is_main:  # the steps this run (re)does leave no older line behind in log.jsonl
+            trim_log(self.out / "log.jsonl", self.step)
         self.logger = _Logger(self.out, self.dist_info.is_main, self.t.tensorboard)
         self.it = iter(self.loader)
         self.pbar = None
