@@ -264,7 +264,7 @@ def check_resume_config(out_dir: Path, cfg_dict: dict) -> None:
         saved = json.loads(f.read_text(encoding="utf-8"))
     except (ValueError, UnicodeDecodeError) as e:
         raise ConfigError(f"{f} is not readable JSON ({e}): cannot check what this run was started with") from e
-    diffs = resume_config_differences(saved, cfg_dict)
+    diffs = resume_config_differences(saved, json.loads(json.dumps(cfg_dict)))  # as config.json holds it
     if diffs:
         raise ConfigError(
             f"{out_dir} holds a run started with another config; resuming it would mix two runs. Differing keys: "
