@@ -30,6 +30,7 @@ GPT = "model.kwargs={n_embd: 32, n_layer: 2, n_head: 2}"
 # recipe -> overrides (``{child}`` is a subcloned child made by the test, ``{tmp}`` the test's folder)
 TINY: dict[str, list[str]] = {
     "clip_tiny": ["data.batch_size=8", "data.image_size=32"],
+    "cliptex_tiny": ["data.batch_size=8", "data.image_size=32"],
     "catlip_tiny": [
         "data.batch_size=8",
         "data.image_size=32",

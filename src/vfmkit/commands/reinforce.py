@@ -6,6 +6,7 @@
                           [--temperature 1] [--topk 10] [--recipe rrc_flip_ra_re|rrc_flip|rrc_flip_ra_re_mix]
     vfmkit reinforce captions [DATA] --captioner SPEC --out FILE.jsonl [--n 5] [--top-p 0.9]
     vfmkit reinforce train-captioner [--recipe coca_tiny] [--set train.steps=300] [--out DIR]
+    vfmkit reinforce dense [DATA] --out DIR [--expert person] [--expert camvid=RUN_DIR] [--n-aug 0] [--size 64]
 
 DATA is any shard spec (directory, pattern, tar, builtin:NAME). Under ``torchrun`` each rank takes shards
 ``i % WORLD_SIZE == RANK``. Rerunning the same command resumes: finished shards are skipped.
@@ -72,6 +73,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     tr.add_argument("--set", action="append", default=[], dest="overrides", metavar="KEY=VALUE")
     tr.add_argument("--out", type=Path, default=None, help="run folder (default: the recipe's out_dir)")
     tr.set_defaults(func=_train_captioner)
+    _register_dense(sub)
 
 
 def _recipe(args: argparse.Namespace) -> dict:
@@ -140,4 +142,30 @@ def _train_captioner(args: argparse.Namespace) -> int:
     out = args.out or Path(cfg.out_dir)
     train_captioner(cfg, out_dir=out)
     print(f"captioner saved to {out / 'captioner'} (use --captions {out / 'captioner'})")
+    return 0
+
+
+def _register_dense(sub) -> None:
+    """``vfmkit reinforce dense``: CLIPTeX pseudo-labels (``vfmkit.pipelines.pseudolabel``)."""
+    d = sub.add_parser("dense", help="task experts over image-text shards -> pseudo-labels stored beside samples")
+    d.add_argument("data", nargs="?", default="builtin:flickr8k/train")
+    d.add_argument("--out", type=Path, required=True)
+    d.add_argument("--expert", action="append", dest="experts", metavar="SPEC",
+                   help="'person' (shipped MediaPipe model), 'person:FILE.tflite', or NAME=SEG_RUN_DIR; repeatable "
+                        "(default person)")
+    d.add_argument("--n-aug", type=int, default=0, help="crop parameter sets stored per sample")
+    d.add_argument("--size", type=int, default=64, help="training resolution the stored crops are drawn for")
+    d.add_argument("--seed", type=int, default=0)
+    d.set_defaults(func=_dense)
+
+
+def _dense(args: argparse.Namespace) -> int:
+    from vfmkit.models.experts import load_expert
+    from vfmkit.pipelines.pseudolabel import PseudoLabelArgs, pseudolabel
+
+    experts = [load_expert(s) for s in (args.experts or ["person"])]
+    res = pseudolabel(args.data, args.out, experts,
+                      PseudoLabelArgs(n_aug=args.n_aug, size=(args.size, args.size), seed=args.seed))
+    print(f"reinforce dense: {res['samples']} samples in {len(res['done'])} shards ({res['resumed']} resumed) "
+          f"-> {args.out}")
     return 0
