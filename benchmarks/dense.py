@@ -346,6 +346,20 @@ def main(argv: list[str] | None = None) -> int:
     study: dict[str, dict] = {}
     if not args.skip_study and "study" in args.parts:
         cpu1 = time.process_time()
+        # reference: the same student architecture untrained (random weights, BN statistics from CamVid train)
+        study["untrained"] = {
+            f"seg_linear/{k}": spread([v])
+            for k, v in probe(
+                "openclip:vfm-tiny-cnn",
+                paths,
+                work,
+                "untrained_tiny_cnn",
+                "linear",
+                args.study_probe_steps or args.probe_steps,
+                random_init=True,
+            ).items()
+            if "/" not in k
+        }
         sets = caption_sets(
             paths, work, args.captioner_steps, args.n_syn, args.study_images, args.syn_seq_len
         )
@@ -407,7 +421,7 @@ def main(argv: list[str] | None = None) -> int:
             "| captions | seg linear mIoU | seg aspp mIoU | Flickr8k val t2i R@1 | i2t R@1 | Imagenette zero-shot top1 |",
             "|---|---|---|---|---|---|",
         ]
-        for v in [v for v in VARIANTS if v in study]:
+        for v in [v for v in (*VARIANTS, "untrained") if v in study]:
             s = study[v]
 
             def f(k, s=s):
