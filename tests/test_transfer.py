@@ -1,0 +1,205 @@
+"""Task-oriented knowledge transfer (issue 14): curation, kNN, losses, the staged pipeline on the embedded data.
+
+One session fixture runs the three arms (task-oriented, task-agnostic, scratch) on the embedded Imagenette (4
+labels per class) with a pool of embedded Flickr8k + unlabelled embedded Imagenette, a real EfficientNet-Lite0
+teacher at 64 px and a tiny resnet10t student at 32 px, for a few steps: mechanics, not accuracy.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from vfmkit.data.curate import curate, faiss_available, knn, knn_blockwise
+from vfmkit.methods.transfer import feature_loss, task_kl
+
+torch.set_num_threads(1)
+
+
+def _opts(out: Path, **kw):
+    from vfmkit.pipelines.transfer import TransferOptions
+
+    base = dict(
+        out=str(out),
+        per_class=4,
+        pool=["builtin:flickr8k/train", "builtin:imagenette/train"],
+        pool_limits=[60, 40],
+        val_every=2,
+        teacher="efficientnet-lite0@64",
+        teacher_lp_steps=30,
+        teacher_ft_steps=20,
+        k=5,
+        n_aug=2,
+        student="resnet10t",
+        image_size=32,
+        distill_steps=4,
+        finetune_steps=4,
+        batch_size=16,
+    )
+    return TransferOptions(**{**base, **kw})
+
+
+@pytest.fixture(scope="session")
+def arms(tmp_path_factory):
+    from vfmkit.pipelines.transfer import run_transfer
+
+    out = tmp_path_factory.mktemp("transfer")
+    reports = {d: run_transfer(_opts(out, distill=d)) for d in ("task", "feature", "none")}
+    return out, reports
+
+
+# ---------------------------------------------------------------------------------------------- curation
+def _brute(q, p, k):
+    qn = q / q.norm(dim=1, keepdim=True)
+    pn = p / p.norm(dim=1, keepdim=True)
+    s = qn @ pn.T
+    idx = [sorted(range(p.shape[0]), key=lambda j: (-float(s[i, j]), j))[:k] for i in range(q.shape[0])]
+    return torch.tensor(idx)
+
+
+def test_knn_blockwise_equals_brute_force_on_real_embeddings(arms):
+    from vfmkit.data.samples import decode_images, read_samples
+    from vfmkit.pipelines.transfer import _lite_norm, load_teacher_weights
+
+    out, reports = arms
+    t_dir = Path(reports["task"]["stages"]["finetune-teacher"]["dir"])
+    teacher = load_teacher_weights(t_dir / "model.safetensors", 10, 64)
+    x, _ = decode_images(read_samples("builtin:imagenette/val", limit=90), 64)
+    with torch.no_grad():
+        emb = teacher.features(_lite_norm(x))
+    q, p = emb[:10], emb[10:]
+    want = _brute(q, p, 7)
+    for block in (3, 16, 1000):
+        _, got = knn_blockwise(q, p, 7, block=block)
+        assert torch.equal(got, want), block
+    s, i, used = knn(q, p, 7, backend="exact")
+    assert used == "exact" and torch.equal(i, want)
+    assert torch.all(s[:, :-1] >= s[:, 1:])
+
+
+@pytest.mark.skipif(not faiss_available(), reason="faiss-cpu not installed")
+def test_faiss_equals_exact():
+    g = torch.Generator().manual_seed(0)
+    q, p = torch.randn(8, 16, generator=g), torch.randn(300, 16, generator=g)
+    _, i_exact, _ = knn(q, p, 5, backend="exact")
+    _, i_faiss, used = knn(q, p, 5, backend="faiss")
+    assert used == "faiss" and torch.equal(i_exact, i_faiss)
+
+
+def test_knn_ties_go_to_lower_index():
+    p = torch.tensor([[1.0, 0.0], [2.0, 0.0], [0.0, 1.0], [3.0, 0.0]])  # rows 0, 1, 3: the same direction
+    _, i = knn_blockwise(torch.tensor([[1.0, 0.0]]), p, 3, block=2)
+    assert i.tolist() == [[0, 1, 3]]
+
+
+def test_curate_deterministic_balanced_deduplicated():
+    g = torch.Generator().manual_seed(1)
+    centers = torch.randn(3, 8, generator=g) * 3
+    labels = torch.tensor([0, 0, 1, 1, 2, 2])
+    queries = centers[labels] + 0.1 * torch.randn(6, 8, generator=g)
+    pool = torch.cat([centers[c] + torch.randn(n, 8, generator=g) for c, n in ((0, 30), (1, 12), (2, 20))])
+    pool = torch.cat([pool, pool[:5]])  # exact copies of five pool items
+    a = curate(queries, labels, pool, 10, dedup_threshold=0.999)
+    b = curate(queries, labels, pool, 10, dedup_threshold=0.999)
+    assert a.indices == b.indices and a.classes == b.classes
+    assert len(set(a.indices)) == len(a.indices)
+    counts = [a.classes.count(c) for c in range(3)]
+    assert counts[0] == counts[1] == counts[2] > 0
+    unit = pool[a.indices] / pool[a.indices].norm(dim=1, keepdim=True)
+    sim = unit @ unit.T - 2 * torch.eye(len(a.indices))
+    assert float(sim.max()) <= 0.999  # no near-duplicates kept
+    assert a.composition["per_class"] == {"0": counts[0], "1": counts[1], "2": counts[2]}
+    # per-query k: a query with k=0 adds nothing; per_class caps every class
+    c = curate(queries, labels, pool, [3, 0, 3, 0, 3, 0], balance=True, per_class=2)
+    assert [c.classes.count(x) for x in range(3)] == [2, 2, 2]
+    d = curate(queries, labels, pool, [4, 0, 0, 0, 0, 0], balance=False)
+    assert len(d.indices) == 4 and set(d.classes) == {0}
+    with pytest.raises(ValueError, match="entries"):
+        curate(queries, labels, pool, [1, 2])
+
+
+# ---------------------------------------------------------------------------------------------- losses
+def test_task_kl_matches_formula_per_image_and_per_pixel():
+    from vfmkit.methods.dr import kl_loss
+
+    g = torch.Generator().manual_seed(0)
+    logits, t_logits = torch.randn(4, 5, generator=g), torch.randn(4, 5, generator=g)
+    p = t_logits.softmax(1)
+    for T in (1.0, 2.0):
+        q = (logits / T).softmax(1)
+        want = sum(float((p[b] * (p[b] / q[b]).log()).sum()) for b in range(4)) / 4 * T * T
+        assert abs(float(task_kl(logits, p, T)) - want) < 1e-5
+        assert abs(float(task_kl(logits, p, T)) - float(kl_loss(logits, p, T))) < 1e-5
+    dl, dt = torch.randn(2, 3, 4, 5, generator=g), torch.randn(2, 3, 4, 5, generator=g).softmax(1)
+    ignore = torch.zeros(2, 4, 5, dtype=torch.bool)
+    ignore[0, :2] = True
+    total, n = 0.0, 0
+    for b in range(2):
+        for h in range(4):
+            for w in range(5):
+                if ignore[b, h, w]:
+                    continue
+                pt, q = dt[b, :, h, w], dl[b, :, h, w].softmax(0)
+                total += float((pt * (pt / q).log()).sum())
+                n += 1
+    assert abs(float(task_kl(dl, dt, ignore=ignore)) - total / n) < 1e-5
+    assert float(task_kl(t_logits, p)) < 1e-6  # KL of a distribution with itself
+    f = torch.randn(3, 6, generator=g)
+    assert float(feature_loss(f, 2 * f)) < 1e-6 and abs(float(feature_loss(f, -f)) - 2.0) < 1e-5
+
+
+# ---------------------------------------------------------------------------------------------- pipeline
+def test_pipeline_arms_composition_and_teacher(arms):
+    out, reports = arms
+    task, feat, scratch = reports["task"], reports["feature"], reports["none"]
+    t = task["stages"]["finetune-teacher"]
+    # the real Lite0, fine-tuned on the 40 labels, beats its own (untuned backbone) linear probe
+    assert t["ft_top1"] > t["lp_top1"], t
+    # the two distillations share the teacher and the stored transfer set (computed once)
+    assert feat["stages"]["finetune-teacher"]["cached"] and feat["stages"]["build-transfer-set"]["cached"]
+    s_dir = Path(task["stages"]["build-transfer-set"]["dir"])
+    comp = json.loads((s_dir / "composition.json").read_text())
+    assert comp["pool"] == 100 and comp["pool_per_source"] == {"flickr8k/train": 60, "imagenette/train": 40}
+    per_class = comp["retrieval"]["per_class"]
+    assert len(set(per_class.values())) == 1 and sum(per_class.values()) == comp["n"]
+    assert json.loads((s_dir / "reinforced" / "reinforced.json").read_text())["kind"] == "classification"
+    assert "finetune-teacher" not in scratch["stages"]
+    for r in (task, feat, scratch):
+        assert 0.0 <= r["top1"] <= 100.0
+
+
+def test_stages_resume_from_their_caches(arms):
+    from vfmkit.pipelines.transfer import run_transfer
+
+    out, reports = arms
+    again = run_transfer(_opts(out, distill="task"))
+    assert all(s["cached"] for s in again["stages"].values())
+    assert again["top1"] == reports["task"]["top1"]
+    # a run killed after the student trained but before its stage record: the rerun gives the same result
+    f_dir = Path(reports["task"]["stages"]["finetune-student"]["dir"])
+    (f_dir / "stage.json").unlink()
+    redo = run_transfer(_opts(out, distill="task"))
+    assert not redo["stages"]["finetune-student"]["cached"]
+    assert redo["top1"] == reports["task"]["top1"]
+    assert redo["stages"]["distill"]["cached"]
+
+
+def test_swapped_teacher_and_transfer_set(arms, tmp_path):
+    from vfmkit.pipelines.transfer import run_transfer
+
+    out, reports = arms
+    t_dir = Path(reports["task"]["stages"]["finetune-teacher"]["dir"])
+    s_dir = Path(reports["task"]["stages"]["build-transfer-set"]["dir"])
+    r = run_transfer(
+        _opts(tmp_path, teacher_weights=str(t_dir / "model.safetensors"), transfer_set=str(s_dir / "shards")),
+        stop_after="build-transfer-set",
+    )
+    assert r["stages"]["finetune-teacher"]["given"] == str(t_dir / "model.safetensors")
+    got = Path(r["stages"]["build-transfer-set"]["dir"]) / "reinforced"
+    names = sorted(p.name for p in got.glob("*.tar"))
+    assert names == sorted(p.name for p in (s_dir / "reinforced").glob("*.tar"))
+    for n in names:  # same teacher, same images, same seed: the same stored outputs
+        assert (got / n).read_bytes() == (s_dir / "reinforced" / n).read_bytes()
