@@ -266,3 +266,14 @@ def test_bad_method_args_are_named(tmp_path):
         parse_args(_cfg(tmp_path, {"dense_loss": "mse"}))
     with pytest.raises(ConfigError, match="method_args.nope"):
         parse_args(_cfg(tmp_path, {"nope": 1}))
+
+
+def test_weight_interpolation_is_linear_in_alpha():
+    from vfmkit.pipelines.merge import interpolate
+
+    sd0 = {"w": torch.zeros(3), "n": torch.tensor(5)}
+    sd1 = {"w": torch.tensor([4.0, 8.0, -4.0]), "n": torch.tensor(9)}
+    assert torch.equal(interpolate(sd0, sd1, 0.25)["w"], torch.tensor([1.0, 2.0, -1.0]))
+    assert (
+        torch.equal(interpolate(sd0, sd1, 1.0)["w"], sd1["w"]) and int(interpolate(sd0, sd1, 0.5)["n"]) == 5
+    )

@@ -101,6 +101,16 @@ TINY: dict[str, list[str]] = {
         "method_args.context_length=16",
         "data.batch_size=8",
     ],
+    "merge_camvid": [
+        "data.train=builtin:flickr8k/train",
+        "data.batch_size=2",
+        "method_args.teacher_b=efficientnet-lite0",
+        "method_args.dense_train=builtin:camvid/train",
+        "method_args.dense_val=''",
+        "method_args.batch_b=2",
+        "method_args.image_size_a=64",
+        "method_args.crop_b=[64,96]",
+    ],
     "teacher_align_tiny": [
         "data.batch_size=8",
         "method_args.max_train_images=16",

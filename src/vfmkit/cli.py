@@ -22,6 +22,7 @@ COMMANDS = [
     "tic",
     "export",
     "transfer",
+    "merge",
 ]
 
 

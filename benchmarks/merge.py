@@ -1,0 +1,190 @@
+"""SAM-CLIP-style merging benchmark (issue 15): one backbone keeping teacher A's retrieval and teacher B's CamVid
+segmentation, vs the weight-interpolation baseline, and zero-shot segmentation from text.
+
+    python benchmarks/merge.py [--shards runs/dense_data] [--teacher-b runs/camvid_teacher] [--seeds 0 1]
+
+Teacher A: the shipped offline CLIP teacher; teacher B: the CamVid seg run (``vfmkit train camvid_teacher``).
+Shards (made by ``vfmkit data import``, see docs/dense.md and docs/merge.md from ``../shared/data``):
+``SHARDS/flickr_train`` (stream A), ``SHARDS/flickr_val`` (A's retrieval, first ``--retrieval-max`` images),
+``SHARDS/camvid_train`` (stream B, labels unused), ``SHARDS/camvid_val`` (B's mIoU, zero-shot segmentation).
+Each seed runs ``vfmkit.pipelines.merge.run_merge`` in its own single-thread process (resumable: a rerun reuses
+finished stages and evaluations under ``--work``).
+
+Floors: the merged model keeps >= 90% of A's mean retrieval R@1 and >= 95% of B's CamVid mIoU at once; no alpha
+of the interpolation baseline keeps both; merged zero-shot CamVid mIoU above teacher A's own dense features' and
+above the majority-class baseline. All on the mean over seeds (each seed shown).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+
+def one_seed(a: argparse.Namespace, seed: int) -> None:
+    import torch
+
+    torch.set_num_threads(1)
+    from vfmkit.pipelines.merge import MergeOptions, run_merge
+
+    s = Path(a.shards)
+    o = MergeOptions(
+        out_dir=str(Path(a.work) / f"seed{seed}"),
+        teacher_b=a.teacher_b,
+        train=str(s / "flickr_train"),
+        retrieval_val=str(s / "flickr_val"),
+        dense_train=str(s / "camvid_train"),
+        dense_val=str(s / "camvid_val"),
+        seed=seed,
+        stage1_steps=a.stage1_steps,
+        stage2_steps=a.stage2_steps,
+        baseline_steps=a.baseline_steps,
+        batch_a=a.batch_a,
+        batch_b=a.batch_b,
+        retrieval_max=a.retrieval_max,
+    )
+    run_merge(o, log=lambda m: print(f"[seed {seed}] {m}", flush=True))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--shards", default=str(ROOT / "runs" / "dense_data"))
+    p.add_argument("--teacher-b", default=str(ROOT / "runs" / "camvid_teacher"))
+    p.add_argument("--work", default=str(ROOT / "benchmarks" / ".cache" / "merge"))
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    p.add_argument("--stage1-steps", type=int, default=60)
+    p.add_argument("--stage2-steps", type=int, default=120)
+    p.add_argument("--baseline-steps", type=int, default=60)
+    p.add_argument("--batch-a", type=int, default=16)
+    p.add_argument("--batch-b", type=int, default=4)
+    p.add_argument("--retrieval-max", type=int, default=500)
+    p.add_argument("--one-seed", type=int, default=None, help=argparse.SUPPRESS)
+    a = p.parse_args()
+    if a.one_seed is not None:
+        one_seed(a, a.one_seed)
+        return
+    for need in ("flickr_train", "flickr_val", "camvid_train", "camvid_val"):
+        if not (Path(a.shards) / need).is_dir():
+            sys.exit(
+                f"benchmarks/merge.py: no shards {Path(a.shards) / need} (vfmkit data import, docs/merge.md)"
+            )
+    t0 = time.time()
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    procs = [
+        subprocess.Popen([sys.executable, __file__, *sys.argv[1:], "--one-seed", str(s)], env=env)
+        for s in a.seeds
+    ]
+    if any(pr.wait() != 0 for pr in procs):
+        sys.exit("benchmarks/merge.py: a seed's run failed (rerun resumes it)")
+    reports = [json.loads((Path(a.work) / f"seed{s}" / "report.json").read_text()) for s in a.seeds]
+    report(a, reports, time.time() - t0)
+
+
+def _mean(xs):
+    return sum(xs) / len(xs)
+
+
+def report(a, reports, wall: float) -> None:
+    from _record import machine, now, record
+
+    lines = [
+        f"SAM-CLIP-style merge on CPU: Stage I {a.stage1_steps} steps, Stage II {a.stage2_steps}, A-only baseline "
+        f"{a.baseline_steps} (batch A {a.batch_a}, B {a.batch_b}); seeds {a.seeds}; wall {wall / 60:.1f} min",
+        "",
+        "| seed | model | A R@1 (keep) | B mIoU (keep) | zero-shot mIoU |",
+        "|---|---|---|---|---|",
+    ]
+    per = []
+    for s, r in zip(a.seeds, reports, strict=True):
+        t = r["teachers"]
+        ra, rb = t["a/R@1"], t["b/mIoU"]
+        lines.append(
+            f"| {s} | teacher A / B | {ra:.2f} | {rb:.2f} | A's own dense: {t['zs_teacher_a/mIoU']:.2f}, "
+            f"majority ({t['majority/class']}): {t['majority/mIoU']:.2f} |"
+        )
+        rows = [("Stage I (probe)", r["stage1"]), ("merged (Stage II)", r["merged"])]
+        rows += [(f"interp alpha={c['alpha']:g}", c) for c in r["interpolation"]]
+        for name, m in rows:
+            lines.append(
+                f"| {s} | {name} | {m['a/R@1']:.2f} ({m['a/R@1'] / ra:.3f}) | {m['b/mIoU']:.2f} "
+                f"({m['b/mIoU'] / rb:.3f}) | {m['zs/mIoU']:.2f} |"
+            )
+        per.append(
+            {
+                "seed": s,
+                "keep_a": r["merged"]["a/R@1"] / ra,
+                "keep_b": r["merged"]["b/mIoU"] / rb,
+                "zs": r["merged"]["zs/mIoU"],
+                "zs_teacher_a": t["zs_teacher_a/mIoU"],
+                "majority": t["majority/mIoU"],
+                "curve": [
+                    {"alpha": c["alpha"], "keep_a": c["a/R@1"] / ra, "keep_b": c["b/mIoU"] / rb}
+                    for c in r["interpolation"]
+                ],
+            }
+        )
+    keep_a, keep_b = _mean([p["keep_a"] for p in per]), _mean([p["keep_b"] for p in per])
+    zs, zs_a, maj = (
+        _mean([p["zs"] for p in per]),
+        _mean([p["zs_teacher_a"] for p in per]),
+        _mean([p["majority"] for p in per]),
+    )
+    alphas = [c["alpha"] for c in per[0]["curve"]]
+    curve = [
+        {
+            "alpha": al,
+            "keep_a": _mean([p["curve"][i]["keep_a"] for p in per]),
+            "keep_b": _mean([p["curve"][i]["keep_b"] for p in per]),
+        }
+        for i, al in enumerate(alphas)
+    ]
+    both_interp = [c["alpha"] for c in curve if c["keep_a"] >= 0.90 and c["keep_b"] >= 0.95]
+    floors = {
+        "merged keeps >= 0.90 of A's R@1 and >= 0.95 of B's mIoU": keep_a >= 0.90 and keep_b >= 0.95,
+        "no interpolation alpha keeps both": not both_interp,
+        "merged zero-shot mIoU > teacher A's own and > majority": zs > zs_a and zs > maj,
+    }
+    lines += [
+        "",
+        f"mean over seeds: merged keeps {keep_a:.3f} of A's R@1 (floor 0.90) and {keep_b:.3f} of B's mIoU "
+        f"(floor 0.95); zero-shot mIoU merged {zs:.2f} vs teacher A's own {zs_a:.2f} vs majority {maj:.2f}",
+        "interpolation curve (mean keep A / keep B): "
+        + ", ".join(f"alpha {c['alpha']:g}: {c['keep_a']:.3f}/{c['keep_b']:.3f}" for c in curve),
+        *[f"floor {'met' if v else 'MISSED'}: {k}" for k, v in floors.items()],
+    ]
+    text = "\n".join(lines)
+    print(text)
+    record(
+        "merge",
+        {
+            "headline": f"merged backbone keeps {keep_a:.3f} of A's retrieval R@1 and {keep_b:.3f} of B's CamVid mIoU; "
+            f"zero-shot CamVid mIoU {zs:.2f} (teacher A {zs_a:.2f}, majority {maj:.2f})",
+            "floor": {"keep_a": 0.90, "keep_b": 0.95},
+            "floor_met": bool(all(floors.values())),
+            "floors": floors,
+            "keep_a": keep_a,
+            "keep_b": keep_b,
+            "zeroshot_mIoU": zs,
+            "zeroshot_teacher_a_mIoU": zs_a,
+            "majority_mIoU": maj,
+            "interpolation_curve": curve,
+            "interpolation_alphas_keeping_both": both_interp,
+            "per_seed": per,
+            "wall_s": wall,
+            "date": now(),
+            "machine": machine(),
+        },
+        text,
+    )
+
+
+if __name__ == "__main__":
+    main()

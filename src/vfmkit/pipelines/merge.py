@@ -1,0 +1,230 @@
+"""SAM-CLIP-style merging as a multi-stage resumable job: Stage I (Head_A probing) -> Stage II (multi-task), the
+weight-interpolation baseline (B's weights with the Stage I Head_A <-> a model fine-tuned from them on A's
+distillation only, alpha swept 0..1), and the evaluation of every model on both teachers' metrics and zero-shot
+segmentation (``vfmkit merge run``).
+
+Every stage is a ``merge`` method run through the one engine (``registry.run_job``), in its own folder under
+``out_dir`` (``stage1``, ``stage2``, ``a_only``), so a killed pipeline resumes the stage it was in from its last
+checkpoint and skips finished ones; every evaluation is stored (``eval/<name>.json``, atomically) and not redone.
+``report.json`` collects them.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from vfmkit.config import load_config
+from vfmkit.data.io import atomic_write_json
+
+__all__ = ["MergeOptions", "run_merge", "interpolate"]
+
+
+@dataclass
+class MergeOptions:
+    out_dir: str = "runs/merge"
+    teacher_a: str = "offline"
+    teacher_b: str = "runs/camvid_teacher"
+    train: str = "builtin:flickr8k/train"  # image-text shards (stream A)
+    retrieval_val: str = "builtin:flickr8k/heldout"  # A's metric: retrieval on these
+    dense_train: str = "builtin:camvid/train"  # stream B (labels unused)
+    dense_val: str = "builtin:camvid/val"  # B's metric and zero-shot segmentation
+    seed: int = 0
+    stage1_steps: int = 100
+    stage2_steps: int = 200
+    baseline_steps: int = 100
+    batch_a: int = 16
+    batch_b: int = 4
+    lr_stage1: float = 8e-4  # the paper's Stage I lr
+    lr_stage2: float = 4e-4
+    w_b: float = 10.0
+    alphas: list[float] = field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0])
+    retrieval_max: int = 0  # evaluate retrieval on the first N images only (0: all)
+    method_args: dict = field(default_factory=dict)  # extra merge method args for every stage
+
+
+def _stage_cfg(o: MergeOptions, name: str, stage: str, steps: int, lr: float, margs: dict) -> Any:
+    recipe = {
+        "method": "merge",
+        "seed": o.seed,
+        "out_dir": str(Path(o.out_dir) / name),
+        "data": {"train": o.train, "batch_size": o.batch_a, "shuffle_buffer": 200},
+        "optim": {"lr": lr, "weight_decay": 1e-4, "warmup_steps": max(1, steps // 10)},
+        "train": {
+            "steps": steps,
+            "log_every": max(1, steps // 10),
+            "progress": False,
+            "tensorboard": False,
+            "grad_clip": 1.0,
+            "ckpt_every": max(10, steps // 4),
+            "eval_every": 0,
+        },
+        "method_args": {
+            "teacher_a": o.teacher_a,
+            "teacher_b": o.teacher_b,
+            "dense_train": o.dense_train,
+            "batch_b": o.batch_b,
+            "w_b": o.w_b,
+            "stage": stage,
+            **o.method_args,
+            **margs,
+        },
+    }
+    return load_config(recipe)
+
+
+def interpolate(sd0: dict, sd1: dict, alpha: float) -> dict:
+    """``(1 - alpha) * sd0 + alpha * sd1`` for floating tensors; integer buffers (BN counters) from ``sd0``."""
+    return {k: (v0 * (1 - alpha) + sd1[k] * alpha) if v0.is_floating_point() else v0 for k, v0 in sd0.items()}
+
+
+def run_merge(o: MergeOptions, log=print) -> dict:
+    """Run (or resume) the whole job; returns the report (also ``out_dir/report.json``)."""
+    from safetensors.torch import load_file
+
+    from vfmkit.data.dense import dense_info
+    from vfmkit.eval.dense import evaluate_segmentation
+    from vfmkit.eval.zeroshot_seg import (
+        class_text_embeddings,
+        evaluate_zeroshot_seg,
+        majority_baseline,
+        teacher_dense_features,
+    )
+    from vfmkit.methods.merge import evaluate_merged, load_teacher_b, retrieval_r1
+    from vfmkit.methods.registry import run_job
+    from vfmkit.methods.seg import ordered_dense_loader
+    from vfmkit.models.teachers import load_teacher
+
+    out = Path(o.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    info = dense_info(o.dense_train)
+    k, void, names = int(info["num_classes"]), info["void"], info["classes"]
+    ta = load_teacher(o.teacher_a)
+    tb = load_teacher_b(o.teacher_b, num_classes=k, seed=o.seed)
+    teachers = {"teacher_a": ta, "teacher_b": tb}
+    memo: dict[str, torch.Tensor] = {}
+
+    def encode_text(texts: list[str]) -> torch.Tensor:  # captions and prompts are embedded once
+        todo = [t for t in dict.fromkeys(texts) if t not in memo]
+        if todo:
+            for t, e in zip(todo, ta.encode_text(todo), strict=True):
+                memo[t] = e
+        return torch.stack([memo[t] for t in texts])
+
+    class _TextA(torch.nn.Module):  # teacher A seen through the text cache
+        embed_dim = ta.embed_dim
+
+        def encode_text(self, texts):
+            return encode_text(texts)
+
+    text_a = _TextA()
+    val = o.retrieval_val
+    if o.retrieval_max:
+        val = _first_n(o.retrieval_val, o.retrieval_max, out / "retrieval_val")
+
+    def cached(name: str, fn) -> dict:
+        p = out / "eval" / f"{name}.json"
+        if p.is_file():
+            return json.loads(p.read_text(encoding="utf-8"))
+        log(f"merge: evaluating {name}")
+        res = fn()
+        atomic_write_json(p, res)
+        return res
+
+    def dense_batches():
+        return ordered_dense_loader(o.dense_val, 16, None, k, void)
+
+    def eval_teachers() -> dict:
+        r = retrieval_r1(ta.encode_image, encode_text, val, ta.image_size)
+        seg = evaluate_segmentation(tb, dense_batches(), k, void, names)
+        text = class_text_embeddings(encode_text, names)
+        zs = evaluate_zeroshot_seg(teacher_dense_features(ta), dense_batches(), text, k, void, names)
+        maj = majority_baseline(
+            (b["mask"] for b in ordered_dense_loader(o.dense_train, 16, None, k, void)),
+            (b["mask"] for b in dense_batches()),
+            k,
+            void,
+        )
+        return {
+            "a/R@1": r["R@1"],
+            "a/retrieval": r,
+            "b/mIoU": seg["mIoU"],
+            "b/pixel_acc": seg["pixel_acc"],
+            "zs_teacher_a/mIoU": zs["mIoU"],
+            "majority/mIoU": maj["mIoU"],
+            "majority/class": names[maj["class"]],
+        }
+
+    report: dict[str, Any] = {"options": asdict(o), "teachers": cached("teachers", eval_teachers)}
+
+    def train_stage(name, stage, steps, lr, margs):
+        cfg = _stage_cfg(o, name, stage, steps, lr, margs)
+        if not (Path(cfg.out_dir) / "model.safetensors").is_file():
+            log(f"merge: stage {name} ({stage}, {steps} steps)")
+            job, _ = run_job(cfg, build_kwargs=teachers)
+            model = job.model
+        else:
+            from vfmkit.methods.registry import build_job
+
+            model = build_job(cfg, _one_process(), **teachers).model
+            model.load_state_dict(load_file(str(Path(cfg.out_dir) / "model.safetensors")), strict=True)
+        return model.eval()
+
+    def eval_model(model) -> dict:
+        model.attach_text(text_a)
+        return evaluate_merged(
+            model, text_a, retrieval_val=val, dense_val=o.dense_val, image_size_a=ta.image_size
+        )
+
+    s1 = train_stage("stage1", "probe", o.stage1_steps, o.lr_stage1, {})
+    report["stage1"] = cached("stage1", lambda: eval_model(s1))
+    init = {"init_from": str(out / "stage1")}
+    s2 = train_stage("stage2", "multitask", o.stage2_steps, o.lr_stage2, init)
+    report["merged"] = cached("stage2", lambda: eval_model(s2))
+    ft = train_stage(
+        "a_only",
+        "a_only",
+        o.baseline_steps,
+        o.lr_stage2,
+        {**init, "lr_mult_backbone": 1.0, "lr_mult_head_b": 1.0, "lr_mult_head_a": 1.0},
+    )
+    sd0, sd1 = {k_: v.clone() for k_, v in s1.state_dict().items()}, ft.state_dict()
+    curve = []
+    for alpha in o.alphas:
+
+        def ev(alpha=alpha):
+            s1.load_state_dict(interpolate(sd0, sd1, alpha))
+            return eval_model(s1)
+
+        curve.append({"alpha": alpha, **cached(f"interp_{alpha:g}", ev)})
+    s1.load_state_dict(sd0)
+    report["interpolation"] = curve
+    atomic_write_json(out / "report.json", report)
+    return report
+
+
+def _one_process():
+    from vfmkit.engine.distributed import DistInfo
+
+    return DistInfo()
+
+
+def _first_n(spec: str, n: int, out: Path) -> str:
+    """The first ``n`` samples of ``spec`` (shard order) as shards in ``out`` (written once)."""
+    from vfmkit.data.shards import ShardWriter, iter_shard, list_shards
+
+    if (out / "sizes.json").is_file():
+        return str(out)
+    with ShardWriter(out, max_count=100000) as w:
+        left = n
+        for url in list_shards(spec):
+            for s in iter_shard(url):
+                if left == 0:
+                    break
+                w.write({k: v for k, v in s.items() if k == "__key__" or not k.startswith("__")})
+                left -= 1
+    return str(out)
