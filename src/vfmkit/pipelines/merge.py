@@ -101,6 +101,10 @@ def run_merge(o: MergeOptions, log=print) -> dict:
 
     out = Path(o.out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    opts = out / "options.json"
+    if opts.is_file() and json.loads(opts.read_text(encoding="utf-8")) != json.loads(json.dumps(asdict(o))):
+        raise ValueError(f"merge: {out} holds a run with other options (options.json); use a new out_dir")
+    atomic_write_json(opts, asdict(o))
     info = dense_info(o.dense_train)
     k, void, names = int(info["num_classes"]), info["void"], info["classes"]
     ta = load_teacher(o.teacher_a)
@@ -124,7 +128,7 @@ def run_merge(o: MergeOptions, log=print) -> dict:
     text_a = _TextA()
     val = o.retrieval_val
     if o.retrieval_max:
-        val = _first_n(o.retrieval_val, o.retrieval_max, out / "retrieval_val")
+        val = _first_n(o.retrieval_val, o.retrieval_max, out / f"retrieval_val_{o.retrieval_max}")
 
     def cached(name: str, fn) -> dict:
         p = out / "eval" / f"{name}.json"
@@ -200,7 +204,11 @@ def run_merge(o: MergeOptions, log=print) -> dict:
             s1.load_state_dict(interpolate(sd0, sd1, alpha))
             return eval_model(s1)
 
-        curve.append({"alpha": alpha, **cached(f"interp_{alpha:g}", ev)})
+        if alpha == 0.0:  # (1 - 0) * w0 + 0 * w1 is w0 exactly: the Stage I model, already scored
+            res = report["stage1"]
+        else:
+            res = cached(f"interp_{alpha:g}", ev)
+        curve.append({"alpha": alpha, **res})
     s1.load_state_dict(sd0)
     report["interpolation"] = curve
     atomic_write_json(out / "report.json", report)
