@@ -113,6 +113,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--probe-steps", type=int, default=100)
     ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--only-seed", type=int, default=None,
+                    help="train/evaluate this seed only and stop (to run seeds in parallel processes; a final "
+                         "run without it reads every stage from the cache and records)")
     a = ap.parse_args(argv)
 
     from dense import import_data
@@ -134,11 +137,13 @@ def main(argv: list[str] | None = None) -> int:
 
     rows: dict[str, list[dict]] = {"clip": [], "cliptex": []}
     sps: dict[str, list[float]] = {"clip": [], "cliptex": []}
-    for seed in range(a.seeds):
+    for seed in range(a.seeds) if a.only_seed is None else [a.only_seed]:
         for method, spec in (("clip", src), ("cliptex", str(pl))):
             run_dir, s = train(method, spec, work, seed, a.steps, a.batch)
             sps[method].append(s)
             rows[method].append(evaluate(run_dir, method, paths, work, a.probe_steps))
+    if a.only_seed is not None:
+        return 0
     summ = {m: {k: spread([float(r[k]) for r in rows[m]]) for k in ("seg_mIoU", "R@1", "zeroshot_top1")}
             for m in rows}
     sp = {k: max(summ["clip"][k]["std"], summ["cliptex"][k]["std"]) for k in ("seg_mIoU", "R@1", "zeroshot_top1")}
