@@ -15,6 +15,13 @@ vfmkit train dr_imagenette --set method_args.reinforced=runs/dr_data --set data.
     --set data.val=builtin:imagenette/val --set method_args.epochs=1 --out runs/dr
 vfmkit catlip vocab --data builtin:flickr8k/train --out runs/catlip/vocab.json --min-count 3
 vfmkit catlip transfer --vocab runs/catlip/vocab.json --classes builtin:imagenette
-vfmkit subclone run vit_tiny_patch16_224 --model-arg img_size=64 --num-classes 10 --layers 6 --width 128 --out runs/vit_child
+vfmkit subclone train --recipe subclone_vit_parent --set train.steps=20 --out runs/vit_parent
+vfmkit subclone run runs/vit_parent --layers 3 --width 96 --out runs/vit_child
 vfmkit backfill --out runs/backfill
+vfmkit eval --tasks seg --tower efficientnet-lite0 --seg-steps 20 --out runs/seg_eval
+vfmkit train camvid_teacher --set train.steps=20 --out runs/camvid_teacher_smoke
+vfmkit tic prepare --out runs/tic_emoji/stream
+vfmkit tic run --strategy sequential,cumulative-all --set train.steps=10 --set data.batch_size=16 --out runs/tic_emoji
+vfmkit tic report runs/tic_emoji
+vfmkit export runs/clip --out runs/clip/export --quantize int8 --parity
 echo "README commands OK in $W"
