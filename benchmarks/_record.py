@@ -40,14 +40,18 @@ def machine() -> str:
     """
     import torch
 
-    s = (f"{platform.node()} {platform.machine()}, {os.cpu_count()} cpus, {torch.get_num_threads()} torch "
-         f"thread(s), torch {torch.__version__}")
+    s = (
+        f"{platform.node()} {platform.machine()}, {os.cpu_count()} cpus, {torch.get_num_threads()} torch "
+        f"thread(s), torch {torch.__version__}"
+    )
     if torch.cuda.is_available():
         s += f", {torch.cuda.get_device_name()}"
     return s
 
 
-def record(name: str, result: dict, text: str, argv: list[str] | None = None, *, script: str | None = None) -> Path:
+def record(
+    name: str, result: dict, text: str, argv: list[str] | None = None, *, script: str | None = None
+) -> Path:
     """Write ``results/<name>.json`` and append the run to ``RESULTS.<name>.md``; returns the JSON path.
 
     ``result`` must hold ``headline`` (one line: what was compared and the ratio), ``floor`` and ``floor_met``
@@ -65,8 +69,10 @@ def record(name: str, result: dict, text: str, argv: list[str] | None = None, *,
     if not isinstance(headline, str) or not headline.strip() or "\n" in headline:
         raise ValueError(f"{name}: 'headline' must be one non-empty line, got {headline!r}")
     if not isinstance(result["floor_met"], bool):
-        raise ValueError(f"{name}: 'floor_met' must be a computed bool, got {type(result['floor_met']).__name__} "
-                         f"{result['floor_met']!r}")
+        raise ValueError(
+            f"{name}: 'floor_met' must be a computed bool, got {type(result['floor_met']).__name__} "
+            f"{result['floor_met']!r}"
+        )
     for key in ("date", "machine"):
         if key in result and not isinstance(result[key], str):
             raise ValueError(f"{name}: {key!r} must be a str, got {result[key]!r}")

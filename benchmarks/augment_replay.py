@@ -50,8 +50,15 @@ def load_images(data: Path, n: int) -> list[torch.Tensor]:
 
 
 def torchvision_peer(recipe: AugRecipe) -> v2.Compose:
-    ts = [v2.RandomResizedCrop(recipe.size, scale=recipe.scale, ratio=recipe.ratio,
-                               interpolation=v2.InterpolationMode.BICUBIC, antialias=True)]
+    ts = [
+        v2.RandomResizedCrop(
+            recipe.size,
+            scale=recipe.scale,
+            ratio=recipe.ratio,
+            interpolation=v2.InterpolationMode.BICUBIC,
+            antialias=True,
+        )
+    ]
     if "flip" in recipe.stages:
         ts.append(v2.RandomHorizontalFlip(recipe.flip_p))
     ts.append(v2.RandAugment(recipe.ra_num_ops, recipe.ra_magnitude, recipe.ra_num_bins))
@@ -86,9 +93,15 @@ def bench_recipe(name: str, images: list[torch.Tensor], rounds: int) -> dict:
         t_peer.append(timed(peer, images))
         t_replay.append(timed(replay, pairs))
     tp, tr = statistics.median(t_peer), statistics.median(t_replay)
-    return {"recipe": name, "n": len(images), "torchvision_ms": 1e3 * tp, "replay_ms": 1e3 * tr,
-            "speed_ratio": tp / tr, "identical": identical,
-            "paug_entry_bytes": sum(len(e) for e in entries) / len(entries)}
+    return {
+        "recipe": name,
+        "n": len(images),
+        "torchvision_ms": 1e3 * tp,
+        "replay_ms": 1e3 * tr,
+        "speed_ratio": tp / tr,
+        "identical": identical,
+        "paug_entry_bytes": sum(len(e) for e in entries) / len(entries),
+    }
 
 
 def main() -> None:
@@ -100,16 +113,28 @@ def main() -> None:
     torch.set_num_threads(1)  # per-sample augmentation runs in single-threaded loader workers
     images = load_images(Path(args.data), args.n)
     rows = [bench_recipe(n, images, args.rounds) for n in ("rrc_ra", "rrc_flip_ra_re")]
-    lines = [f"{r['recipe']:>15}: torchvision {r['torchvision_ms']:.2f} ms/img, replay {r['replay_ms']:.2f} ms/img, "
-             f"speed ratio {r['speed_ratio']:.2f}x, bit-identical {r['identical']}/{r['n']}, "
-             f"paug entry {r['paug_entry_bytes']:.0f} B" for r in rows]
+    lines = [
+        f"{r['recipe']:>15}: torchvision {r['torchvision_ms']:.2f} ms/img, replay {r['replay_ms']:.2f} ms/img, "
+        f"speed ratio {r['speed_ratio']:.2f}x, bit-identical {r['identical']}/{r['n']}, "
+        f"paug entry {r['paug_entry_bytes']:.0f} B"
+        for r in rows
+    ]
     worst = min(r["speed_ratio"] for r in rows)
     met = bool(worst >= FLOOR and all(r["identical"] == r["n"] for r in rows))
-    res = {"headline": f"replay from stored paug.json vs torchvision v2 on-the-fly augmentation (224 px, "
-                       f"{args.n} Flickr8k train photos): speed ratio {worst:.2f}x (worst recipe), "
-                       f"bit-identical {min(r['identical'] for r in rows)}/{args.n}",
-           "floor": FLOOR, "floor_met": met, "rows": rows, "date": now(), "machine": machine()}
-    lines += [f"{res['headline']} | floor {FLOOR} met: {met}", f"date {res['date']}, machine {res['machine']}"]
+    res = {
+        "headline": f"replay from stored paug.json vs torchvision v2 on-the-fly augmentation (224 px, "
+        f"{args.n} Flickr8k train photos): speed ratio {worst:.2f}x (worst recipe), "
+        f"bit-identical {min(r['identical'] for r in rows)}/{args.n}",
+        "floor": FLOOR,
+        "floor_met": met,
+        "rows": rows,
+        "date": now(),
+        "machine": machine(),
+    }
+    lines += [
+        f"{res['headline']} | floor {FLOOR} met: {met}",
+        f"date {res['date']}, machine {res['machine']}",
+    ]
     text = "\n".join(lines)
     print(text)
     record("augment_replay", res, text)

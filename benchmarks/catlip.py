@@ -105,7 +105,7 @@ def labels_for(captions: list[list[str]], min_count: int):
     vocab = build_vocab(syn, wn, min_count=min_count, meta={"senses": "first", "backend": "spacy"})
     rows, i = [], 0
     for cs in captions:
-        rows.append(vocab.encode(o for s in syn[i: i + len(cs)] for o in s))
+        rows.append(vocab.encode(o for s in syn[i : i + len(cs)] for o in s))
         i += len(cs)
     from vfmkit.data.io import atomic_write_json
 
@@ -117,10 +117,21 @@ def labels_for(captions: list[list[str]], min_count: int):
 def engine_cfg(args, steps: int, lr: float, wd: float, warmup: int):
     from vfmkit.config import load_config
 
-    return load_config({"seed": args.seed, "data": {"batch_size": args.batch},
-                        "optim": {"lr": lr, "weight_decay": wd, "warmup_steps": warmup},
-                        "train": {"steps": steps, "log_every": max(1, steps // 4), "progress": False,
-                                  "tensorboard": False, "ckpt_every": 0, "resume": False}})
+    return load_config(
+        {
+            "seed": args.seed,
+            "data": {"batch_size": args.batch},
+            "optim": {"lr": lr, "weight_decay": wd, "warmup_steps": warmup},
+            "train": {
+                "steps": steps,
+                "log_every": max(1, steps // 4),
+                "progress": False,
+                "tensorboard": False,
+                "ckpt_every": 0,
+                "resume": False,
+            },
+        }
+    )
 
 
 def clip_job(args):
@@ -131,7 +142,9 @@ def clip_job(args):
 
     torch.manual_seed(args.seed)  # same seed as the CatLIP tower: identical image-tower init
     bundle = create_clip(args.model, image_size=args.image_size)
-    base = make_clip_loss_fn(make_contrastive_loss("clip", engine_cfg(args, 1, 1e-3, 0.2, 1), init_distributed()))
+    base = make_clip_loss_fn(
+        make_contrastive_loss("clip", engine_cfg(args, 1, 1e-3, 0.2, 1), init_distributed())
+    )
 
     def loss_fn(model, batch, step):
         g = torch.Generator().manual_seed(args.seed * 100003 + step)
@@ -183,8 +196,12 @@ def pretrain(name: str, model, loss_fn, tensors: dict, args, after_step=None):
     cfg = engine_cfg(args, args.steps, args.lr, 0.2, max(1, args.steps // 10))
     res = train(cfg, model, loss_fn, loader, out_dir=CACHE / "runs" / name, after_step=after_step)
     first = next(h["loss"] for h in res.history if "loss" in h)
-    return {"steps": res.step, "samples_per_s": res.samples_per_s, "loss_first_log": first,
-            "loss_last_log": res.history[-1]["loss"]}
+    return {
+        "steps": res.step,
+        "samples_per_s": res.samples_per_s,
+        "loss_first_log": first,
+        "loss_last_log": res.history[-1]["loss"],
+    }
 
 
 class _Tower(torch.nn.Module):
@@ -217,15 +234,28 @@ def downstream(args, towers: dict, catlip_model, vocab, wnids: list[str], data) 
     net.head = ti
     out["catlip+TI/no_training_top1"] = classification_metrics(predict(net, vx), vy)["top1"]
     out["transfer_init_plan"] = plan.describe()
-    variants = {"clip": (towers["clip"], None), "catlip": (towers["catlip"], None), "catlip+TI": (towers["catlip"], ti)}
+    variants = {
+        "clip": (towers["clip"], None),
+        "catlip": (towers["catlip"], None),
+        "catlip+TI": (towers["catlip"], ti),
+    }
     for mode, steps, lr in (("probe", args.probe_steps, 1e-2), ("finetune", args.ft_steps, 3e-4)):
         for vname, (visual, head) in variants.items():
             torch.manual_seed(args.seed)  # the same random head for every tower without Transfer Init
             net = CatlipModel(copy.deepcopy(visual), len(wnids), args.image_size)
             if head is not None:
                 net.head = copy.deepcopy(head)
-            fit_downstream(net, tx, ty, mode=mode, steps=steps, lr=lr, batch_size=args.batch,
-                           out_dir=CACHE / "runs" / f"{mode}-{vname}", seed=args.seed)
+            fit_downstream(
+                net,
+                tx,
+                ty,
+                mode=mode,
+                steps=steps,
+                lr=lr,
+                batch_size=args.batch,
+                out_dir=CACHE / "runs" / f"{mode}-{vname}",
+                seed=args.seed,
+            )
             out[f"{vname}/{mode}_{steps}steps_top1"] = classification_metrics(predict(net, vx), vy)["top1"]
     return out
 
@@ -248,15 +278,33 @@ def prepare(args) -> dict:
     for i, r in enumerate(rows):
         targets[i, r] = 1.0
     cat_model, _, cat_loss = catlip_job(args, vocab)
-    same_init = all(torch.equal(a, b) for a, b in zip(bundle.model.visual.state_dict().values(),
-                                                      cat_model.visual.state_dict().values(), strict=True))
+    same_init = all(
+        torch.equal(a, b)
+        for a, b in zip(
+            bundle.model.visual.state_dict().values(), cat_model.visual.state_dict().values(), strict=True
+        )
+    )
     import copy
 
-    return {"x": x, "tokens": tokens, "targets": targets, "vocab": vocab, "bundle": bundle, "clip_loss": clip_loss,
-            "clamp": clamp, "cat_model": cat_model, "cat_loss": cat_loss, "same_init": same_init,
-            "random_visual": copy.deepcopy(cat_model.visual), "tag_rate": tag_rate, "labels_cached": cached,
-            "n_images": len(rows), "n_captions": sum(len(c) for c in captions),
-            "images_without_labels": sum(1 for r in rows if not r), "prep_s": time.perf_counter() - t0}
+    return {
+        "x": x,
+        "tokens": tokens,
+        "targets": targets,
+        "vocab": vocab,
+        "bundle": bundle,
+        "clip_loss": clip_loss,
+        "clamp": clamp,
+        "cat_model": cat_model,
+        "cat_loss": cat_loss,
+        "same_init": same_init,
+        "random_visual": copy.deepcopy(cat_model.visual),
+        "tag_rate": tag_rate,
+        "labels_cached": cached,
+        "n_images": len(rows),
+        "n_captions": sum(len(c) for c in captions),
+        "images_without_labels": sum(1 for r in rows if not r),
+        "prep_s": time.perf_counter() - t0,
+    }
 
 
 def main() -> None:
@@ -282,13 +330,26 @@ def main() -> None:
 
     p = prepare(args)
     clip_model = p["bundle"].model
-    per_step = timed_rounds({"clip": (clip_model, p["clip_loss"]), "catlip": (p["cat_model"], p["cat_loss"])},
-                            {"clip": {"image": p["x"], "tokens": p["tokens"]},
-                             "catlip": {"image": p["x"], "target": p["targets"]}}, args)
+    per_step = timed_rounds(
+        {"clip": (clip_model, p["clip_loss"]), "catlip": (p["cat_model"], p["cat_loss"])},
+        {
+            "clip": {"image": p["x"], "tokens": p["tokens"]},
+            "catlip": {"image": p["x"], "target": p["targets"]},
+        },
+        args,
+    )
     ratio = per_step["clip"] / per_step["catlip"]
-    clip_tr = pretrain("clip", clip_model, p["clip_loss"], {"image": p["x"], "tokens": p["tokens"]}, args,
-                       after_step=p["clamp"])
-    cat_tr = pretrain("catlip", p["cat_model"], p["cat_loss"], {"image": p["x"], "target": p["targets"]}, args)
+    clip_tr = pretrain(
+        "clip",
+        clip_model,
+        p["clip_loss"],
+        {"image": p["x"], "tokens": p["tokens"]},
+        args,
+        after_step=p["clamp"],
+    )
+    cat_tr = pretrain(
+        "catlip", p["cat_model"], p["cat_loss"], {"image": p["x"], "target": p["targets"]}, args
+    )
 
     from vfmkit.data.builtin import imagenette_classes
 
@@ -297,43 +358,67 @@ def main() -> None:
     tx, ty = load_imagenette(root, args.image_size, "train", args.train_per_class, wnids)
     vx, vy = load_imagenette(root, args.image_size, "val", args.val_per_class, wnids)
     towers = {"random": p["random_visual"], "clip": clip_model.visual, "catlip": p["cat_model"].visual}
-    ds = downstream(args, towers, p["cat_model"], p["vocab"], wnids,
-                    (normalise(tx, b.mean, b.std), ty, normalise(vx, b.mean, b.std), vy))
+    ds = downstream(
+        args,
+        towers,
+        p["cat_model"],
+        p["vocab"],
+        wnids,
+        (normalise(tx, b.mean, b.std), ty, normalise(vx, b.mean, b.std), vy),
+    )
     report(args, p, per_step, ratio, clip_tr, cat_tr, ds, len(ty), len(vy), t_start, load0)
 
 
 def report(args, p, per_step, ratio, clip_tr, cat_tr, ds, n_tr, n_va, t_start, load0) -> None:
     floor = 1.1
     ft, pr = f"finetune_{args.ft_steps}steps_top1", f"probe_{args.probe_steps}steps_top1"
-    headline = (f"CatLIP vs CLIP pretraining ({args.model} image tower, {args.image_size}px, batch {args.batch}, "
-                f"{args.steps} steps, Flickr8k train, CPU): step throughput {ratio:.2f}x (floor {floor}x); "
-                f"Imagenette linear probe CLIP {ds['clip/linear_probe_top1']:.1f}% vs CatLIP "
-                f"{ds['catlip/linear_probe_top1']:.1f}% (random tower {ds['random/linear_probe_top1']:.1f}%); "
-                f"fine-tune CLIP {ds[f'clip/{ft}']:.1f}% / CatLIP {ds[f'catlip/{ft}']:.1f}% / "
-                f"CatLIP+TransferInit {ds[f'catlip+TI/{ft}']:.1f}%; head probe CLIP {ds[f'clip/{pr}']:.1f}% / "
-                f"CatLIP {ds[f'catlip/{pr}']:.1f}% / CatLIP+TransferInit {ds[f'catlip+TI/{pr}']:.1f}%")
+    headline = (
+        f"CatLIP vs CLIP pretraining ({args.model} image tower, {args.image_size}px, batch {args.batch}, "
+        f"{args.steps} steps, Flickr8k train, CPU): step throughput {ratio:.2f}x (floor {floor}x); "
+        f"Imagenette linear probe CLIP {ds['clip/linear_probe_top1']:.1f}% vs CatLIP "
+        f"{ds['catlip/linear_probe_top1']:.1f}% (random tower {ds['random/linear_probe_top1']:.1f}%); "
+        f"fine-tune CLIP {ds[f'clip/{ft}']:.1f}% / CatLIP {ds[f'catlip/{ft}']:.1f}% / "
+        f"CatLIP+TransferInit {ds[f'catlip+TI/{ft}']:.1f}%; head probe CLIP {ds[f'clip/{pr}']:.1f}% / "
+        f"CatLIP {ds[f'catlip/{pr}']:.1f}% / CatLIP+TransferInit {ds[f'catlip+TI/{pr}']:.1f}%"
+    )
     mach = f"{machine()}, load avg {load0:.1f} at start / {os.getloadavg()[0]:.1f} at end"
-    res = {"headline": headline, "floor": floor, "floor_met": bool(ratio >= floor),
-           "throughput_ratio_catlip_over_clip": ratio, "s_per_step": per_step,
-           "samples_per_s": {"clip": args.batch / per_step["clip"], "catlip": args.batch / per_step["catlip"]},
-           "engine_samples_per_s": {"clip": clip_tr["samples_per_s"], "catlip": cat_tr["samples_per_s"]},
-           "pretrain": {"clip": clip_tr, "catlip": cat_tr}, "same_tower_init": p["same_init"],
-           "downstream": ds, "imagenette_train": n_tr, "imagenette_val": n_va,
-           "vocab_size": len(p["vocab"]), "vocab_top": p["vocab"].names[:10], "n_images": p["n_images"],
-           "n_captions": p["n_captions"], "images_without_labels": p["images_without_labels"],
-           "caption_tagging_captions_per_s": p["tag_rate"], "labels_from_cache": p["labels_cached"],
-           "paper_claim": "CatLIP ViT-B/16: same transfer accuracy as CLIP at 0.37x the GPU-hours (2.7x); "
-                          "ImageNet 84.2 fine-tuned; Transfer Init helps most with little downstream data",
-           "args": vars(args), "wall_s": time.perf_counter() - t_start,
-           "date": now(), "machine": mach}
-    lines = [headline,
-             f"s/step: CLIP {per_step['clip']:.3f}, CatLIP {per_step['catlip']:.3f} -> {ratio:.2f}x "
-             f"(floor {floor}x met: {res['floor_met']}); engine samples/s CLIP {clip_tr['samples_per_s']:.1f}, "
-             f"CatLIP {cat_tr['samples_per_s']:.1f}",
-             f"pretrain loss (first -> last log): CLIP {clip_tr['loss_first_log']:.3f} -> "
-             f"{clip_tr['loss_last_log']:.3f}; CatLIP BCE {cat_tr['loss_first_log']:.2f} -> {cat_tr['loss_last_log']:.2f}",
-             f"vocabulary {len(p['vocab'])} synsets from {p['n_captions']} captions; tagging "
-             f"{p['tag_rate']:.0f} captions/s{' (cached)' if p['labels_cached'] else ''}; top {p['vocab'].names[:6]}"]
+    res = {
+        "headline": headline,
+        "floor": floor,
+        "floor_met": bool(ratio >= floor),
+        "throughput_ratio_catlip_over_clip": ratio,
+        "s_per_step": per_step,
+        "samples_per_s": {"clip": args.batch / per_step["clip"], "catlip": args.batch / per_step["catlip"]},
+        "engine_samples_per_s": {"clip": clip_tr["samples_per_s"], "catlip": cat_tr["samples_per_s"]},
+        "pretrain": {"clip": clip_tr, "catlip": cat_tr},
+        "same_tower_init": p["same_init"],
+        "downstream": ds,
+        "imagenette_train": n_tr,
+        "imagenette_val": n_va,
+        "vocab_size": len(p["vocab"]),
+        "vocab_top": p["vocab"].names[:10],
+        "n_images": p["n_images"],
+        "n_captions": p["n_captions"],
+        "images_without_labels": p["images_without_labels"],
+        "caption_tagging_captions_per_s": p["tag_rate"],
+        "labels_from_cache": p["labels_cached"],
+        "paper_claim": "CatLIP ViT-B/16: same transfer accuracy as CLIP at 0.37x the GPU-hours (2.7x); "
+        "ImageNet 84.2 fine-tuned; Transfer Init helps most with little downstream data",
+        "args": vars(args),
+        "wall_s": time.perf_counter() - t_start,
+        "date": now(),
+        "machine": mach,
+    }
+    lines = [
+        headline,
+        f"s/step: CLIP {per_step['clip']:.3f}, CatLIP {per_step['catlip']:.3f} -> {ratio:.2f}x "
+        f"(floor {floor}x met: {res['floor_met']}); engine samples/s CLIP {clip_tr['samples_per_s']:.1f}, "
+        f"CatLIP {cat_tr['samples_per_s']:.1f}",
+        f"pretrain loss (first -> last log): CLIP {clip_tr['loss_first_log']:.3f} -> "
+        f"{clip_tr['loss_last_log']:.3f}; CatLIP BCE {cat_tr['loss_first_log']:.2f} -> {cat_tr['loss_last_log']:.2f}",
+        f"vocabulary {len(p['vocab'])} synsets from {p['n_captions']} captions; tagging "
+        f"{p['tag_rate']:.0f} captions/s{' (cached)' if p['labels_cached'] else ''}; top {p['vocab'].names[:6]}",
+    ]
     lines += [f"  {k}: {v:.2f}" if isinstance(v, float) else f"  {k}: " + "; ".join(v) for k, v in ds.items()]
     lines.append(f"date {res['date']}, machine {mach}, wall {res['wall_s']:.0f}s")
     text = "\n".join(lines)

@@ -17,14 +17,23 @@ def main() -> None:
     for p in sorted((HERE / "results").glob("*.json")):
         r = json.loads(p.read_text())
         met = r.get("floor_met")
-        rows.append(f"| `{p.stem}` | {r.get('headline', '')} | {r.get('floor', '')} | "
-                    f"{'met' if met is True else 'MISSED' if met is False else '-'} | {r.get('date', '')} | "
-                    f"{r.get('machine', '')} |")
-    parts = ["# Benchmark results", "",
-             "Every benchmark measures its peer in the same run and prints the ratio. Timings on the 2-core CPU "
-             "machines are noisy (the machine was shared with other jobs while most of these ran): compare only "
-             "within a run. `floor_met` is computed by each script.", "",
-             "| benchmark | headline | floor | floor | date | machine |", "|---|---|---|---|---|---|", *rows, ""]
+        rows.append(
+            f"| `{p.stem}` | {r.get('headline', '')} | {r.get('floor', '')} | "
+            f"{'met' if met is True else 'MISSED' if met is False else '-'} | {r.get('date', '')} | "
+            f"{r.get('machine', '')} |"
+        )
+    parts = [
+        "# Benchmark results",
+        "",
+        "Every benchmark measures its peer in the same run and prints the ratio. Timings on the 2-core CPU "
+        "machines are noisy (the machine was shared with other jobs while most of these ran): compare only "
+        "within a run. `floor_met` is computed by each script.",
+        "",
+        "| benchmark | headline | floor | floor | date | machine |",
+        "|---|---|---|---|---|---|",
+        *rows,
+        "",
+    ]
     for p in sorted(HERE.glob("RESULTS.*.md")):
         parts += [f"## {p.stem.removeprefix('RESULTS.')}", "", p.read_text().strip(), ""]
     (HERE / "RESULTS.md").write_text("\n".join(parts) + "\n")

@@ -50,9 +50,14 @@ def decode(raw: dict) -> dict:
 
 
 def peer_loader(urls: list[str], workers: int):
-    pipe = wds.DataPipeline(wds.SimpleShardList(urls, seed=0), wds.split_by_worker, wds.tarfile_to_samples(),
-                            wds.shuffle(1000, initial=1000), wds.map(decode),
-                            wds.batched(BATCH, collation_fn=default_collate, partial=False))
+    pipe = wds.DataPipeline(
+        wds.SimpleShardList(urls, seed=0),
+        wds.split_by_worker,
+        wds.tarfile_to_samples(),
+        wds.shuffle(1000, initial=1000),
+        wds.map(decode),
+        wds.batched(BATCH, collation_fn=default_collate, partial=False),
+    )
     return pipe if workers == 0 else DataLoader(pipe, batch_size=None, num_workers=workers)
 
 
@@ -115,20 +120,31 @@ def main() -> None:
         resume = bench_resume(urls)
     floor_tp, floor_resume = 0.9, 3.0
     worst = min(r["ratio"] for r in rows)
-    tp = "; ".join(f"{r['workers']} workers: vfmkit {r['vfmkit_samples_per_s']:.0f} vs webdataset "
-                   f"{r['webdataset_samples_per_s']:.0f} samples/s = {r['ratio']:.2f}x" for r in rows)
-    res = {"headline": f"ShardLoader vs plain webdataset pipeline, Flickr8k train ({m['count']} imgs, b{BATCH}): "
-                       f"{tp}; resume at 90% of epoch {resume['ratio']:.1f}x faster than replay",
-           "floor": {"throughput_ratio": floor_tp, "resume_ratio": floor_resume},
-           "floor_met": bool(worst >= floor_tp and resume["ratio"] >= floor_resume),
-           "throughput": rows, "resume": resume, "import": {"images": m["count"], "seconds": import_s,
-                                                            "images_per_s": m["count"] / import_s},
-           "date": now(), "machine": machine()}
-    text = "\n".join([res["headline"],
-                      f"import: {m['count']} images in {import_s:.1f}s ({m['count'] / import_s:.0f}/s)",
-                      f"resume: replay {resume['replay_s']:.2f}s vs fast-forward {resume['fast_forward_s']:.2f}s",
-                      f"floor throughput>={floor_tp}x, resume>={floor_resume}x met: {res['floor_met']}",
-                      f"date {res['date']}, machine {res['machine']}"])
+    tp = "; ".join(
+        f"{r['workers']} workers: vfmkit {r['vfmkit_samples_per_s']:.0f} vs webdataset "
+        f"{r['webdataset_samples_per_s']:.0f} samples/s = {r['ratio']:.2f}x"
+        for r in rows
+    )
+    res = {
+        "headline": f"ShardLoader vs plain webdataset pipeline, Flickr8k train ({m['count']} imgs, b{BATCH}): "
+        f"{tp}; resume at 90% of epoch {resume['ratio']:.1f}x faster than replay",
+        "floor": {"throughput_ratio": floor_tp, "resume_ratio": floor_resume},
+        "floor_met": bool(worst >= floor_tp and resume["ratio"] >= floor_resume),
+        "throughput": rows,
+        "resume": resume,
+        "import": {"images": m["count"], "seconds": import_s, "images_per_s": m["count"] / import_s},
+        "date": now(),
+        "machine": machine(),
+    }
+    text = "\n".join(
+        [
+            res["headline"],
+            f"import: {m['count']} images in {import_s:.1f}s ({m['count'] / import_s:.0f}/s)",
+            f"resume: replay {resume['replay_s']:.2f}s vs fast-forward {resume['fast_forward_s']:.2f}s",
+            f"floor throughput>={floor_tp}x, resume>={floor_resume}x met: {res['floor_met']}",
+            f"date {res['date']}, machine {res['machine']}",
+        ]
+    )
     print(text)
     record("data_loader", res, text)
 

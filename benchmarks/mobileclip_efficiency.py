@@ -47,8 +47,12 @@ def import_split(cache: Path, split: str, limit: int, exclude: frozenset[str] = 
     tag = f"_unseen{len(exclude)}" if exclude else ""
     out = cache / f"flickr8k_{split}_{limit or 'all'}{tag}"
     if not (out / "manifest.json").is_file():
-        names = [n for n in sorted(json.loads((FLICKR / "splits.json").read_text())[split]) if n not in exclude]
-        import_captions(FLICKR / "images.tar", FLICKR / "captions.csv", out, shard_size=500, names=names[: limit or None])
+        names = [
+            n for n in sorted(json.loads((FLICKR / "splits.json").read_text())[split]) if n not in exclude
+        ]
+        import_captions(
+            FLICKR / "images.tar", FLICKR / "captions.csv", out, shard_size=500, names=names[: limit or None]
+        )
     return out
 
 
@@ -60,8 +64,15 @@ def reinforce_train(cache: Path, train: Path, teacher: str, n_aug: int, recipe: 
     out = cache / f"{train.name}_reinforced_{tag}_a{n_aug}_{teacher.replace(':', '_').replace('/', '_')}"
     caps = cache / f"{train.name}_captions.jsonl"
     n_syn = write_caption_pool(str(train), caps)
-    args = ReinforceArgs(mode="clip", teachers=[teacher], n_aug=n_aug, recipe=recipe,
-                         images=True, captions=str(caps), n_syn=n_syn)
+    args = ReinforceArgs(
+        mode="clip",
+        teachers=[teacher],
+        n_aug=n_aug,
+        recipe=recipe,
+        images=True,
+        captions=str(caps),
+        n_syn=n_syn,
+    )
     res = reinforce(str(train), out, args, progress=False)
     if res["manifest"] is None:
         raise RuntimeError(f"reinforcement into {out} incomplete")
@@ -76,8 +87,10 @@ class ValSet:
         from vfmkit.methods.clip import decode_image
 
         def decode(raw):
-            return {"image": bundle.preprocess_val(decode_image(raw)),
-                    "captions": json.dumps(json.loads(raw["json"])["captions"][:5])}
+            return {
+                "image": bundle.preprocess_val(decode_image(raw)),
+                "captions": json.dumps(json.loads(raw["json"])["captions"][:5]),
+            }
 
         imgs, caps = [], []
         for b in ordered_loader(spec, decode, batch_size=256):
@@ -92,12 +105,24 @@ class ValSet:
         from vfmkit.eval.retrieval import retrieval_metrics
 
         f = torch.nn.functional.normalize
-        img = torch.cat([f(model.encode_image(self.images[s:s + 256]).float(), dim=-1)
-                         for s in range(0, len(self.images), 256)])
-        txt = torch.cat([f(model.encode_text(self.tokens[s:s + 512]).float(), dim=-1)
-                         for s in range(0, len(self.tokens), 512)])
+        img = torch.cat(
+            [
+                f(model.encode_image(self.images[s : s + 256]).float(), dim=-1)
+                for s in range(0, len(self.images), 256)
+            ]
+        )
+        txt = torch.cat(
+            [
+                f(model.encode_text(self.tokens[s : s + 512]).float(), dim=-1)
+                for s in range(0, len(self.tokens), 512)
+            ]
+        )
         m = retrieval_metrics(img, txt, self.owner)
-        return {**m, "R@1": 0.5 * (m["i2t_R@1"] + m["t2i_R@1"]), "R@10": 0.5 * (m["i2t_R@10"] + m["t2i_R@10"])}
+        return {
+            **m,
+            "R@1": 0.5 * (m["i2t_R@1"] + m["t2i_R@1"]),
+            "R@10": 0.5 * (m["i2t_R@10"] + m["t2i_R@10"]),
+        }
 
 
 def run_arm(arm: str, seed: int, a: argparse.Namespace, train: Path, rdir: Path, val: ValSet) -> list[dict]:
@@ -107,9 +132,17 @@ def run_arm(arm: str, seed: int, a: argparse.Namespace, train: Path, rdir: Path,
     from vfmkit.engine import train as engine_train
     from vfmkit.methods.registry import build_job
 
-    over = [f"seed={seed}", f"data.train={train}", f"train.steps={a.steps}", f"train.eval_every={a.eval_every}",
-            f"model.name={a.model}", f"data.batch_size={a.batch_size}", f"method_args.lam={a.lam}",
-            f"method_args.reinforced={rdir}", *a.set]
+    over = [
+        f"seed={seed}",
+        f"data.train={train}",
+        f"train.steps={a.steps}",
+        f"train.eval_every={a.eval_every}",
+        f"model.name={a.model}",
+        f"data.batch_size={a.batch_size}",
+        f"method_args.lam={a.lam}",
+        f"method_args.reinforced={rdir}",
+        *a.set,
+    ]
     cfg = load_config("mobileclip_tiny", over)
     if arm == "plain":
         cfg.method, cfg.method_args = "clip", {"loss": "clip", "caption": "random"}
@@ -120,12 +153,15 @@ def run_arm(arm: str, seed: int, a: argparse.Namespace, train: Path, rdir: Path,
         return json.loads(done.read_text())
     job = build_job(cfg, init_distributed())
     t0 = time.perf_counter()
-    res = engine_train(cfg, job.model, job.loss_fn, job.loader, out_dir=cfg.out_dir, eval_fn=val,
-                       after_step=job.after_step)
+    res = engine_train(
+        cfg, job.model, job.loss_fn, job.loader, out_dir=cfg.out_dir, eval_fn=val, after_step=job.after_step
+    )
     evals = [{"step": 0, **{f"eval/{k}": v for k, v in val(_untrained(cfg)).items()}}]
     evals += [h for h in res.history if "eval/R@1" in h]
-    print(f"{arm} seed {seed}: final R@1 {evals[-1]['eval/R@1']:.2f} in {time.perf_counter() - t0:.0f}s",
-          flush=True)
+    print(
+        f"{arm} seed {seed}: final R@1 {evals[-1]['eval/R@1']:.2f} in {time.perf_counter() - t0:.0f}s",
+        flush=True,
+    )
     tmp = done.with_suffix(".tmp")
     tmp.write_text(json.dumps(evals))
     tmp.replace(done)
@@ -149,8 +185,13 @@ def summarise(curves: dict[str, list[list[dict]]], metric: str = "R@1") -> dict:
     for arm, runs in curves.items():
         steps = [h["step"] for h in runs[0]]
         vals = [[r[i][key] for r in runs] for i in range(len(steps))]
-        out[arm] = {"steps": steps, "mean": [statistics.mean(v) for v in vals], "min": [min(v) for v in vals],
-                    "max": [max(v) for v in vals], "final_per_seed": vals[-1]}
+        out[arm] = {
+            "steps": steps,
+            "mean": [statistics.mean(v) for v in vals],
+            "min": [min(v) for v in vals],
+            "max": [max(v) for v in vals],
+            "final_per_seed": vals[-1],
+        }
     target = out["plain"]["mean"][-1]
     r = out["reinforced"]
     reach = next((s for s, m in zip(r["steps"], r["mean"], strict=True) if m >= target and s > 0), None)
@@ -178,15 +219,32 @@ def main() -> int:
     ap.add_argument("--n-aug", type=int, default=5)
     ap.add_argument("--train-images", type=int, default=2000, help="first N sorted train images (0: all)")
     ap.add_argument("--teacher", default="offline")
-    ap.add_argument("--unseen", type=int, default=1, help="1: train only on images the offline teacher never saw")
+    ap.add_argument(
+        "--unseen", type=int, default=1, help="1: train only on images the offline teacher never saw"
+    )
     ap.add_argument("--aug", default="rrc", help="stored augmentation recipe (vfmkit.data.augment.RECIPES)")
-    ap.add_argument("--aug-scale", type=float, default=0.9,
-                    help="RandomResizedCrop min scale of the stored augmentations (0.9: open_clip's plain default)")
-    ap.add_argument("--set", action="append", default=[], help="extra recipe overrides for both arms (the plain "
-                    "arm's method_args are replaced, so method_args.* overrides change only the reinforced arm)")
-    ap.add_argument("--no-record", action="store_true", help="print only (ablations): results/ is not touched")
-    ap.add_argument("--cache", type=Path, default=Path("benchmarks") / ".cache" / NAME,
-                    help="cache folder; runs are keyed by their config, which holds these paths as given")
+    ap.add_argument(
+        "--aug-scale",
+        type=float,
+        default=0.9,
+        help="RandomResizedCrop min scale of the stored augmentations (0.9: open_clip's plain default)",
+    )
+    ap.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        help="extra recipe overrides for both arms (the plain "
+        "arm's method_args are replaced, so method_args.* overrides change only the reinforced arm)",
+    )
+    ap.add_argument(
+        "--no-record", action="store_true", help="print only (ablations): results/ is not touched"
+    )
+    ap.add_argument(
+        "--cache",
+        type=Path,
+        default=Path("benchmarks") / ".cache" / NAME,
+        help="cache folder; runs are keyed by their config, which holds these paths as given",
+    )
     a = ap.parse_args()
     torch.manual_seed(0)
     t0 = time.perf_counter()
@@ -194,7 +252,9 @@ def main() -> int:
 
     # The transfer set excludes the images the offline teacher was aligned on: on those its targets are nearly
     # one-hot (it memorised them), so there would be little knowledge to transfer (see docs/mobileclip.md).
-    train = import_split(a.cache, "train", a.train_images, teacher_seen([a.teacher]) if a.unseen else frozenset())
+    train = import_split(
+        a.cache, "train", a.train_images, teacher_seen([a.teacher]) if a.unseen else frozenset()
+    )
     val_dir = import_split(a.cache, "val", 0)
     recipe = aug_recipe(a)  # the same --aug / --aug-scale flags as vfmkit quickstart
     rdir = reinforce_train(a.cache, train, a.teacher, a.n_aug, recipe)
@@ -203,8 +263,11 @@ def main() -> int:
 
     val = ValSet(str(val_dir), create_clip(a.model))
     curves = {arm: [run_arm(arm, s, a, train, rdir, val) for s in a.seeds] for arm in ("plain", "reinforced")}
-    extra = [summarise(curves, "R@10")] if all("eval/R@10" in h for runs in curves.values() for r in runs
-                                               for h in r) else []
+    extra = (
+        [summarise(curves, "R@10")]
+        if all("eval/R@10" in h for runs in curves.values() for r in runs for h in r)
+        else []
+    )
     return report(a, summarise(curves), extra, t_data, time.perf_counter() - t0)
 
 
@@ -212,35 +275,51 @@ def table(s: dict) -> list[str]:
     m, p, r = s["metric"], s["plain"], s["reinforced"]
     lines = [f"{'step':>6} | plain {m} mean [min, max] | reinforced {m} mean [min, max]"]
     for i, st in enumerate(p["steps"]):
-        lines.append(f"{st:>6} | {p['mean'][i]:6.2f} [{p['min'][i]:.2f}, {p['max'][i]:.2f}] | "
-                     f"{r['mean'][i]:6.2f} [{r['min'][i]:.2f}, {r['max'][i]:.2f}]")
+        lines.append(
+            f"{st:>6} | {p['mean'][i]:6.2f} [{p['min'][i]:.2f}, {p['max'][i]:.2f}] | "
+            f"{r['mean'][i]:6.2f} [{r['min'][i]:.2f}, {r['max'][i]:.2f}]"
+        )
     reach = s["reinforced_steps_to_reach"]
-    lines.append(f"{m}: reinforced reaches plain's final mean {s['target']:.2f} "
-                 + (f"at step {reach} ({s['ratio']:.2f}x fewer steps)" if reach else "never (ratio 0)")
-                 + f"; plain's best mean {s['plain_best']:.2f}: ratio {s['ratio_vs_plain_best']:.2f}x; "
-                 f"every reinforced seed above every plain seed at the end: {s['separated']}")
+    lines.append(
+        f"{m}: reinforced reaches plain's final mean {s['target']:.2f} "
+        + (f"at step {reach} ({s['ratio']:.2f}x fewer steps)" if reach else "never (ratio 0)")
+        + f"; plain's best mean {s['plain_best']:.2f}: ratio {s['ratio_vs_plain_best']:.2f}x; "
+        f"every reinforced seed above every plain seed at the end: {s['separated']}"
+    )
     return lines
 
 
 def report(a: argparse.Namespace, s: dict, extra: list[dict], t_data: float, t_total: float) -> int:
     reach = s["reinforced_steps_to_reach"]
     n_train = a.train_images or "all"
-    headline = (f"Flickr8k val R@1 (mean of I->T, T->I), {a.model} trained on {n_train} Flickr8k train images "
-                f"{'unseen by the teacher ' if a.unseen else ''}reinforced (offline teacher, lambda {a.lam}, "
-                f"{a.n_aug} stored {a.aug} augmentations) vs plain CLIP, {len(a.seeds)} seeds, {a.steps} steps: "
-                f"plain final {s['target']:.2f}, reinforced final {s['reinforced']['mean'][-1]:.2f}; reinforced "
-                f"reaches plain's final R@1 " + (f"at step {reach}: {s['ratio']:.2f}x fewer steps" if reach
-                                                 else "never: ratio 0"))
+    headline = (
+        f"Flickr8k val R@1 (mean of I->T, T->I), {a.model} trained on {n_train} Flickr8k train images "
+        f"{'unseen by the teacher ' if a.unseen else ''}reinforced (offline teacher, lambda {a.lam}, "
+        f"{a.n_aug} stored {a.aug} augmentations) vs plain CLIP, {len(a.seeds)} seeds, {a.steps} steps: "
+        f"plain final {s['target']:.2f}, reinforced final {s['reinforced']['mean'][-1]:.2f}; reinforced "
+        f"reaches plain's final R@1 "
+        + (f"at step {reach}: {s['ratio']:.2f}x fewer steps" if reach else "never: ratio 0")
+    )
     lines = table(s) + [x for e in extra for x in table(e)]
-    res = {"headline": headline,
-           "floor": "every reinforced seed's final R@1 above every plain seed's, and >= 2x fewer steps (goal 5x)",
-           "floor_met": bool(s["separated"] and s["ratio"] >= 2.0), "summary": s,
-           "secondary": extra,
-           "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(a).items()},
-           "seconds": {"data_and_reinforce": t_data, "total": t_total},
-           "date": now(), "machine": machine()}
-    text = "\n".join([headline, *lines, f"floor met: {res['floor_met']}",
-                      f"date {res['date']}, {res['machine']}, {t_total:.0f}s"])
+    res = {
+        "headline": headline,
+        "floor": "every reinforced seed's final R@1 above every plain seed's, and >= 2x fewer steps (goal 5x)",
+        "floor_met": bool(s["separated"] and s["ratio"] >= 2.0),
+        "summary": s,
+        "secondary": extra,
+        "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(a).items()},
+        "seconds": {"data_and_reinforce": t_data, "total": t_total},
+        "date": now(),
+        "machine": machine(),
+    }
+    text = "\n".join(
+        [
+            headline,
+            *lines,
+            f"floor met: {res['floor_met']}",
+            f"date {res['date']}, {res['machine']}, {t_total:.0f}s",
+        ]
+    )
     print(text)
     if not a.no_record:
         record(NAME, res, text)

@@ -40,8 +40,15 @@ def reinforced_data(cache: Path, teacher: str, n_aug: int, data: str, recipe: di
     out = cache / f"reinforced_{teacher.replace(':', '_').replace('/', '_')}_{tag}_a{n_aug}"
     caps = cache / "captions.jsonl"
     n_syn = write_caption_pool(data, caps)
-    args = ReinforceArgs(mode="clip", teachers=[teacher], n_aug=n_aug, recipe=recipe,
-                         images=True, captions=str(caps), n_syn=n_syn)
+    args = ReinforceArgs(
+        mode="clip",
+        teachers=[teacher],
+        n_aug=n_aug,
+        recipe=recipe,
+        images=True,
+        captions=str(caps),
+        n_syn=n_syn,
+    )
     reinforce(data, out, args, progress=False)
     return out
 
@@ -62,7 +69,9 @@ class Arm:
         from vfmkit.engine.trainer import param_groups
 
         self.name, self.cfg, self.job = name, cfg, job
-        self.opt = torch.optim.AdamW(param_groups(job.model, cfg.optim.weight_decay), lr=cfg.optim.lr, fused=True)
+        self.opt = torch.optim.AdamW(
+            param_groups(job.model, cfg.optim.weight_decay), lr=cfg.optim.lr, fused=True
+        )
         self.epoch, self.it = 0, iter(job.loader)
         job.model.train()
 
@@ -101,14 +110,22 @@ def main() -> int:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--teacher", default="offline")
     ap.add_argument("--n-aug", type=int, default=5)
-    ap.add_argument("--aug", default="rrc", help="stored augmentation recipe; rrc (0.9, 1) is plain's own crop")
-    ap.add_argument("--aug-scale", type=float, default=0.9, help="RandomResizedCrop min scale (0: recipe default)")
+    ap.add_argument(
+        "--aug", default="rrc", help="stored augmentation recipe; rrc (0.9, 1) is plain's own crop"
+    )
+    ap.add_argument(
+        "--aug-scale", type=float, default=0.9, help="RandomResizedCrop min scale (0: recipe default)"
+    )
     ap.add_argument("--model", default="vfm-tiny-cnn")
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--data", default="builtin:flickr8k/train", help="real Flickr8k image-text shards")
     ap.add_argument("--cache", type=Path, default=ROOT / "benchmarks" / ".cache" / NAME)
-    ap.add_argument("--reinforced", type=Path, default=None,
-                    help="existing reinforced shards of --data (with jpg) instead of generating them")
+    ap.add_argument(
+        "--reinforced",
+        type=Path,
+        default=None,
+        help="existing reinforced shards of --data (with jpg) instead of generating them",
+    )
     ap.add_argument("--no-online", action="store_true")
     a = ap.parse_args()
 
@@ -118,12 +135,26 @@ def main() -> int:
     recipe = aug_recipe(a)  # the same --aug / --aug-scale flags as vfmkit quickstart
     rdir = a.reinforced or reinforced_data(a.cache, a.teacher, a.n_aug, a.data, recipe)
     t_reinf = time.perf_counter() - t_start
-    base = {"seed": 0, "model": {"name": a.model},
-            "data": {"train": a.data, "batch_size": a.batch_size, "num_workers": 0, "shuffle_buffer": 256},
-            "optim": {"lr": 1e-3, "weight_decay": 0.1}, "train": {"grad_clip": 1.0}}
-    specs = [("plain CLIP", "clip", {"loss": "clip", "caption": "random"}),
-             ("reinforced, 1 caption branch", "mobileclip", {"lam": 0.5, "use_syn": False, "reinforced": str(rdir)}),
-             ("reinforced, 2 caption branches", "mobileclip", {"lam": 0.5, "use_syn": True, "reinforced": str(rdir)})]
+    base = {
+        "seed": 0,
+        "model": {"name": a.model},
+        "data": {"train": a.data, "batch_size": a.batch_size, "num_workers": 0, "shuffle_buffer": 256},
+        "optim": {"lr": 1e-3, "weight_decay": 0.1},
+        "train": {"grad_clip": 1.0},
+    }
+    specs = [
+        ("plain CLIP", "clip", {"loss": "clip", "caption": "random"}),
+        (
+            "reinforced, 1 caption branch",
+            "mobileclip",
+            {"lam": 0.5, "use_syn": False, "reinforced": str(rdir)},
+        ),
+        (
+            "reinforced, 2 caption branches",
+            "mobileclip",
+            {"lam": 0.5, "use_syn": True, "reinforced": str(rdir)},
+        ),
+    ]
     if not a.no_online:
         specs.append(("online distillation", "mobileclip", {"lam": 0.5, "online_teachers": [a.teacher]}))
     arms = [Arm(n, *make_job(m, base, ma)) for n, m, ma in specs]
@@ -134,7 +165,9 @@ def main() -> int:
         order = arms if r % 2 == 0 else arms[::-1]  # alternate the order so drift in machine load cancels
         for arm in order:
             sps[arm.name].append(arm.timed(a.steps))
-        print(f"round {r + 1}/{a.rounds}: " + ", ".join(f"{k} {v[-1]:.1f}" for k, v in sps.items()), flush=True)
+        print(
+            f"round {r + 1}/{a.rounds}: " + ", ".join(f"{k} {v[-1]:.1f}" for k, v in sps.items()), flush=True
+        )
     return report(a, sps, t_reinf)
 
 
@@ -149,21 +182,46 @@ def report(a: argparse.Namespace, sps: dict[str, list[float]], t_reinf: float) -
     med = {k: statistics.median(v) for k, v in sps.items()}
     ratios = {k: paired_ratio(sps, k) for k in sps if k != "plain CLIP"}
     ratio, per_round = ratios["reinforced, 1 caption branch"]
-    lines = [f"{k:32s} median {v:8.1f} samples/s; rounds " + ", ".join(f"{x:.1f}" for x in sps[k])
-             + (f"; paired ratio to plain {ratios[k][0]:.3f} (rounds " + ", ".join(f"{x:.2f}" for x in ratios[k][1])
-                + ")" if k in ratios else "") for k, v in med.items()]
+    lines = [
+        f"{k:32s} median {v:8.1f} samples/s; rounds "
+        + ", ".join(f"{x:.1f}" for x in sps[k])
+        + (
+            f"; paired ratio to plain {ratios[k][0]:.3f} (rounds "
+            + ", ".join(f"{x:.2f}" for x in ratios[k][1])
+            + ")"
+            if k in ratios
+            else ""
+        )
+        for k, v in med.items()
+    ]
     spread = max(per_round) - min(per_round)
-    headline = (f"reinforced step (stored embeddings loaded, 1 caption branch) vs plain CLIP step, {a.model} "
-                f"batch {a.batch_size}: {ratio:.3f}x plain samples/s ({(ratio - 1) * 100:+.1f}%, per-round spread "
-                f"{spread:.2f}); 2 caption branches {ratios['reinforced, 2 caption branches'][0]:.3f}x"
-                + (f"; online distillation {ratios['online distillation'][0]:.3f}x" if "online distillation"
-                   in ratios else ""))
-    res = {"headline": headline, "floor": f"reinforced samples/s >= {FLOOR} x plain (at most 3% slower), "
-           "median of per-round paired ratios", "floor_met": bool(ratio >= FLOOR),
-           "ratio_reinforced_over_plain": ratio, "paired_ratios": ratios, "median_samples_per_s": med,
-           "rounds": sps, "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(a).items()},
-           "reinforce_seconds": t_reinf, "date": now(), "machine": machine()}
-    text = "\n".join([headline, *lines, f"floor met: {res['floor_met']}", f"date {res['date']}, {res['machine']}"])
+    headline = (
+        f"reinforced step (stored embeddings loaded, 1 caption branch) vs plain CLIP step, {a.model} "
+        f"batch {a.batch_size}: {ratio:.3f}x plain samples/s ({(ratio - 1) * 100:+.1f}%, per-round spread "
+        f"{spread:.2f}); 2 caption branches {ratios['reinforced, 2 caption branches'][0]:.3f}x"
+        + (
+            f"; online distillation {ratios['online distillation'][0]:.3f}x"
+            if "online distillation" in ratios
+            else ""
+        )
+    )
+    res = {
+        "headline": headline,
+        "floor": f"reinforced samples/s >= {FLOOR} x plain (at most 3% slower), "
+        "median of per-round paired ratios",
+        "floor_met": bool(ratio >= FLOOR),
+        "ratio_reinforced_over_plain": ratio,
+        "paired_ratios": ratios,
+        "median_samples_per_s": med,
+        "rounds": sps,
+        "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(a).items()},
+        "reinforce_seconds": t_reinf,
+        "date": now(),
+        "machine": machine(),
+    }
+    text = "\n".join(
+        [headline, *lines, f"floor met: {res['floor_met']}", f"date {res['date']}, {res['machine']}"]
+    )
     print(text)
     record(NAME, res, text)
     return 0

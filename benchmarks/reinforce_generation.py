@@ -28,8 +28,8 @@ import torch
 
 from vfmkit.data.shards import ShardWriter, list_shards
 from vfmkit.methods.captions import write_captions_jsonl
-from vfmkit.pipelines.reinforce import ReinforceArgs, Reinforcer, iter_shard, reinforce
 from vfmkit.models.teachers import TeacherEnsemble, load_teacher
+from vfmkit.pipelines.reinforce import ReinforceArgs, Reinforcer, iter_shard, reinforce
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/ (for _record)
 from _record import machine, now, record  # noqa: E402
@@ -52,8 +52,14 @@ def build_shards(data: Path, n: int, out: Path) -> dict[str, list[str]]:
                 jpgs[name] = tar.extractfile(m).read()
     with ShardWriter(out, max_count=-(-n // 3)) as w:
         for i, name in enumerate(train):
-            w.write({"__key__": f"{i:09d}", "jpg": jpgs[name], "txt": caps[name][0],
-                     "json": {"uid": name, "captions": caps[name]}})
+            w.write(
+                {
+                    "__key__": f"{i:09d}",
+                    "jpg": jpgs[name],
+                    "txt": caps[name][0],
+                    "json": {"uid": name, "captions": caps[name]},
+                }
+            )
     return {name: caps[name] for name in train}
 
 
@@ -64,8 +70,9 @@ def make_teacher():
         from vfmkit.models.offline_teacher import OfflineHeads, OfflineTeacher
 
         torch.manual_seed(0)
-        return OfflineTeacher(OfflineHeads(256), 224, 100.0, name="offline-untrained-heads"), \
-            "offline towers (EfficientNet-Lite0 224 + MiniLM) with untrained heads: shipped heads not found"
+        return OfflineTeacher(
+            OfflineHeads(256), 224, 100.0, name="offline-untrained-heads"
+        ), "offline towers (EfficientNet-Lite0 224 + MiniLM) with untrained heads: shipped heads not found"
 
 
 def bare_pass(gen: Reinforcer, batches: list[tuple[torch.Tensor, list[str]]]) -> float:
@@ -91,25 +98,38 @@ def main() -> None:
     ap.add_argument("--n-aug", type=int, default=2)
     ap.add_argument("--n-syn", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=2)
-    ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads (teacher) in both measurements")
+    ap.add_argument(
+        "--threads", type=int, default=1, help="torch intra-op threads (teacher) in both measurements"
+    )
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     tmp = Path(tempfile.mkdtemp(prefix="bench_reinforce_"))
     try:
         caps = build_shards(a.data, a.n, tmp / "src")
-        write_captions_jsonl(tmp / "syn.jsonl", {u: c[1:1 + a.n_syn] for u, c in caps.items()})
+        write_captions_jsonl(tmp / "syn.jsonl", {u: c[1 : 1 + a.n_syn] for u, c in caps.items()})
         teacher, teacher_note = make_teacher()
-        args = ReinforceArgs(mode="clip", teachers=[teacher.name], n_aug=a.n_aug,
-                             recipe={"name": "rrc_ra", "size": teacher.image_size}, captions=str(tmp / "syn.jsonl"),
-                             n_syn=a.n_syn, batch_size=64, chunk=32)
+        args = ReinforceArgs(
+            mode="clip",
+            teachers=[teacher.name],
+            n_aug=a.n_aug,
+            recipe={"name": "rrc_ra", "size": teacher.image_size},
+            captions=str(tmp / "syn.jsonl"),
+            n_syn=a.n_syn,
+            batch_size=64,
+            chunk=32,
+        )
         gen = Reinforcer(args, teachers=TeacherEnsemble([teacher]))
         batches = []  # exactly what the generator feeds the teacher: rendered augmentations + caption batches
         for url in list_shards(str(tmp / "src")):
             for i, raws in enumerate(gen._chunks(url)):
                 c = gen.prepare(raws, i)
                 syn = gen.captions(c.uids, c.images, 0)
-                batches.append((c.renders[teacher.image_size], [t for k in range(len(c.keys))
-                                                                 for t in [c.texts[k], *syn[k]]]))
+                batches.append(
+                    (
+                        c.renders[teacher.image_size],
+                        [t for k in range(len(c.keys)) for t in [c.texts[k], *syn[k]]],
+                    )
+                )
         n = sum(len(list(iter_shard(u))) for u in list_shards(str(tmp / "src")))
         bare_pass(gen, batches[:1])  # warm-up (allocator, oneDNN kernels)
         bare_t, gen_t = [], []
@@ -118,8 +138,10 @@ def main() -> None:
             t, count = gen_pass(gen, tmp / "src", tmp / f"out{r}")
             assert count == n, (count, n)
             gen_t.append(t)
-            print(f"round {r}: bare {n / bare_t[-1]:.2f} samples/s, generation {n / gen_t[-1]:.2f} samples/s",
-                  flush=True)
+            print(
+                f"round {r}: bare {n / bare_t[-1]:.2f} samples/s, generation {n / gen_t[-1]:.2f} samples/s",
+                flush=True,
+            )
         report(a, n, teacher, teacher_note, bare_t, gen_t)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -128,16 +150,33 @@ def main() -> None:
 def report(a, n: int, teacher, note: str, bare_t: list[float], gen_t: list[float]) -> None:
     bare_sps, gen_sps = n / min(bare_t), n / min(gen_t)
     overhead = 1.0 - gen_sps / bare_sps
-    headline = (f"reinforce generation vs bare teacher forward ({teacher.name}, {n} Flickr8k train photos, "
-                f"n_aug {a.n_aug}, n_syn {a.n_syn}, {teacher.image_size} px, CPU): {gen_sps:.2f} vs {bare_sps:.2f} "
-                f"samples/s, ratio {gen_sps / bare_sps:.3f}, overhead {overhead * 100:.1f}% (floor <= {FLOOR * 100:.0f}%)")
-    out = {"headline": headline, "floor": FLOOR, "floor_met": bool(overhead <= FLOOR), "overhead": overhead,
-           "ratio": gen_sps / bare_sps, "generation_samples_per_s": gen_sps, "bare_samples_per_s": bare_sps,
-           "bare_seconds": bare_t, "generation_seconds": gen_t, "n": n, "n_aug": a.n_aug, "n_syn": a.n_syn,
-           "teacher": teacher.name, "teacher_note": note, "rounds": a.rounds,
-           "date": now(), "machine": machine()}
-    text = "\n".join([headline, json.dumps({k: out[k] for k in ("floor", "floor_met", "teacher_note", "date",
-                                                                "machine")})])
+    headline = (
+        f"reinforce generation vs bare teacher forward ({teacher.name}, {n} Flickr8k train photos, "
+        f"n_aug {a.n_aug}, n_syn {a.n_syn}, {teacher.image_size} px, CPU): {gen_sps:.2f} vs {bare_sps:.2f} "
+        f"samples/s, ratio {gen_sps / bare_sps:.3f}, overhead {overhead * 100:.1f}% (floor <= {FLOOR * 100:.0f}%)"
+    )
+    out = {
+        "headline": headline,
+        "floor": FLOOR,
+        "floor_met": bool(overhead <= FLOOR),
+        "overhead": overhead,
+        "ratio": gen_sps / bare_sps,
+        "generation_samples_per_s": gen_sps,
+        "bare_samples_per_s": bare_sps,
+        "bare_seconds": bare_t,
+        "generation_seconds": gen_t,
+        "n": n,
+        "n_aug": a.n_aug,
+        "n_syn": a.n_syn,
+        "teacher": teacher.name,
+        "teacher_note": note,
+        "rounds": a.rounds,
+        "date": now(),
+        "machine": machine(),
+    }
+    text = "\n".join(
+        [headline, json.dumps({k: out[k] for k in ("floor", "floor_met", "teacher_note", "date", "machine")})]
+    )
     print(text)
     record("reinforce_generation", out, text)
 

@@ -102,8 +102,11 @@ def calib(task: str, data: dict, split: str, n: int) -> list[dict]:
     if task == "vit":
         mean, std = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)  # timm vit_tiny's pretrained_cfg stats (as in training)
         x = normalize(d["x"][sl], mean, std)
-        return [{"x": x[i:i + 64]} for i in range(0, len(x), 64)]
-    return [{"x": d["x"][sl][i:i + 64], "mask": d["mask"][sl][i:i + 64]} for i in range(0, len(d["x"][sl]), 64)]
+        return [{"x": x[i : i + 64]} for i in range(0, len(x), 64)]
+    return [
+        {"x": d["x"][sl][i : i + 64], "mask": d["mask"][sl][i : i + 64]}
+        for i in range(0, len(d["x"][sl]), 64)
+    ]
 
 
 def subclone_child(task: str, parent_dir: Path, data: dict, dims: dict, out: Path) -> dict:
@@ -151,26 +154,38 @@ def steps_to_stay(evals: list[dict], key: str, target: float, higher: bool) -> i
     return evals[i]["step"]
 
 
-def train_children(task: str, recipe: str, sub_dir: Path, overrides: list[str], data: dict, lr: float,
-                   wd: float) -> dict:
+def train_children(
+    task: str, recipe: str, sub_dir: Path, overrides: list[str], data: dict, lr: float, wd: float
+) -> dict:
     key, higher = ("acc", True) if task == "vit" else ("loss", False)
     runs = {}
     for arm, (init, extra) in ARMS.items():
         out = CACHE / f"{task}_child_{arm}"
         shutil.rmtree(out, ignore_errors=True)  # fresh each run (the engine would resume otherwise)
-        how = [f"method_args.init={sub_dir}"] if init == "subclone" else [f"method_args.arch={sub_dir}",
-                                                                          "method_args.init=null"]
+        how = (
+            [f"method_args.init={sub_dir}"]
+            if init == "subclone"
+            else [f"method_args.arch={sub_dir}", "method_args.init=null"]
+        )
         extra = [f"optim.lr={lr / 4}", f"optim.weight_decay={wd / 4}"] if extra else []
-        cfg = load_config(recipe, COMMON + overrides + [f"optim.lr={lr}", f"optim.weight_decay={wd}"] + extra + how)
+        cfg = load_config(
+            recipe, COMMON + overrides + [f"optim.lr={lr}", f"optim.weight_decay={wd}"] + extra + how
+        )
         t0 = time.time()
         r = run_training(cfg, out, data=data)
-        runs[arm] = {"lr": cfg.optim.lr, "weight_decay": cfg.optim.weight_decay, "seconds": round(time.time() - t0, 1),
-                     "evals": [{"step": h["step"], f"eval/{key}": round(h[f"eval/{key}"], 4)} for h in r["evals"]]}
+        runs[arm] = {
+            "lr": cfg.optim.lr,
+            "weight_decay": cfg.optim.weight_decay,
+            "seconds": round(time.time() - t0, 1),
+            "evals": [{"step": h["step"], f"eval/{key}": round(h[f"eval/{key}"], 4)} for h in r["evals"]],
+        }
     before = evaluate(sc.load_model(sub_dir)[0], SubcloneTrainArgs(task=task), data["val"])[key]
     target = runs["random"]["evals"][-1][f"eval/{key}"]
     out = {"metric": key, "target": target, "subclone_before_training": round(before, 4), "runs": runs}
-    print(f"[{task}] subcloned child before any training: val {key} {before:.4f}; target = random init's final "
-          f"{key} {target:.4f}")
+    print(
+        f"[{task}] subcloned child before any training: val {key} {before:.4f}; target = random init's final "
+        f"{key} {target:.4f}"
+    )
     for how, fn in (("first", steps_to), ("stay", steps_to_stay)):  # first crossing; crossing for good
         s_rand = fn(runs["random"]["evals"], key, target, higher)
         out[f"steps_random_{how}"] = s_rand
@@ -178,8 +193,10 @@ def train_children(task: str, recipe: str, sub_dir: Path, overrides: list[str], 
             s_sub = fn(runs[arm]["evals"], key, target, higher)
             ratio = s_rand / s_sub if s_sub and s_rand else 0.0
             out[f"steps_{arm}_{how}"], out[f"ratio_{arm}_{how}"] = s_sub, ratio
-            print(f"[{task}] steps to {how} reach it: random {s_rand}, {arm} (lr {runs[arm]['lr']:g}) {s_sub}; "
-                  f"ratio {ratio:.2f}x")
+            print(
+                f"[{task}] steps to {how} reach it: random {s_rand}, {arm} (lr {runs[arm]['lr']:g}) {s_sub}; "
+                f"ratio {ratio:.2f}x"
+            )
     # headline: the paper's protocol (child at lr/4), judged by the conservative "stays reached" count
     out["ratio"] = out["ratio_subclone_low_lr_stay"]
     return out
@@ -188,7 +205,9 @@ def train_children(task: str, recipe: str, sub_dir: Path, overrides: list[str], 
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="tiny smoke version (numbers not meaningful)")
-    ap.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a shared 2-core box)")
+    ap.add_argument(
+        "--threads", type=int, default=1, help="torch threads (1 is fastest on a shared 2-core box)"
+    )
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     q = a.quick
@@ -198,26 +217,60 @@ def main() -> int:
     results = {}
     vd = vit_data(600 if q else 3000, 200 if q else 500)
     vit_model = "model.kwargs={patch_size: 8, embed_dim: 128, depth: 4, num_heads: 4}"
-    vp = train_parent("vit_parent" + ("_q" if q else ""), "subclone_vit_parent",
-                      [vit_model, "method_args.image_size=32", f"train.steps={vp_steps}", "train.eval_every=100",
-                       "optim.lr=2e-3", "optim.warmup_steps=20"], vd)
+    vp = train_parent(
+        "vit_parent" + ("_q" if q else ""),
+        "subclone_vit_parent",
+        [
+            vit_model,
+            "method_args.image_size=32",
+            f"train.steps={vp_steps}",
+            "train.eval_every=100",
+            "optim.lr=2e-3",
+            "optim.warmup_steps=20",
+        ],
+        vd,
+    )
     vchecks = subclone_child("vit", vp, vd, {"layers": 3, "width": 64}, CACHE / "vit_sub")
-    child_over = ["method_args.image_size=32", f"train.steps={c_steps}", f"train.eval_every={every}",
-                  "optim.warmup_steps=10"]
-    results["vit_imagenette"] = {**train_children("vit", "subclone_vit_child", CACHE / "vit_sub", child_over, vd,
-                                                  2e-3, 0.05), "function_check_pearson": vchecks}
+    child_over = [
+        "method_args.image_size=32",
+        f"train.steps={c_steps}",
+        f"train.eval_every={every}",
+        "optim.warmup_steps=10",
+    ]
+    results["vit_imagenette"] = {
+        **train_children("vit", "subclone_vit_child", CACHE / "vit_sub", child_over, vd, 2e-3, 0.05),
+        "function_check_pearson": vchecks,
+    }
     ld = lm_data()
-    lm_model = ("model.kwargs={n_embd: 128, n_layer: 4, n_head: 4, resid_pdrop: 0.0, embd_pdrop: 0.0, "
-                "attn_pdrop: 0.0}")
+    lm_model = (
+        "model.kwargs={n_embd: 128, n_layer: 4, n_head: 4, resid_pdrop: 0.0, embd_pdrop: 0.0, "
+        "attn_pdrop: 0.0}"
+    )
     lm_common = ["method_args.context_length=24", "method_args.max_val=0"]
-    lp = train_parent("lm_parent" + ("_q" if q else ""), "subclone_lm_parent",
-                      [lm_model, f"train.steps={lp_steps}", "train.eval_every=100", "optim.lr=2e-3",
-                       "optim.warmup_steps=20"] + lm_common, ld)
+    lp = train_parent(
+        "lm_parent" + ("_q" if q else ""),
+        "subclone_lm_parent",
+        [
+            lm_model,
+            f"train.steps={lp_steps}",
+            "train.eval_every=100",
+            "optim.lr=2e-3",
+            "optim.warmup_steps=20",
+        ]
+        + lm_common,
+        ld,
+    )
     lchecks = subclone_child("lm", lp, ld, {"layers": 3, "width": 64}, CACHE / "lm_sub")
-    lover = lm_common + [f"train.steps={c_steps}", f"train.eval_every={every}", "optim.warmup_steps=10",
-                         f"method_args.vocab={lp / 'vocab.json'}"]
-    results["gpt2_flickr8k"] = {**train_children("lm", "subclone_lm_child", CACHE / "lm_sub", lover, ld, 2e-3, 0.05),
-                                "function_check_pearson": lchecks}
+    lover = lm_common + [
+        f"train.steps={c_steps}",
+        f"train.eval_every={every}",
+        "optim.warmup_steps=10",
+        f"method_args.vocab={lp / 'vocab.json'}",
+    ]
+    results["gpt2_flickr8k"] = {
+        **train_children("lm", "subclone_lm_child", CACHE / "lm_sub", lover, ld, 2e-3, 0.05),
+        "function_check_pearson": lchecks,
+    }
     write(results, time.time() - t0, q)
     return 0
 
@@ -227,19 +280,34 @@ def write(results: dict, seconds: float, quick: bool) -> None:
     rv, rl = v["ratio"], g["ratio"]
 
     def fmt(r: dict) -> str:
-        return (f"{r['ratio_subclone_low_lr_stay']:.2f}x (same lr {r['ratio_subclone_stay']:.2f}x; first crossing "
-                f"{r['ratio_subclone_low_lr_first']:.2f}x / same lr {r['ratio_subclone_first']:.2f}x)")
+        return (
+            f"{r['ratio_subclone_low_lr_stay']:.2f}x (same lr {r['ratio_subclone_stay']:.2f}x; first crossing "
+            f"{r['ratio_subclone_low_lr_first']:.2f}x / same lr {r['ratio_subclone_first']:.2f}x)"
+        )
 
-    headline = (f"steps to reach and stay at random init's final metric, random/subclone (child at lr/4 per the "
-                f"paper): ViT on Imagenette {fmt(v)}, GPT-2 on Flickr8k captions {fmt(g)} (floor {FLOOR}x)")
-    doc = {"headline": headline, "floor": FLOOR, "floor_met": bool(min(rv, rl) >= FLOOR),
-           "floor_met_by_setting": {"vit_imagenette": rv >= FLOOR, "gpt2_flickr8k": rl >= FLOOR},
-           "floor_met_same_lr": {"vit_imagenette": v["ratio_subclone_stay"] >= FLOOR,
-                                 "gpt2_flickr8k": g["ratio_subclone_stay"] >= FLOOR},
-           "quick": quick, "date": now(), "machine": f"{machine()}, load avg {os.getloadavg()[0]:.1f} at end",
-           "seconds": round(seconds, 1), "results": results}
-    text = (f"{headline}\nfloor_met={doc['floor_met']} by setting {doc['floor_met_by_setting']} (same lr: "
-            f"{doc['floor_met_same_lr']}) in {seconds:.0f}s; {doc['date']} on {doc['machine']}")
+    headline = (
+        f"steps to reach and stay at random init's final metric, random/subclone (child at lr/4 per the "
+        f"paper): ViT on Imagenette {fmt(v)}, GPT-2 on Flickr8k captions {fmt(g)} (floor {FLOOR}x)"
+    )
+    doc = {
+        "headline": headline,
+        "floor": FLOOR,
+        "floor_met": bool(min(rv, rl) >= FLOOR),
+        "floor_met_by_setting": {"vit_imagenette": rv >= FLOOR, "gpt2_flickr8k": rl >= FLOOR},
+        "floor_met_same_lr": {
+            "vit_imagenette": v["ratio_subclone_stay"] >= FLOOR,
+            "gpt2_flickr8k": g["ratio_subclone_stay"] >= FLOOR,
+        },
+        "quick": quick,
+        "date": now(),
+        "machine": f"{machine()}, load avg {os.getloadavg()[0]:.1f} at end",
+        "seconds": round(seconds, 1),
+        "results": results,
+    }
+    text = (
+        f"{headline}\nfloor_met={doc['floor_met']} by setting {doc['floor_met_by_setting']} (same lr: "
+        f"{doc['floor_met_same_lr']}) in {seconds:.0f}s; {doc['date']} on {doc['machine']}"
+    )
     print(text)
     if not quick:  # --quick numbers are not meaningful: nothing recorded
         record("subclone", doc, text)

@@ -127,13 +127,15 @@ def main() -> int:
     }
     if args.compare_sizes:
         res["resolution_comparison"] = compare_sizes(args, [int(x) for x in args.compare_sizes.split(",")])
-    text = "\n".join([
-        f"{res['headline']} | floor {FLOOR} met: {met}",
-        "shipped  " + json.dumps({k: round(v, 2) for k, v in shipped.items()}),
-        "random   " + json.dumps({k: round(v, 2) for k, v in baseline.items()}),
-        f"end-to-end API vs cached path max |diff| {diff:.2e}; {res['seconds']:.0f}s",
-        f"date {res['date']}, machine {res['machine']}",
-    ])
+    text = "\n".join(
+        [
+            f"{res['headline']} | floor {FLOOR} met: {met}",
+            "shipped  " + json.dumps({k: round(v, 2) for k, v in shipped.items()}),
+            "random   " + json.dumps({k: round(v, 2) for k, v in baseline.items()}),
+            f"end-to-end API vs cached path max |diff| {diff:.2e}; {res['seconds']:.0f}s",
+            f"date {res['date']}, machine {res['machine']}",
+        ]
+    )
     print(text)
     record("teacher_retrieval", res, text)
     return 0 if met else 1

@@ -44,7 +44,7 @@ def _pick(names: list[str], n: int, seed: int, offset: int = 0) -> list[str]:
     """Deterministic subset: sort, shuffle with a fixed seed, slice [offset, offset + n)."""
     order = sorted(names)
     random.Random(seed).shuffle(order)
-    return sorted(order[offset:offset + n])
+    return sorted(order[offset : offset + n])
 
 
 def _per_class(tar_path: Path, per_class: int, seed: int) -> list[str]:
@@ -82,9 +82,13 @@ def main() -> None:
     ap.add_argument("--imagenette-val", type=int, default=20, help="images per class")
     ap.add_argument("--size", type=int, default=112)
     ap.add_argument("--quality", type=int, default=85)
-    ap.add_argument("--imagenette-val-size", type=int, default=128,
-                    help="Imagenette val keeps its source 128 px bytes: the teacher-accuracy test (>= 95%%) "
-                         "measures the real model on real val images, not on a downscaled copy")
+    ap.add_argument(
+        "--imagenette-val-size",
+        type=int,
+        default=128,
+        help="Imagenette val keeps its source 128 px bytes: the teacher-accuracy test (>= 95%%) "
+        "measures the real model on real val images, not on a downscaled copy",
+    )
     ap.add_argument("--only", default=None, help="rebuild only this subset, e.g. imagenette/val")
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args()
@@ -99,18 +103,26 @@ def main() -> None:
     for name, (names, shard) in subsets.items():
         if a.only and name != a.only:
             continue
-        _build(name, lambda out, names=names, shard=shard: import_captions(
-            fk / "images.tar", fk / "captions.csv", out, shard, names=names, **common),
-            {"split": "train", "n": len(names), "seed": a.seed, "size": a.size, "quality": a.quality})
+        _build(
+            name,
+            lambda out, names=names, shard=shard: import_captions(
+                fk / "images.tar", fk / "captions.csv", out, shard, names=names, **common
+            ),
+            {"split": "train", "n": len(names), "seed": a.seed, "size": a.size, "quality": a.quality},
+        )
     for split, per in (("train", a.imagenette_train), ("val", a.imagenette_val)):
         if a.only and f"imagenette/{split}" != a.only:
             continue
         names = _per_class(inet / f"{split}.tar", per, a.seed)
         size = a.imagenette_val_size if split == "val" else a.size
         opts = {**common, "max_size": size}
-        _build(f"imagenette/{split}", lambda out, names=names, split=split, opts=opts: import_class_folders(
-            inet / f"{split}.tar", out, 100, names=names, **opts),
-            {"split": split, "per_class": per, "seed": a.seed, "size": size, "quality": a.quality})
+        _build(
+            f"imagenette/{split}",
+            lambda out, names=names, split=split, opts=opts: import_class_folders(
+                inet / f"{split}.tar", out, 100, names=names, **opts
+            ),
+            {"split": split, "per_class": per, "seed": a.seed, "size": size, "quality": a.quality},
+        )
     atomic_write_bytes(ASSETS / "imagenette" / "classes.json", (inet / "classes.json").read_bytes())
     atomic_write_bytes(ASSETS / "LICENSE-DATA.md", LICENSE_NOTE.encode())
     total = sum(p.stat().st_size for p in ASSETS.rglob("*") if p.is_file())

@@ -31,8 +31,22 @@ from vfmkit.data.augment import (
 
 DATA = Path(__file__).parent / "data"
 # DataCompDR's (ml-mobileclip-dr) RandAugment op list, in its stored index order.
-DATACOMPDR_OPS = ["Identity", "ShearX", "ShearY", "TranslateX", "TranslateY", "Rotate", "Brightness", "Color",
-                  "Contrast", "Sharpness", "Posterize", "Solarize", "AutoContrast", "Equalize"]
+DATACOMPDR_OPS = [
+    "Identity",
+    "ShearX",
+    "ShearY",
+    "TranslateX",
+    "TranslateY",
+    "Rotate",
+    "Brightness",
+    "Color",
+    "Contrast",
+    "Sharpness",
+    "Posterize",
+    "Solarize",
+    "AutoContrast",
+    "Equalize",
+]
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +58,9 @@ def flickr() -> torch.Tensor:
 @pytest.fixture(scope="module")
 def tench() -> torch.Tensor:
     """A real Imagenette photo, uint8 [3, 128, 128]."""
-    return F.pil_to_tensor(Image.open(DATA / "imagenette_n01440764_ILSVRC2012_val_00000293.JPEG").convert("RGB"))
+    return F.pil_to_tensor(
+        Image.open(DATA / "imagenette_n01440764_ILSVRC2012_val_00000293.JPEG").convert("RGB")
+    )
 
 
 def _roundtrip(p: AugParams, recipe: AugRecipe) -> AugParams:
@@ -63,8 +79,10 @@ def test_every_randaugment_op_matches_torchvision(flickr, dtype):
         fn, signed = v2.RandAugment._AUGMENTATION_SPACE[name]
         mags = fn(31, *img.shape[-2:])
         mag = 0.0 if mags is None else float(mags[9])
-        for m in ([mag, -mag] if signed else [mag]):
-            want = tv._apply_image_or_video_transform(img, name, m, interpolation=tv.interpolation, fill=tv._fill)
+        for m in [mag, -mag] if signed else [mag]:
+            want = tv._apply_image_or_video_transform(
+                img, name, m, interpolation=tv.interpolation, fill=tv._fill
+            )
             assert torch.equal(apply_ra_op(img, name, m), want), name
 
 
@@ -120,8 +138,12 @@ def test_replay_at_another_resolution_renders_same_box(flickr):
     p = _roundtrip(aug.sample_for(0, "u", 0, tuple(flickr.shape[-2:])), aug.recipe)
     for size in (32, 96):
         i, j, h, w = p.crop
-        want = F.resize(F.crop(flickr, i, j, h, w), [size, size], interpolation=v2.InterpolationMode.BICUBIC,
-                        antialias=True)
+        want = F.resize(
+            F.crop(flickr, i, j, h, w),
+            [size, size],
+            interpolation=v2.InterpolationMode.BICUBIC,
+            antialias=True,
+        )
         want = F.horizontal_flip(want) if p.flip else want
         assert torch.equal(aug.apply(flickr, p, size=size), want)
 
@@ -133,7 +155,7 @@ def test_erasing_matches_torchvision_and_scales(tench):
     i, j, h, w = box
     assert torch.equal(op.apply(img, box), F.erase(img, i, j, h, w, torch.tensor(0, dtype=torch.uint8)))
     big = op.apply(F.resize(tench, [128, 128]), box)  # replay at 2x: the box doubles
-    assert torch.all(big[:, 2 * i:2 * (i + h), 2 * j:2 * (j + w)] == 0)
+    assert torch.all(big[:, 2 * i : 2 * (i + h), 2 * j : 2 * (j + w)] == 0)
     assert (big == 0).all(0).sum().item() == 4 * h * w
 
 
@@ -169,7 +191,7 @@ def test_mixing_replays_with_partner(flickr, tench):
             assert torch.allclose(mixed, af * p.mix.lam + bf * (1 - p.mix.lam))
         else:
             i, j, h, w = p.mix.box
-            assert torch.equal(mixed[:, i:i + h, j:j + w], bf[:, i:i + h, j:j + w])
+            assert torch.equal(mixed[:, i : i + h, j : j + w], bf[:, i : i + h, j : j + w])
             assert math.isclose(p.mix.lam, 1 - h * w / 64**2)
             assert torch.equal(mixed[:, :i], af[:, :i])
         y = aug.mix_labels(torch.eye(3)[0], torch.eye(3)[2], p.mix)
@@ -180,10 +202,15 @@ def test_mixing_replays_with_partner(flickr, tench):
 
 
 def test_datacompdr_paug_reads_and_writes_exactly():
-    text = ('{"param_aug": [[[12, 30, 101, 97], [[3, -8.700906753540039], [11, 0.699999988079071]]], '
-            '[[0, 0, 160, 160], null], [[5, 6, 70, 80], [null, [13, 0.0]]]]}')
+    text = (
+        '{"param_aug": [[[12, 30, 101, 97], [[3, -8.700906753540039], [11, 0.699999988079071]]], '
+        "[[0, 0, 160, 160], null], [[5, 6, 70, 80], [null, [13, 0.0]]]]}"
+    )
     params = paug_from_json(json.loads(text))
-    assert params[0].crop == (12, 30, 101, 97) and params[0].ra == ((3, -8.700906753540039), (11, 0.699999988079071))
+    assert params[0].crop == (12, 30, 101, 97) and params[0].ra == (
+        (3, -8.700906753540039),
+        (11, 0.699999988079071),
+    )
     assert params[1].ra is None and params[2].ra == (None, (13, 0.0))
     assert json.dumps(paug_to_json(params)) == text
 

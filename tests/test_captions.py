@@ -20,8 +20,14 @@ def _tiny_captioner(captions: list[str], seed: int = 0) -> C.Captioner:
     cfg = json.loads(json.dumps(C.TINY_COCA_CFG))
     cfg["text_cfg"]["vocab_size"] = cfg["multimodal_cfg"]["vocab_size"] = len(vocab)
     torch.manual_seed(seed)
-    return C.Captioner(C.create_tiny_coca(cfg), 64, open_clip.OPENAI_DATASET_MEAN, open_clip.OPENAI_DATASET_STD,
-                       model_cfg=cfg, vocab=vocab)
+    return C.Captioner(
+        C.create_tiny_coca(cfg),
+        64,
+        open_clip.OPENAI_DATASET_MEAN,
+        open_clip.OPENAI_DATASET_STD,
+        model_cfg=cfg,
+        vocab=vocab,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -58,8 +64,9 @@ def test_top_p_generate_greedy_limit_equals_stepwise_argmax(flickr):
     _, images, caps = flickr
     cap = _tiny_captioner([c for cs in caps for c in cs])
     x = cap.preprocess(images[:3])
-    ids = C.top_p_generate(cap.model, x, top_p=1e-9, seq_len=10, min_seq_len=4, sot_id=cap.sot_id,
-                           eot_id=cap.eot_id)
+    ids = C.top_p_generate(
+        cap.model, x, top_p=1e-9, seq_len=10, min_seq_len=4, sot_id=cap.sot_id, eot_id=cap.eot_id
+    )
     ref = torch.full((3, 1), cap.sot_id)
     with torch.no_grad():
         for _ in range(9):
@@ -93,9 +100,19 @@ def test_tiny_coca_trains_through_engine_and_reloads(flickr, tmp_path):
     from vfmkit.config import load_config
 
     root, images, _ = flickr
-    cfg = load_config("coca_tiny", [f"data.train={root}", "data.batch_size=8", "train.steps=12",
-                                    "train.log_every=1", "train.progress=false", "train.ckpt_every=0",
-                                    "optim.warmup_steps=2", "optim.lr=0.002"])
+    cfg = load_config(
+        "coca_tiny",
+        [
+            f"data.train={root}",
+            "data.batch_size=8",
+            "train.steps=12",
+            "train.log_every=1",
+            "train.progress=false",
+            "train.ckpt_every=0",
+            "optim.warmup_steps=2",
+            "optim.lr=0.002",
+        ],
+    )
     cap = train_captioner(cfg, out_dir=tmp_path / "run")
     log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
     losses = [h["caption_loss"] for h in log if "caption_loss" in h]
@@ -104,7 +121,9 @@ def test_tiny_coca_trains_through_engine_and_reloads(flickr, tmp_path):
     assert (saved / "captioner.json").is_file() and (saved / "model.safetensors").is_file()
     again = C.load_captioner(str(saved))
     assert again.vocab == cap.vocab
-    assert cap.generate(images[:2], 2, seed=3, seq_len=12) == again.generate(images[:2], 2, seed=3, seq_len=12)
+    assert cap.generate(images[:2], 2, seed=3, seq_len=12) == again.generate(
+        images[:2], 2, seed=3, seq_len=12
+    )
 
 
 def test_jsonl_roundtrip_and_errors(tmp_path):

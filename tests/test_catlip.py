@@ -55,8 +55,11 @@ def test_reader_handles_crlf_and_lf_identically(wn, tmp_path):
     src = wn.root
     want = {"02084071", "02083346", "01317541"}  # dog, canine, domestic animal
     data = [ln for ln in open(src / "data.noun", newline="").read().split("\r\n") if ln[:8] in want]
-    index = [ln for ln in open(src / "index.noun", newline="").read().split("\r\n")
-             if ln.split(" ", 1)[0] in ("dog", "canine", "domestic_animal")]
+    index = [
+        ln
+        for ln in open(src / "index.noun", newline="").read().split("\r\n")
+        if ln.split(" ", 1)[0] in ("dog", "canine", "domestic_animal")
+    ]
     exc = ["mice mouse", "children child"]
     assert len(data) == 3 and len(index) == 3
     parsed = []
@@ -75,9 +78,17 @@ def test_reader_handles_crlf_and_lf_identically(wn, tmp_path):
 
 
 def test_morphy_lemmatises_irregular_and_regular_plurals(wn):
-    names = {w: wn.name(wn.noun_synsets(w)[0]) for w in ("men", "children", "geese", "benches", "ladies", "dogs")}
-    assert names == {"men": "man.n.01", "children": "child.n.01", "geese": "goose.n.01", "benches": "bench.n.01",
-                     "ladies": "lady.n.01", "dogs": "dog.n.01"}
+    names = {
+        w: wn.name(wn.noun_synsets(w)[0]) for w in ("men", "children", "geese", "benches", "ladies", "dogs")
+    }
+    assert names == {
+        "men": "man.n.01",
+        "children": "child.n.01",
+        "geese": "goose.n.01",
+        "benches": "bench.n.01",
+        "ladies": "lady.n.01",
+        "dogs": "dog.n.01",
+    }
     assert wn.morphy("grass") == ["grass"]  # a double s is never stripped
     assert wn.noun_synsets("quickly") == []
     assert len(wn.noun_synsets("dog", "all")) == 7  # index.noun lists 7 noun senses of "dog"
@@ -89,13 +100,22 @@ def test_clean_caption_unquotes_strips_html_and_fixes_unicode():
 
 
 def test_known_captions_give_expected_synsets(tagger, wn):
-    caps = ["A little girl covered in paint sits in front of a painted rainbow with her hands in a bowl .",
-            "Two men in swimming trunks play frisbee near a swimming pool ."]
+    caps = [
+        "A little girl covered in paint sits in front of a painted rainbow with her hands in a bowl .",
+        "Two men in swimming trunks play frisbee near a swimming pool .",
+    ]
     got = [{wn.name(o) for o in s} for s in tagger.synsets(caps)]
     assert got[0] == {"girl.n.01", "paint.n.01", "front.n.01", "rainbow.n.01", "hand.n.01", "bowl.n.01"}
     # POS tags keep "play" (a verb here) out; compounds add swimming_pool / swimming_trunks to their heads.
-    assert got[1] == {"man.n.01", "swimming.n.01", "trunk.n.01", "swimming_trunks.n.01", "frisbee.n.01",
-                      "pool.n.01", "swimming_pool.n.01"}
+    assert got[1] == {
+        "man.n.01",
+        "swimming.n.01",
+        "trunk.n.01",
+        "swimming_trunks.n.01",
+        "frisbee.n.01",
+        "pool.n.01",
+        "swimming_pool.n.01",
+    }
     all_senses = CaptionTagger(senses="all", wordnet=wn).synsets(["A black dog ."])[0]
     assert set(all_senses) == set(wn.index["dog"])  # every noun sense of "dog"
 
@@ -107,7 +127,9 @@ def test_vocab_from_real_flickr8k_maps_dog_and_roundtrips(vocab, wn, tmp_path):
     assert vocab.meta["n_captions"] == 5 * read_manifest(builtin_path("flickr8k/train"))["count"]
     assert 0.9 < vocab.meta["coverage"] <= 1.0
     rows = vocab.encode(wn.to_offset(n) for n in ("dog.n.01", "grass.n.01", "tench.n.01"))
-    assert rows == sorted([vocab.index[2084071], vocab.index[wn.to_offset("grass.n.01")]])  # tench: not in vocab
+    assert rows == sorted(
+        [vocab.index[2084071], vocab.index[wn.to_offset("grass.n.01")]]
+    )  # tench: not in vocab
     vocab.save(tmp_path / "v.json")
     back = Vocabulary.load(tmp_path / "v.json")
     assert back.offsets == vocab.offsets and back.counts == vocab.counts and back.sha256() == vocab.sha256()
@@ -205,10 +227,22 @@ def test_short_pretraining_lowers_bce(small_shards, vocab, tagger, tmp_path):
 
     labelled = tmp_path / "labelled"
     catlip.label_shards(str(small_shards), vocab, labelled, tagger=tagger)
-    cfg = load_config("catlip_tiny", [f"out_dir={tmp_path / 'run'}", f"data.train={labelled}",
-                                      "data.image_size=32", "data.batch_size=16", "data.shuffle_buffer=48",
-                                      "train.steps=30", "train.log_every=5", "train.progress=false",
-                                      "train.tensorboard=false", "optim.warmup_steps=3", "optim.lr=2e-3"])
+    cfg = load_config(
+        "catlip_tiny",
+        [
+            f"out_dir={tmp_path / 'run'}",
+            f"data.train={labelled}",
+            "data.image_size=32",
+            "data.batch_size=16",
+            "data.shuffle_buffer=48",
+            "train.steps=30",
+            "train.log_every=5",
+            "train.progress=false",
+            "train.tensorboard=false",
+            "optim.warmup_steps=3",
+            "optim.lr=2e-3",
+        ],
+    )
     torch.manual_seed(cfg.seed)
     model0, bundle = catlip.create_catlip_model("vfm-tiny-vit", vocab, image_size=32)
     decode = catlip.make_catlip_decoder(bundle.preprocess_val, vocab)
@@ -228,8 +262,17 @@ def test_transfer_eval_probe_on_embedded_imagenette(vocab, tmp_path):
     model, bundle = catlip.create_catlip_model("vfm-tiny-vit", vocab, image_size=32)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     classes = list(imagenette_classes())
-    res = catlip.transfer_eval(model, vocab, bundle, classes, "builtin:imagenette/train", "builtin:imagenette/val",
-                               mode="probe", steps=20, out_dir=tmp_path / "probe")
+    res = catlip.transfer_eval(
+        model,
+        vocab,
+        bundle,
+        classes,
+        "builtin:imagenette/train",
+        "builtin:imagenette/val",
+        mode="probe",
+        steps=20,
+        out_dir=tmp_path / "probe",
+    )
     assert res["n_train"] > 100 and res["n_val"] > 50 and len(res["plan"]) == 10
     assert 0.0 <= res["init_top1"] <= 100.0 and res["top1"] > 100.0 / len(classes)  # better than chance
     # the pretrained model handed in is not modified (the downstream net is a copy)
@@ -241,12 +284,40 @@ def test_cli_vocab_and_plan(tmp_path, small_shards, capsys):
     from vfmkit.cli import main
 
     out = tmp_path / "v.json"
-    assert main(["catlip", "vocab", "--data", str(small_shards), "--out", str(out), "--min-count", "2",
-                 "--backend", "wordnet"]) == 0
+    assert (
+        main(
+            [
+                "catlip",
+                "vocab",
+                "--data",
+                str(small_shards),
+                "--out",
+                str(out),
+                "--min-count",
+                "2",
+                "--backend",
+                "wordnet",
+            ]
+        )
+        == 0
+    )
     v = Vocabulary.load(out)
     assert v.meta["backend"] == "wordnet" and v.meta["n_captions"] == 240 and "dog.n.01" in v.names
-    assert main(["catlip", "transfer", "--vocab", str(out), "--classes", "n02102040,golf ball",
-                 "--out", str(tmp_path)]) == 0
+    assert (
+        main(
+            [
+                "catlip",
+                "transfer",
+                "--vocab",
+                str(out),
+                "--classes",
+                "n02102040,golf ball",
+                "--out",
+                str(tmp_path),
+            ]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     assert "n02102040 -> english_springer.n.01" in printed
     plan = json.loads((tmp_path / "transfer.json").read_text())["plan"]

@@ -14,8 +14,12 @@ def test_overrides_are_typed():
 
 @pytest.mark.parametrize(
     "override,key",
-    [("optim.lrr=1", "optim.lrr"), ("train.stepz=3", "train.stepz"), ("bogus=1", "bogus"),
-     ("data.train.x=1", "data.train")],
+    [
+        ("optim.lrr=1", "optim.lrr"),
+        ("train.stepz=3", "train.stepz"),
+        ("bogus=1", "bogus"),
+        ("data.train.x=1", "data.train"),
+    ],
 )
 def test_unknown_or_misplaced_key_is_named(override, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):

@@ -41,7 +41,11 @@ def decode_image_text(raw: dict) -> dict:
     img = Image.open(io.BytesIO(raw["jpg"])).convert("RGB")
     img.load()
     x = torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8).view(img.height, img.width, 3)
-    return {"key": raw["__key__"], "image": x.permute(2, 0, 1)[:, :32, :32].contiguous(), "txt": raw["txt"].decode()}
+    return {
+        "key": raw["__key__"],
+        "image": x.permute(2, 0, 1)[:, :32, :32].contiguous(),
+        "txt": raw["txt"].decode(),
+    }
 
 
 def all_keys(loader) -> list[str]:
@@ -59,15 +63,26 @@ def take(loader, n_batches: int) -> tuple[list[str], dict]:
 
 # ---------------- import -> shards ----------------
 
+
 def test_import_captions_round_trip(tmp_path, caption_folder):
     img_dir, csv_path, caps = caption_folder
     m = import_captions(img_dir, csv_path, tmp_path / "out", shard_size=5)
     assert m["count"] == 12 and [s["count"] for s in m["shards"]] == [5, 5, 2] and m["n_skipped"] == 0
     assert read_manifest(tmp_path / "out")["count"] == 12 and verify_shards(tmp_path / "out") == []
     names = sorted(caps)
-    loader = ShardLoader(str(tmp_path / "out"), lambda r: {"key": r["__key__"], "json": json.loads(r["json"]),
-                                                           "txt": r["txt"].decode(), "sha": hashlib.sha256(r["jpg"]).hexdigest()},
-                         batch_size=4, shuffle_buffer=0, drop_last=False, collate_fn=list)
+    loader = ShardLoader(
+        str(tmp_path / "out"),
+        lambda r: {
+            "key": r["__key__"],
+            "json": json.loads(r["json"]),
+            "txt": r["txt"].decode(),
+            "sha": hashlib.sha256(r["jpg"]).hexdigest(),
+        },
+        batch_size=4,
+        shuffle_buffer=0,
+        drop_last=False,
+        collate_fn=list,
+    )
     got = [s for b in loader for s in b]
     assert [s["key"] for s in got] == [f"{i:09d}" for i in range(12)]
     for s, name in zip(got, names, strict=True):
@@ -161,7 +176,12 @@ def test_list_shards_specs_and_bad_paths(tmp_path):
     for i in (1, 2):
         (plain / f"{i:05d}_stats.json").write_text('{"successes": 1}')
     assert shard_counts(urls) == dict.fromkeys(urls, 1) and len(ShardLoader(urls, keyed, 1)) == 3
-    for bad in ("/nonexistent/dir", str(plain / "{00000..00005}.tar"), "builtin:nope/none", str(tmp_path / "x.tar")):
+    for bad in (
+        "/nonexistent/dir",
+        str(plain / "{00000..00005}.tar"),
+        "builtin:nope/none",
+        str(tmp_path / "x.tar"),
+    ):
         with pytest.raises(FileNotFoundError, match=re.escape(bad.removeprefix("builtin:"))):
             list_shards(bad)
     with pytest.raises(FileNotFoundError, match="/nonexistent/shards"):
@@ -173,13 +193,22 @@ def test_list_shards_specs_and_bad_paths(tmp_path):
 
 
 def test_builtin_assets_are_what_they_claim():
-    counts = {n: read_manifest(builtin_path(n))["count"] for n in
-              ("flickr8k/train", "flickr8k/heldout", "imagenette/train", "imagenette/val")}
-    assert counts == {"flickr8k/train": 1000, "flickr8k/heldout": 200, "imagenette/train": 400, "imagenette/val": 200}
+    counts = {
+        n: read_manifest(builtin_path(n))["count"]
+        for n in ("flickr8k/train", "flickr8k/heldout", "imagenette/train", "imagenette/val")
+    }
+    assert counts == {
+        "flickr8k/train": 1000,
+        "flickr8k/heldout": 200,
+        "imagenette/train": 400,
+        "imagenette/val": 200,
+    }
     for n in counts:
         assert verify_shards(builtin_path(n)) == [], n
-    uids = {n: {json.loads(s["json"])["uid"] for s in read_builtin_samples(n, 10_000)}
-            for n in ("flickr8k/train", "flickr8k/heldout")}
+    uids = {
+        n: {json.loads(s["json"])["uid"] for s in read_builtin_samples(n, 10_000)}
+        for n in ("flickr8k/train", "flickr8k/heldout")
+    }
     assert len(uids["flickr8k/train"]) == 1000 and not uids["flickr8k/train"] & uids["flickr8k/heldout"]
     labels = [json.loads(s["json"])["label"] for s in read_builtin_samples("imagenette/val", 1000)]
     assert sorted(set(labels)) == list(range(10)) and all(labels.count(c) == 20 for c in range(10))
@@ -187,6 +216,7 @@ def test_builtin_assets_are_what_they_claim():
 
 
 # ---------------- loader ----------------
+
 
 def _corrupt_shards(tmp_path: Path) -> tuple[list[str], str, str]:
     """Two shards of real samples with a truncated JPEG and a sample without caption in the second."""
@@ -205,8 +235,9 @@ def _corrupt_shards(tmp_path: Path) -> tuple[list[str], str, str]:
 @pytest.mark.parametrize("num_workers", [0, 2])
 def test_corrupt_samples_skip_counted_and_named(tmp_path, caplog, num_workers):
     urls, bad_jpg, no_txt = _corrupt_shards(tmp_path)
-    loader = ShardLoader(urls, decode_image_text, 3, shuffle_buffer=5, seed=3, num_workers=num_workers,
-                         drop_last=False)
+    loader = ShardLoader(
+        urls, decode_image_text, 3, shuffle_buffer=5, seed=3, num_workers=num_workers, drop_last=False
+    )
     with caplog.at_level(logging.WARNING, logger="vfmkit.data"):
         keys = all_keys(loader)
     assert sorted(keys) == sorted(f"{i:09d}" for i in range(20) if i not in (13, 17))
@@ -281,12 +312,23 @@ def test_resume_keeps_corrupt_count_exact(tmp_path):
         assert sorted(resumed.corrupt) == sorted(ref.corrupt), k
 
 
-@pytest.mark.parametrize(("spec", "num_workers"), [("builtin:flickr8k/train", 0),   # 4 shards >= 2 slots
-                                                   ("builtin:flickr8k/heldout", 2)])  # 2 shards < 4 slots
+@pytest.mark.parametrize(
+    ("spec", "num_workers"),
+    [
+        ("builtin:flickr8k/train", 0),  # 4 shards >= 2 slots
+        ("builtin:flickr8k/heldout", 2),
+    ],
+)  # 2 shards < 4 slots
 def test_rank_split_disjoint_and_complete(spec, num_workers):
     every = set(all_keys(ShardLoader(spec, keyed, 8, shuffle_buffer=0, drop_last=False)))
-    per_rank = [all_keys(ShardLoader(spec, keyed, 8, seed=2, rank=r, world_size=2, num_workers=num_workers,
-                                     drop_last=False)) for r in range(2)]
+    per_rank = [
+        all_keys(
+            ShardLoader(
+                spec, keyed, 8, seed=2, rank=r, world_size=2, num_workers=num_workers, drop_last=False
+            )
+        )
+        for r in range(2)
+    ]
     assert not set(per_rank[0]) & set(per_rank[1])
     assert set(per_rank[0]) | set(per_rank[1]) == every and sum(map(len, per_rank)) == len(every)
     # with drop_last every rank gets the same number of batches (DDP lockstep), and len() says so
@@ -330,8 +372,10 @@ def test_tensor_loader_resume_ranks_and_epochs():
     data = {"x": x, "y": torch.arange(50)}
     ld = TensorLoader(data, batch_size=8, seed=3)
     full = [b["y"] for b in ld]
-    assert len(full) == 6 == len(ld) and all(torch.equal(b.float(), bx) for b, bx in zip(
-        full, [b["x"][:, 0] for b in TensorLoader(data, batch_size=8, seed=3)], strict=True))
+    assert len(full) == 6 == len(ld) and all(
+        torch.equal(b.float(), bx)
+        for b, bx in zip(full, [b["x"][:, 0] for b in TensorLoader(data, batch_size=8, seed=3)], strict=True)
+    )
     ld2 = TensorLoader(data, batch_size=8, seed=3)
     it = iter(ld2)
     first = [next(it)["y"] for _ in range(2)]
@@ -341,17 +385,37 @@ def test_tensor_loader_resume_ranks_and_epochs():
     assert torch.equal(torch.cat(first + [b["y"] for b in ld3]), torch.cat(full))
     e1 = torch.cat([b["y"] for b in ld3])  # epoch 1 now
     assert not torch.equal(e1, torch.cat(full))
-    ranks = [torch.cat([b["y"] for b in TensorLoader(data, 5, seed=3, rank=r, world_size=2, drop_last=False)])
-             for r in range(2)]
-    assert sorted(torch.cat(ranks).tolist()) == list(range(50)) and not set(ranks[0].tolist()) & set(ranks[1].tolist())
+    ranks = [
+        torch.cat([b["y"] for b in TensorLoader(data, 5, seed=3, rank=r, world_size=2, drop_last=False)])
+        for r in range(2)
+    ]
+    assert sorted(torch.cat(ranks).tolist()) == list(range(50)) and not set(ranks[0].tolist()) & set(
+        ranks[1].tolist()
+    )
 
 
 def test_cli_import_and_info(tmp_path, caption_folder, capsys):
     img_dir, csv_path, caps = caption_folder
     splits = tmp_path / "splits.json"
     splits.write_text(json.dumps({"train": sorted(caps)[:7], "val": sorted(caps)[7:]}))
-    rc = cli_main(["data", "import", "--captions", str(csv_path), "--images", str(img_dir), "--out",
-                   str(tmp_path / "o"), "--shard-size", "3", "--split-file", str(splits), "--split", "train"])
+    rc = cli_main(
+        [
+            "data",
+            "import",
+            "--captions",
+            str(csv_path),
+            "--images",
+            str(img_dir),
+            "--out",
+            str(tmp_path / "o"),
+            "--shard-size",
+            "3",
+            "--split-file",
+            str(splits),
+            "--split",
+            "train",
+        ]
+    )
     assert rc == 0 and read_manifest(tmp_path / "o")["count"] == 7
     assert cli_main(["data", "info", str(tmp_path / "o"), "--verify"]) == 0
     out = capsys.readouterr().out
@@ -374,9 +438,15 @@ def test_exclude_uids_keeps_the_rest_unchanged_and_reruns_reuse(tmp_path):
     m = exclude_uids("builtin:flickr8k/heldout", tmp_path / "f", drop, max_count=64)
     all_uids = _uids("builtin:flickr8k/heldout")
     assert m["dropped"] == len(drop & set(all_uids)) == 10 and m["kept"] == len(all_uids) - 10
-    assert _uids(str(tmp_path / "f")) == [u for u in all_uids if u not in drop]  # order kept, nothing else lost
-    out = {s["__key__"]: s for s in wds.DataPipeline(wds.SimpleShardList(list_shards(str(tmp_path / "f"))),
-                                                     wds.tarfile_to_samples())}
+    assert _uids(str(tmp_path / "f")) == [
+        u for u in all_uids if u not in drop
+    ]  # order kept, nothing else lost
+    out = {
+        s["__key__"]: s
+        for s in wds.DataPipeline(
+            wds.SimpleShardList(list_shards(str(tmp_path / "f"))), wds.tarfile_to_samples()
+        )
+    }
     for s in src:  # members are copied byte for byte
         if s["__key__"] in out:
             assert out[s["__key__"]]["jpg"] == s["jpg"] and out[s["__key__"]]["json"] == s["json"]

@@ -51,21 +51,39 @@ def dset(tmp_path_factory) -> dict:
     with ShardWriter(root / "src", max_count=15) as w:
         for s in samples:
             w.write(s)
-    args = ReinforceArgs(mode="classify", teachers=["efficientnet-lite0@128"], n_aug=2, topk=5,
-                         class_index=parse_class_index("imagenette"), batch_size=30, chunk=15,
-                         recipe={"name": "rrc_flip", "size": 64, "scale": [0.35, 1.0]})
+    args = ReinforceArgs(
+        mode="classify",
+        teachers=["efficientnet-lite0@128"],
+        n_aug=2,
+        topk=5,
+        class_index=parse_class_index("imagenette"),
+        batch_size=30,
+        chunk=15,
+        recipe={"name": "rrc_flip", "size": 64, "scale": [0.35, 1.0]},
+    )
     reinforce(str(root / "src"), root / "dr", args, progress=False)
     return {"root": root, "src": str(root / "src"), "dr": str(root / "dr"), "samples": samples}
 
 
 def _cfg(dset: dict, out: Path | None = None, **method_args) -> object:
-    return load_config({
-        "method": "dr", "seed": 0, "out_dir": str(out or dset["root"] / "run"), "model": STUDENT,
-        "data": {"train": dset["src"], "val": dset["src"], "batch_size": 10, "image_size": SIZE,
-                 "shuffle_buffer": 30},
-        "optim": {"lr": 3e-3, "warmup_steps": 2, "weight_decay": 0.0},
-        "train": {"steps": 12, "log_every": 3, "progress": False, "tensorboard": False},
-        "method_args": {"reinforced": dset["dr"], **method_args}})
+    return load_config(
+        {
+            "method": "dr",
+            "seed": 0,
+            "out_dir": str(out or dset["root"] / "run"),
+            "model": STUDENT,
+            "data": {
+                "train": dset["src"],
+                "val": dset["src"],
+                "batch_size": 10,
+                "image_size": SIZE,
+                "shuffle_buffer": 30,
+            },
+            "optim": {"lr": 3e-3, "warmup_steps": 2, "weight_decay": 0.0},
+            "train": {"steps": 12, "log_every": 3, "progress": False, "tensorboard": False},
+            "method_args": {"reinforced": dset["dr"], **method_args},
+        }
+    )
 
 
 # ------------------------------------------------------------------------------------------------ losses
@@ -81,15 +99,20 @@ def test_losses_match_their_definitions():
     labels = torch.tensor([0, 3, 9, 1, 1, 2])
     one_hot = F.one_hot(labels, 10).float()
     torch.testing.assert_close(dr.soft_cross_entropy(logits, one_hot), F.cross_entropy(logits, labels))
-    torch.testing.assert_close(dr.soft_cross_entropy(logits, one_hot, 0.1),
-                               F.cross_entropy(logits, labels, label_smoothing=0.1))
+    torch.testing.assert_close(
+        dr.soft_cross_entropy(logits, one_hot, 0.1), F.cross_entropy(logits, labels, label_smoothing=0.1)
+    )
 
 
 def test_config_errors_name_the_key(dset):
     di = init_distributed()
-    cases = [({"mode": "distil"}, "method_args.mode"), ({"temprature": 2.0}, "method_args.temprature"),
-             ({"p": 1.5}, "method_args.p"), ({"recipe": {"name": "rrc_flip"}}, "method_args.recipe"),
-             ({"teachers": ["efficientnet-lite0"]}, "method_args.teachers")]
+    cases = [
+        ({"mode": "distil"}, "method_args.mode"),
+        ({"temprature": 2.0}, "method_args.temprature"),
+        ({"p": 1.5}, "method_args.p"),
+        ({"recipe": {"name": "rrc_flip"}}, "method_args.recipe"),
+        ({"teachers": ["efficientnet-lite0"]}, "method_args.teachers"),
+    ]
     for kw, key in cases:
         with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
             build_job(_cfg(dset, **kw), di)
@@ -130,8 +153,9 @@ def test_fresh_augment_draws_one_augmentation_for_both_views(dset):
     dec.set_epoch(0)
     assert torch.equal(dec(dict(raw))["image"], outs[0])  # ... yet reproducible (exact resume)
     plain = dr.FreshAugment(recipe, SIZE, 10, p=0.0)(dict(raw))
-    torch.testing.assert_close(plain["image"], to_student(dr.plain_view(src, SIZE), SIZE, dr.IMAGENET_MEAN,
-                                                          dr.IMAGENET_STD))
+    torch.testing.assert_close(
+        plain["image"], to_student(dr.plain_view(src, SIZE), SIZE, dr.IMAGENET_MEAN, dr.IMAGENET_STD)
+    )
     with pytest.raises(KeyError, match="label"):
         dec({"__key__": "x", "jpg": raw["jpg"], "json": b"{}"})
 
@@ -156,8 +180,10 @@ def test_mix_collate_mixes_images_teacher_views_and_labels(dset):
             torch.testing.assert_close(batch["teacher_image"][i], t_mix / 255)
         else:  # CutMix: the box (reference pixels, rescaled) comes from the partner, the rest is untouched
             ii, jj, hh, ww = (round(int(v) * SIZE / 48) for v in s["mix_box"])
-            assert torch.equal(batch["image"][i][:, ii:ii + hh, jj:jj + ww],
-                               samples[j]["image"][:, ii:ii + hh, jj:jj + ww])
+            assert torch.equal(
+                batch["image"][i][:, ii : ii + hh, jj : jj + ww],
+                samples[j]["image"][:, ii : ii + hh, jj : jj + ww],
+            )
     assert torch.allclose(batch["target"].sum(-1), torch.ones(n))
 
 
@@ -168,8 +194,9 @@ def _replay_batches(dset: dict, n_epochs: int = 2) -> list[dict]:
     from vfmkit.data.replay import ClassificationReplay, ReplayShardLoader
 
     meta = read_metadata(Path(dset["dr"]) / "reinforced.json")
-    dec = ClassificationReplay(meta, SIZE, p=1.0, images=ImageIndex(dset["src"]), mean=dr.IMAGENET_MEAN,
-                               std=dr.IMAGENET_STD)
+    dec = ClassificationReplay(
+        meta, SIZE, p=1.0, images=ImageIndex(dset["src"]), mean=dr.IMAGENET_MEAN, std=dr.IMAGENET_STD
+    )
     loader = ReplayShardLoader(dset["dr"], dec, 10, shuffle_buffer=0)
     out = []
     for e in range(n_epochs):
@@ -193,12 +220,23 @@ def test_reinforced_training_through_cli_lowers_kl(dset, tmp_path, capsys):
     from vfmkit.models.factory import create_classifier
 
     out = tmp_path / "run"
-    sets = {"model.name": STUDENT["name"], "model.kwargs": json.dumps(STUDENT["kwargs"]),
-            "data.train": dset["src"], "data.val": dset["src"], "data.batch_size": 10,
-            "data.image_size": SIZE,
-            "data.shuffle_buffer": 30, "optim.lr": 3e-3, "optim.warmup_steps": 3, "optim.weight_decay": 0.0,
-            "train.progress": False, "train.tensorboard": False, "train.log_every": 3,
-            "method_args.reinforced": dset["dr"], "method_args.epochs": 15}
+    sets = {
+        "model.name": STUDENT["name"],
+        "model.kwargs": json.dumps(STUDENT["kwargs"]),
+        "data.train": dset["src"],
+        "data.val": dset["src"],
+        "data.batch_size": 10,
+        "data.image_size": SIZE,
+        "data.shuffle_buffer": 30,
+        "optim.lr": 3e-3,
+        "optim.warmup_steps": 3,
+        "optim.weight_decay": 0.0,
+        "train.progress": False,
+        "train.tensorboard": False,
+        "train.log_every": 3,
+        "method_args.reinforced": dset["dr"],
+        "method_args.epochs": 15,
+    }
     argv = ["train", "dr_imagenette", "--out", str(out)]
     argv += [a for k, v in sets.items() for a in ("--set", f"{k}={v}")]
     assert main(argv) == 0
@@ -255,7 +293,9 @@ def test_online_mode_distils_from_the_sets_teacher(dset):
     job = build_job(cfg, di)
     setup = job.extra["setup"]
     assert setup.teachers == ["efficientnet-lite0@128"] and setup.recipe.name == "rrc_flip"
-    assert job.cfg.train.steps == 2 * 3 and cfg.train.steps != job.cfg.train.steps  # epochs x batches; cfg untouched
+    assert (
+        job.cfg.train.steps == 2 * 3 and cfg.train.steps != job.cfg.train.steps
+    )  # epochs x batches; cfg untouched
     batch = next(iter(job.loader))
     assert batch["teacher_image"].shape == (10, 3, 64, 64) and batch["image"].shape == (10, 3, SIZE, SIZE)
     loss, logs = job.loss_fn(job.model, batch, 0)

@@ -90,7 +90,8 @@ def test_average_after_softmax_with_identical_teachers_equals_one_teacher():
     t1i, t1t = _unit(6, 8, seed=2), _unit(6, 8, seed=3)
     one, _ = DistillClipLoss([8], [40.0])(img, txt, torch.tensor(15.0), t1i, t1t)
     two, _ = DistillClipLoss([8, 8], [40.0, 40.0], average_after_softmax=True)(
-        img, txt, torch.tensor(15.0), torch.cat([t1i, t1i], -1), torch.cat([t1t, t1t], -1))
+        img, txt, torch.tensor(15.0), torch.cat([t1i, t1i], -1), torch.cat([t1t, t1t], -1)
+    )
     assert two.item() == pytest.approx(one.item(), rel=1e-6)
 
 
@@ -99,11 +100,19 @@ def test_scale_count_and_width_mismatch_are_errors():
         DistillClipLoss([8, 8], [40.0])
     loss = DistillClipLoss([8, 8], [40.0, 40.0])
     with pytest.raises(ValueError, match="sum of teacher dims"):
-        loss(_unit(4, 8, seed=0), _unit(4, 8, seed=1), torch.tensor(10.0), _unit(4, 12, seed=2), _unit(4, 12, seed=3))
+        loss(
+            _unit(4, 8, seed=0),
+            _unit(4, 8, seed=1),
+            torch.tensor(10.0),
+            _unit(4, 12, seed=2),
+            _unit(4, 12, seed=3),
+        )
 
 
-@pytest.mark.parametrize("bad, match", [({"caption_mode": "both"}, "caption_mode"), ({"lam": 1.5}, "lam"),
-                                        ({"lamda": 0.5}, "lamda")])
+@pytest.mark.parametrize(
+    "bad, match",
+    [({"caption_mode": "both"}, "caption_mode"), ({"lam": 1.5}, "lam"), ({"lamda": 0.5}, "lamda")],
+)
 def test_method_args_are_validated(bad, match):
     cfg = load_config({"method": "mobileclip", "method_args": bad})
     with pytest.raises(ConfigError, match=match):
@@ -150,8 +159,12 @@ def test_caption_branches_sum_or_mix(tiny_batch, mode):
     with torch.no_grad():
         total, logs = make_loss_fn(loss, args)(model, batch, 0)
         o = clip_outputs(model, batch["image"], torch.cat([batch["text"], batch["syn_text"]]))
-        real, _ = loss(o["image_features"], o["text_features"][:8], o["logit_scale"], batch["t_img"], batch["t_txt"])
-        syn, _ = loss(o["image_features"], o["text_features"][8:], o["logit_scale"], batch["t_img"], batch["t_syn"])
+        real, _ = loss(
+            o["image_features"], o["text_features"][:8], o["logit_scale"], batch["t_img"], batch["t_txt"]
+        )
+        syn, _ = loss(
+            o["image_features"], o["text_features"][8:], o["logit_scale"], batch["t_img"], batch["t_syn"]
+        )
         no_syn, _ = make_loss_fn(loss, MobileClipArgs(lam=0.5, use_syn=False))(model, batch, 0)
     want = real + syn if mode == "sum" else 0.7 * real + 0.3 * syn
     assert total.item() == pytest.approx(want.item(), rel=1e-5)

@@ -242,7 +242,9 @@ def test_loader_from_config_matches_the_constructor():
     assert val.urls == list_shards("builtin:imagenette/val") and val.batch_size == 4
     with pytest.raises(TypeError, match="bogus"):
         ShardLoader.from_config(cfg, key, None, bogus=1)
-    with pytest.raises(ConfigError, match="data.on_corrupt"):  # load_config refuses it before anything is built
+    with pytest.raises(
+        ConfigError, match="data.on_corrupt"
+    ):  # load_config refuses it before anything is built
         load_config("clip_tiny", ["data.on_corrupt=ignore"])
     bad = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, on_corrupt="ignore"))  # unvalidated
     with pytest.raises(ConfigError, match="data.on_corrupt"):

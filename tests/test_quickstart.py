@@ -39,15 +39,35 @@ def small_data(tmp_path_factory):
     The train slice starts at 200 so that it mixes images the offline teacher was aligned on (the first 289 of
     the embedded set, which quickstart leaves out) with images it never saw."""
     root = tmp_path_factory.mktemp("qs_data")
-    return (_subset(root / "train", "flickr8k/train", 160, start=TRAIN_START),
-            _subset(root / "val", "flickr8k/heldout", 64))
+    return (
+        _subset(root / "train", "flickr8k/train", 160, start=TRAIN_START),
+        _subset(root / "val", "flickr8k/heldout", 64),
+    )
 
 
 def _run(out, data, capsys) -> str:
     train, val = data
-    rc = main(["quickstart", "--out", str(out), "--data", str(train), "--val-data", str(val), "--steps", "12",
-               "--n-aug", "2", "--eval-points", "3", "--set", "data.batch_size=32", "--set",
-               "optim.warmup_steps=2"])
+    rc = main(
+        [
+            "quickstart",
+            "--out",
+            str(out),
+            "--data",
+            str(train),
+            "--val-data",
+            str(val),
+            "--steps",
+            "12",
+            "--n-aug",
+            "2",
+            "--eval-points",
+            "3",
+            "--set",
+            "data.batch_size=32",
+            "--set",
+            "optim.warmup_steps=2",
+        ]
+    )
     assert rc == 0
     return capsys.readouterr().out
 
@@ -81,7 +101,9 @@ def test_quickstart_reduced_writes_report_table_and_curves(tmp_path, small_data,
     assert res["data"] == str(out / "data") and "were the offline teacher's own training images" in printed
     kept = [json.loads(s["json"])["uid"] for s in read_builtin_samples_from(out / "data")]
     assert kept == [u for u in sub if u not in seen]
-    assert res["n_aug"] == 2 and res["n_syn"] == 4  # the other four human captions fill the extra-caption slots
+    assert (
+        res["n_aug"] == 2 and res["n_syn"] == 4
+    )  # the other four human captions fill the extra-caption slots
     assert res["rows"]["teacher (reference)"]["retrieval/R@1"] > 5 * 100 / 64  # well above chance (1.6%)
     assert res["history"]["plain"] != res["history"]["reinforced"]
     # a rerun resumes: the reinforced shards and both finished students are reused, the table is the same
@@ -107,7 +129,8 @@ def test_reinforced_student_beats_plain_on_held_out_retrieval(tmp_path, capsys):
     def score(row: dict) -> float:
         return sum(row[f"retrieval/{d}_R@{k}"] for d in ("i2t", "t2i") for k in (1, 5)) / 4
 
-    plain, reinf, untrained = (score(rows[k]) for k in ("plain CLIP student", "reinforced student",
-                                                         "untrained student"))
+    plain, reinf, untrained = (
+        score(rows[k]) for k in ("plain CLIP student", "reinforced student", "untrained student")
+    )
     assert plain > untrained + 1.0, (plain, untrained)  # the plain student learnt something real too
     assert reinf > plain + 0.5, f"reinforced {reinf:.2f} vs plain {plain:.2f} (untrained {untrained:.2f})"

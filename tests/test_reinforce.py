@@ -76,9 +76,16 @@ def setup(tmp_path_factory):
 
 
 def _clip_args(root: Path, **kw) -> ReinforceArgs:
-    base = dict(mode="clip", teachers=[f"openclip:vfm-tiny-vit:{root}/tiny.safetensors"], n_aug=3,
-                recipe={"name": "rrc_ra", "size": 64}, captions=str(root / "syn.jsonl"), n_syn=2, batch_size=5,
-                chunk=3)
+    base = dict(
+        mode="clip",
+        teachers=[f"openclip:vfm-tiny-vit:{root}/tiny.safetensors"],
+        n_aug=3,
+        recipe={"name": "rrc_ra", "size": 64},
+        captions=str(root / "syn.jsonl"),
+        n_syn=2,
+        batch_size=5,
+        chunk=3,
+    )
     return ReinforceArgs(**{**base, **kw})
 
 
@@ -89,14 +96,19 @@ def test_clip_records_match_independent_recomputation(setup, tmp_path, capsys):
     res = reinforce(str(root / "src"), tmp_path / "out", args, progress=False, reinforcer=gen)
     assert "KiB/sample" in capsys.readouterr().out  # the storage cost is printed up front
     assert res["samples"] == 12 and res["manifest"]["count"] == 12
-    assert [os.path.basename(u) for u in list_shards(str(tmp_path / "out"))] == \
-        ["shard-000000.tar", "shard-000001.tar", "shard-000002.tar"]
+    assert [os.path.basename(u) for u in list_shards(str(tmp_path / "out"))] == [
+        "shard-000000.tar",
+        "shard-000001.tar",
+        "shard-000002.tar",
+    ]
     meta = read_metadata(tmp_path / "out" / "reinforced.json")
     assert meta.kind == "multimodal" and meta.n_aug == 3 and meta.n_syn == 2 and meta.emb_dim == 128
     teacher = gen.teachers.teachers[0]
     aug = ReplayableAugment(meta.recipe)
     records = [decode_multimodal(r, meta) for u in list_shards(str(tmp_path / "out")) for r in iter_shard(u)]
-    assert [r.uid for r in records] == [json.loads(s["json"])["uid"] for s in samples]  # none lost, none doubled
+    assert [r.uid for r in records] == [
+        json.loads(s["json"])["uid"] for s in samples
+    ]  # none lost, none doubled
     for rec, src in zip(records, samples, strict=True):
         assert rec.jpg == src["jpg"] and rec.sha256 == sha256_hex(src["jpg"])
         assert rec.syn_text == caps[rec.uid][:2] and rec.caption == src["txt"].decode()
@@ -106,8 +118,9 @@ def test_clip_records_match_independent_recomputation(setup, tmp_path, capsys):
         assert rec.params == want
         x = torch.stack([aug.replay(img, p, size=64).float() / 255 for p in rec.params])
         torch.testing.assert_close(rec.image_emb, teacher.encode_image(x), atol=1e-5, rtol=1e-4)
-        torch.testing.assert_close(rec.text_emb, teacher.encode_text([rec.caption, *rec.syn_text]),
-                                   atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(
+            rec.text_emb, teacher.encode_text([rec.caption, *rec.syn_text]), atol=1e-5, rtol=1e-4
+        )
         assert torch.allclose(rec.image_emb.norm(dim=-1), torch.ones(3), atol=1e-4)
 
 
@@ -118,8 +131,14 @@ def test_coca_captioner_path_and_bf16_storage(setup, tmp_path):
     cfg = json.loads(json.dumps(__import__("vfmkit.methods.captions", fromlist=["x"]).TINY_COCA_CFG))
     cfg["text_cfg"]["vocab_size"] = cfg["multimodal_cfg"]["vocab_size"] = len(vocab)
     torch.manual_seed(0)
-    captioner = Captioner(create_tiny_coca(cfg), 64, open_clip.OPENAI_DATASET_MEAN, open_clip.OPENAI_DATASET_STD,
-                          model_cfg=cfg, vocab=vocab)
+    captioner = Captioner(
+        create_tiny_coca(cfg),
+        64,
+        open_clip.OPENAI_DATASET_MEAN,
+        open_clip.OPENAI_DATASET_STD,
+        model_cfg=cfg,
+        vocab=vocab,
+    )
     args = _clip_args(root, captions=None, n_syn=2, storage="pth.gz", n_aug=2)
     gen = Reinforcer(args, captions=CoCaCaptions(captioner, 2, top_p=0.9, seq_len=10))
     reinforce(list_shards(str(root / "src"))[:1], tmp_path / "out", args, progress=False, reinforcer=gen)
@@ -131,8 +150,9 @@ def test_coca_captioner_path_and_bf16_storage(setup, tmp_path):
     for rec in recs:
         assert len(rec.syn_text) == 2 and all(isinstance(t, str) and t for t in rec.syn_text)
         # bf16 storage: close to the float32 teacher output, not equal
-        torch.testing.assert_close(rec.text_emb, teacher.encode_text([rec.caption, *rec.syn_text]),
-                                   atol=1e-2, rtol=1e-2)
+        torch.testing.assert_close(
+            rec.text_emb, teacher.encode_text([rec.caption, *rec.syn_text]), atol=1e-2, rtol=1e-2
+        )
 
 
 def test_classify_with_real_efficientnet_lite0(tmp_path):
@@ -140,9 +160,16 @@ def test_classify_with_real_efficientnet_lite0(tmp_path):
 
     samples = _reshard("builtin:imagenette/train", tmp_path / "src", 6, 6)
     ci = parse_class_index("imagenette")
-    args = ReinforceArgs(mode="classify", teachers=["efficientnet-lite0"], class_index=ci, n_aug=2,
-                         recipe={"name": "rrc_flip_ra_re_mix", "size": 224, "scale": [0.5, 1.0], "mix_p": 0.5}, topk=5,
-                         batch_size=6, chunk=6)
+    args = ReinforceArgs(
+        mode="classify",
+        teachers=["efficientnet-lite0"],
+        class_index=ci,
+        n_aug=2,
+        recipe={"name": "rrc_flip_ra_re_mix", "size": 224, "scale": [0.5, 1.0], "mix_p": 0.5},
+        topk=5,
+        batch_size=6,
+        chunk=6,
+    )
     gen = Reinforcer(args)
     # the teacher scores the augmented view as stored, not an eval-protocol centre crop of it
     assert all(getattr(t, "crop_pct", 1.0) == 1.0 for t in gen.teachers.teachers)
@@ -172,8 +199,12 @@ def test_classify_with_real_efficientnet_lite0(tmp_path):
     plain = [r.indices[a, 0] == r.label for r in recs for a, p in enumerate(r.params) if p.mix is None]
     assert plain and sum(bool(x) for x in plain) >= 0.7 * len(plain)
     labels = {r.uid: r.label for r in recs}  # a mixed image's top-2 holds one of the two labels
-    mixed = [bool({r.label, labels[p.mix.partner]} & set(r.indices[a, :2].tolist()))
-             for r in recs for a, p in enumerate(r.params) if p.mix is not None]
+    mixed = [
+        bool({r.label, labels[p.mix.partner]} & set(r.indices[a, :2].tolist()))
+        for r in recs
+        for a, p in enumerate(r.params)
+        if p.mix is not None
+    ]
     assert mixed and sum(mixed) >= 0.7 * len(mixed)
 
 
@@ -182,11 +213,21 @@ def test_rank_split_equals_single_run(setup, tmp_path):
     args = _clip_args(root, n_aug=2)
     gen = Reinforcer(args)
     reinforce(str(root / "src"), tmp_path / "single", args, progress=False, reinforcer=gen)
-    r1 = reinforce(str(root / "src"), tmp_path / "dist", args, rank=1, world_size=2, progress=False, reinforcer=gen)
+    r1 = reinforce(
+        str(root / "src"), tmp_path / "dist", args, rank=1, world_size=2, progress=False, reinforcer=gen
+    )
     assert r1["done"] == ["shard-000001.tar"] and r1["manifest"] is None  # rank 0's shards are not done yet
-    r0 = reinforce(str(root / "src"), tmp_path / "dist", args, rank=0, world_size=2, progress=False, reinforcer=gen)
+    r0 = reinforce(
+        str(root / "src"), tmp_path / "dist", args, rank=0, world_size=2, progress=False, reinforcer=gen
+    )
     assert r0["done"] == ["shard-000000.tar", "shard-000002.tar"] and r0["manifest"]["count"] == 12
-    for name in ("shard-000000.tar", "shard-000001.tar", "shard-000002.tar", "manifest.json", "reinforced.json"):
+    for name in (
+        "shard-000000.tar",
+        "shard-000001.tar",
+        "shard-000002.tar",
+        "manifest.json",
+        "reinforced.json",
+    ):
         assert (tmp_path / "single" / name).read_bytes() == (tmp_path / "dist" / name).read_bytes(), name
 
 
@@ -217,15 +258,43 @@ def test_kill_9_then_resume_is_byte_identical(setup, tmp_path, capsys):
             w.write(s)
 
     def argv(out: Path) -> list[str]:
-        return ["reinforce", "clip", str(src), "--out", str(out), "--teacher",
-                f"openclip:vfm-tiny-vit:{root}/tiny.safetensors", "--captions", str(root / "syn.jsonl"),
-                "--n-syn", "2", "--n-aug", "4", "--size", "64", "--chunk", "2", "--batch-size", "4", "--no-progress"]
+        return [
+            "reinforce",
+            "clip",
+            str(src),
+            "--out",
+            str(out),
+            "--teacher",
+            f"openclip:vfm-tiny-vit:{root}/tiny.safetensors",
+            "--captions",
+            str(root / "syn.jsonl"),
+            "--n-syn",
+            "2",
+            "--n-aug",
+            "4",
+            "--size",
+            "64",
+            "--chunk",
+            "2",
+            "--batch-size",
+            "4",
+            "--no-progress",
+        ]
 
-    env = {**os.environ, "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": os.pathsep.join([str(Path(vfmkit.__file__).parents[1]), os.environ.get("PYTHONPATH", "")])}
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": os.pathsep.join(
+            [str(Path(vfmkit.__file__).parents[1]), os.environ.get("PYTHONPATH", "")]
+        ),
+    }
     assert main(argv(tmp_path / "ref")) == 0  # the uninterrupted reference, in this process
-    proc = subprocess.Popen([sys.executable, "-m", "vfmkit.cli", *argv(tmp_path / "out")], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "vfmkit.cli", *argv(tmp_path / "out")],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     first = tmp_path / "out" / ("shard-000000.tar" + DONE_SUFFIX)
     deadline = time.time() + 240
     while not first.exists() and proc.poll() is None and time.time() < deadline:

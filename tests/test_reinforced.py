@@ -36,7 +36,10 @@ from vfmkit.data.reinforced import (
 from vfmkit.data.shards import iter_shard
 
 DATA = Path(__file__).parent / "data"
-JPGS = [DATA / "flickr8k_1000268201_693b08cb0e_160x120.jpg", DATA / "imagenette_n01440764_ILSVRC2012_val_00000293.JPEG"]
+JPGS = [
+    DATA / "flickr8k_1000268201_693b08cb0e_160x120.jpg",
+    DATA / "imagenette_n01440764_ILSVRC2012_val_00000293.JPEG",
+]
 TEACHERS = (TeacherSpec("teacher-a", 4, 100.0), TeacherSpec("teacher-b", 3, 70.0))
 
 
@@ -53,44 +56,60 @@ def _write_tar(path: Path, members: dict[str, bytes]) -> Path:
     return path
 
 
-def _handwritten_datacompdr(uid: str, sha: str, image_emb: np.ndarray, text_emb: np.ndarray, key: str,
-                            storage: str = "npz") -> dict[str, bytes]:
+def _handwritten_datacompdr(
+    uid: str, sha: str, image_emb: np.ndarray, text_emb: np.ndarray, key: str, storage: str = "npz"
+) -> dict[str, bytes]:
     """One sample exactly as DataCompDR's public schema describes it (no jpg)."""
-    paug = ('{"param_aug": [[[10, 4, 90, 120], [[5, -9.0], [11, 0.699999988079071]]], '
-            '[[0, 20, 120, 100], [[0, 0.0], null]]]}')
+    paug = (
+        '{"param_aug": [[[10, 4, 90, 120], [[5, -9.0], [11, 0.699999988079071]]], '
+        "[[0, 20, 120, 100], [[0, 0.0], null]]]}"
+    )
     if storage == "npz":
         buf = io.BytesIO()
         np.savez(buf, image_emb=image_emb, text_emb=text_emb)
         emb = buf.getvalue()
     else:
         buf = io.BytesIO()
-        torch.save({"image_emb": torch.from_numpy(image_emb).bfloat16(),
-                    "text_emb": torch.from_numpy(text_emb).bfloat16()}, buf)
+        torch.save(
+            {
+                "image_emb": torch.from_numpy(image_emb).bfloat16(),
+                "text_emb": torch.from_numpy(text_emb).bfloat16(),
+            },
+            buf,
+        )
         emb = gzip.compress(buf.getvalue())
-    return {f"{key}.url.txt": b"http://example.invalid/x.jpg",
-            f"{key}.syn.json": json.dumps({"syn_text": ["a dog on grass", "a brown dog"]}).encode(),
-            f"{key}.paug.json": paug.encode(), f"{key}.{storage}": emb,
-            f"{key}.json": json.dumps({"uid": uid, "sha256": sha}).encode()}
+    return {
+        f"{key}.url.txt": b"http://example.invalid/x.jpg",
+        f"{key}.syn.json": json.dumps({"syn_text": ["a dog on grass", "a brown dog"]}).encode(),
+        f"{key}.paug.json": paug.encode(),
+        f"{key}.{storage}": emb,
+        f"{key}.json": json.dumps({"uid": uid, "sha256": sha}).encode(),
+    }
 
 
 def _embs(seed: int) -> tuple[np.ndarray, np.ndarray]:
     g = np.random.default_rng(seed)
     # bf16-representable values so the pth.gz variant compares exactly
-    return (g.integers(-8, 8, (2, 7)) / 8).astype(np.float32), (g.integers(-8, 8, (3, 7)) / 8).astype(np.float32)
+    return (g.integers(-8, 8, (2, 7)) / 8).astype(np.float32), (g.integers(-8, 8, (3, 7)) / 8).astype(
+        np.float32
+    )
 
 
 @pytest.mark.parametrize("storage", ["npz", "pth.gz"])
 def test_handwritten_datacompdr_sample_decodes(tmp_path, storage):
     img, txt = _embs(0)
-    tar = _write_tar(tmp_path / "dr-000.tar", _handwritten_datacompdr("u-1", "ab" * 32, img, txt, "000000001",
-                                                                       storage))
+    tar = _write_tar(
+        tmp_path / "dr-000.tar", _handwritten_datacompdr("u-1", "ab" * 32, img, txt, "000000001", storage)
+    )
     (raw,) = list(iter_shard(str(tar)))
     rec = decode_multimodal(raw, _meta(storage=storage))
     assert rec.uid == "u-1" and rec.sha256 == "ab" * 32 and rec.jpg is None
     assert rec.syn_text == ["a dog on grass", "a brown dog"]
     assert rec.params[0].crop == (10, 4, 90, 120) and rec.params[0].ra == ((5, -9.0), (11, 0.699999988079071))
     assert rec.params[1].ra == ((0, 0.0), None)
-    assert torch.equal(rec.image_emb, torch.from_numpy(img)) and torch.equal(rec.text_emb, torch.from_numpy(txt))
+    assert torch.equal(rec.image_emb, torch.from_numpy(img)) and torch.equal(
+        rec.text_emb, torch.from_numpy(txt)
+    )
     assert rec.image_emb.dtype == torch.float32
     with pytest.raises(ValueError, match="metadata says"):
         decode_multimodal(raw, _meta(n_aug=3, storage=storage))
@@ -111,7 +130,9 @@ def test_encode_decode_round_trip(storage):
     assert rec.params == params and rec.caption == "a dog" and rec.jpg == jpg
     assert rec.sha256 == hashlib.sha256(jpg).hexdigest()
     atol = 0 if storage == "npz" else 4e-3  # bf16 keeps ~3 significant digits
-    assert torch.allclose(rec.image_emb, img, atol=atol, rtol=0) and torch.allclose(rec.text_emb, txt, atol=atol)
+    assert torch.allclose(rec.image_emb, img, atol=atol, rtol=0) and torch.allclose(
+        rec.text_emb, txt, atol=atol
+    )
     with pytest.raises(ValueError, match="metadata says"):
         encode_multimodal("k", "u", params, ["x"], img, txt, meta)
 
@@ -221,9 +242,20 @@ def _mm_shards(tmp_path, with_jpg: bool, bad_sha_for: str | None = None):
             uid = f"img{n}"
             sha = hashlib.sha256(b"other" if uid == bad_sha_for else jpg).hexdigest()
             params = sample_params(meta, 0, uid, decode_image_size(jpg))
-            w.write(encode_multimodal(f"{n:09d}", uid, params, [f"syn a {n}", f"syn b {n}"],
-                                      torch.randn(3, 7, generator=g), torch.randn(3, 7, generator=g), meta,
-                                      sha256=sha, jpg=jpg if with_jpg else None, caption=f"real {n}"))
+            w.write(
+                encode_multimodal(
+                    f"{n:09d}",
+                    uid,
+                    params,
+                    [f"syn a {n}", f"syn b {n}"],
+                    torch.randn(3, 7, generator=g),
+                    torch.randn(3, 7, generator=g),
+                    meta,
+                    sha256=sha,
+                    jpg=jpg if with_jpg else None,
+                    caption=f"real {n}",
+                )
+            )
     return meta, jpgs
 
 
@@ -251,13 +283,17 @@ def test_multimodal_replay_through_loader(tmp_path):
         for b, raw in enumerate(raws):
             rec = decode_multimodal(raw, meta)
             a, s = int(batch["aug_index"][b]), int(batch["syn_index"][b])
-            want = to_student(ReplayableAugment(meta.recipe).apply(decode_image(jpgs[b]), rec.params[a], 32), 32)
+            want = to_student(
+                ReplayableAugment(meta.recipe).apply(decode_image(jpgs[b]), rec.params[a], 32), 32
+            )
             assert torch.equal(batch["image"][b], want)
             assert torch.equal(batch["image_emb"][b], rec.image_emb[a])
             assert torch.equal(batch["syn_text_emb"][b], rec.text_emb[1 + s])
             assert batch["syn_caption"][b] == rec.syn_text[s] and batch["caption"][b] == f"real {b}"
     assert len(set(picks)) > 1  # the stored augmentation changes with the epoch
-    again = ReplayShardLoader(str(tmp_path / "dr"), MultimodalReplay(meta, 32, seed=3), 2, shuffle_buffer=0, seed=3)
+    again = ReplayShardLoader(
+        str(tmp_path / "dr"), MultimodalReplay(meta, 32, seed=3), 2, shuffle_buffer=0, seed=3
+    )
     assert tuple(next(iter(again))["aug_index"].tolist()) == picks[0]
 
 
@@ -287,11 +323,16 @@ def test_classification_replay_targets(tmp_path):
     with ShardWriter(tmp_path / "cls") as w:
         for n in range(4):
             uid = f"tench{n}"
-            w.write(encode_classification(f"{n:09d}", uid, 0, sample_params(meta, 0, uid, (128, 128)), v, i, meta,
-                                          jpg=jpg))
+            w.write(
+                encode_classification(
+                    f"{n:09d}", uid, 0, sample_params(meta, 0, uid, (128, 128)), v, i, meta, jpg=jpg
+                )
+            )
     seen = set()
     for p in (1.0, 0.0):
-        loader = ReplayShardLoader(str(tmp_path / "cls"), ClassificationReplay(meta, 40, p=p), 4, shuffle_buffer=0)
+        loader = ReplayShardLoader(
+            str(tmp_path / "cls"), ClassificationReplay(meta, 40, p=p), 4, shuffle_buffer=0
+        )
         for _ in range(3):
             (b,) = list(loader)
             assert b["image"].shape == (4, 3, 40, 40) and torch.allclose(b["target"].sum(-1), torch.ones(4))
@@ -329,15 +370,29 @@ def test_classification_replay_equals_full_record_decode(tmp_path):
         aug = ReplayableAugment(meta.recipe)
         raws = []
         for n, jpg in enumerate(jpgs):  # each photo's mixing partner is the other one
-            params = [aug.sample_for(0, f"img{n}", k, decode_image_size(jpg), partner=f"img{1 - n}",
-                                     partner_size=decode_image_size(jpgs[1 - n])) for k in range(3)]
+            params = [
+                aug.sample_for(
+                    0,
+                    f"img{n}",
+                    k,
+                    decode_image_size(jpg),
+                    partner=f"img{1 - n}",
+                    partner_size=decode_image_size(jpgs[1 - n]),
+                )
+                for k in range(3)
+            ]
             v, i = topk_encode(torch.softmax(3 * torch.randn(3, 10, generator=g), -1), 4)
-            raws.append(encode_classification(f"{n:09d}", f"img{n}", 3 + n, params, v, i, meta,
-                                              jpg=jpg if n == 0 else None))  # img1's image is joined by uid
+            raws.append(
+                encode_classification(
+                    f"{n:09d}", f"img{n}", 3 + n, params, v, i, meta, jpg=jpg if n == 0 else None
+                )
+            )  # img1's image is joined by uid
         partners = index if "mix" in name else None
         kinds = set()
         for mode in ("smooth", "zeros"):
-            dec = ClassificationReplay(meta, 40, p=0.5, densify_mode=mode, partners=partners, images=index, seed=4)
+            dec = ClassificationReplay(
+                meta, 40, p=0.5, densify_mode=mode, partners=partners, images=index, seed=4
+            )
             for epoch in range(4):
                 dec.set_epoch(epoch)
                 for n, raw in enumerate(raws):
@@ -357,7 +412,9 @@ def test_classification_replay_equals_full_record_decode(tmp_path):
                         img = aug.replay(src, prm, 40, partner_img=partner)
                         target = densify(rec.values[a], rec.indices[a], 10, mode)
                     assert out["aug_index"] == a and out["label"] == 3 + n
-                    assert torch.equal(out["image"], to_student(img, 40)) and torch.equal(out["target"], target)
+                    assert torch.equal(out["image"], to_student(img, 40)) and torch.equal(
+                        out["target"], target
+                    )
                     kinds.add(kind)
         assert kinds == ({"plain", "mixed"} if partners else {"plain", "stored"})
     dec.p = 1.0
@@ -373,12 +430,24 @@ def test_read_npz_equals_np_load():
     from vfmkit.data.reinforced import read_npz
 
     rng = np.random.default_rng(0)
-    plain = {"values": rng.random((3, 5)).astype(np.float16), "indices": np.arange(15, dtype=np.int16).reshape(3, 5),
-             "scalar": np.float32(2.5), "empty": np.zeros((0, 4), np.int32), "big_endian": np.arange(4, dtype=">i4"),
-             "flags": np.array([True, False]), "text": np.array(["ab", "c"])}
-    other = {"fortran": np.asfortranarray(rng.random((3, 2))), "record": np.zeros(2, [("a", "<i4"), ("b", "<f8")])}
-    for save, arrays, in_place in ((np.savez, plain, True), (np.savez_compressed, plain, False),
-                                   (np.savez, {**plain, **other}, False)):
+    plain = {
+        "values": rng.random((3, 5)).astype(np.float16),
+        "indices": np.arange(15, dtype=np.int16).reshape(3, 5),
+        "scalar": np.float32(2.5),
+        "empty": np.zeros((0, 4), np.int32),
+        "big_endian": np.arange(4, dtype=">i4"),
+        "flags": np.array([True, False]),
+        "text": np.array(["ab", "c"]),
+    }
+    other = {
+        "fortran": np.asfortranarray(rng.random((3, 2))),
+        "record": np.zeros(2, [("a", "<i4"), ("b", "<f8")]),
+    }
+    for save, arrays, in_place in (
+        (np.savez, plain, True),
+        (np.savez_compressed, plain, False),
+        (np.savez, {**plain, **other}, False),
+    ):
         buf = io.BytesIO()
         save(buf, **arrays)
         got = read_npz(buf.getvalue())
@@ -406,15 +475,24 @@ def test_image_index_reads_embedded_compressed_shards():
     for raw in raws:
         info = json.loads(raw["json"])
         assert index.read(info["uid"]) == raw["jpg"]
-        assert hashlib.sha256(index.attach({k: v for k, v in raw.items() if k != "jpg"})["jpg"]).hexdigest() \
+        assert (
+            hashlib.sha256(index.attach({k: v for k, v in raw.items() if k != "jpg"})["jpg"]).hexdigest()
             == info["sha256"]
+        )
 
 
 @pytest.mark.parametrize("storage", ["npz", "pth.gz"])
 def test_truncated_embeddings_are_reported_by_sample(storage):
     meta = _meta(storage=storage)
-    raw = encode_multimodal("k3", "u-3", sample_params(meta, 0, "u-3", (120, 160)), ["x", "y"], torch.zeros(2, 7),
-                            torch.zeros(3, 7), meta)
+    raw = encode_multimodal(
+        "k3",
+        "u-3",
+        sample_params(meta, 0, "u-3", (120, 160)),
+        ["x", "y"],
+        torch.zeros(2, 7),
+        torch.zeros(3, 7),
+        meta,
+    )
     for bad in (raw[storage][: len(raw[storage]) // 2], b"garbage"):
         with pytest.raises(ValueError, match="'k3'.*u-3"):
             decode_multimodal({**raw, storage: bad}, meta)

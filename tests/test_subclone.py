@@ -46,7 +46,9 @@ def tiny_openclip_visual():
     from open_clip.model import _build_vision_tower
 
     torch.manual_seed(0)
-    return _build_vision_tower(24, dict(image_size=32, patch_size=8, width=64, layers=4, head_width=16)).eval()
+    return _build_vision_tower(
+        24, dict(image_size=32, patch_size=8, width=64, layers=4, head_width=16)
+    ).eval()
 
 
 def tiny_openclip_text():
@@ -60,23 +62,37 @@ def tiny_gpt2():
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(0)
-    conf = GPT2Config(vocab_size=120, n_positions=16, n_embd=64, n_layer=4, n_head=4, bos_token_id=1,
-                      eos_token_id=2, pad_token_id=0)
+    conf = GPT2Config(
+        vocab_size=120,
+        n_positions=16,
+        n_embd=64,
+        n_layer=4,
+        n_head=4,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+    )
     return GPT2LMHeadModel(conf).eval()
 
 
-FACTORIES = {"timm_vit": tiny_timm, "open_clip_visual": tiny_openclip_visual,
-             "open_clip_text": tiny_openclip_text, "gpt2": tiny_gpt2}
+FACTORIES = {
+    "timm_vit": tiny_timm,
+    "open_clip_visual": tiny_openclip_visual,
+    "open_clip_text": tiny_openclip_text,
+    "gpt2": tiny_gpt2,
+}
 
 
 def batches(family: str, images, captions, vocab, n: int = 2, off: int = 0) -> list[dict]:
     if family in ("timm_vit", "open_clip_visual"):
-        return [{"x": images[off + 16 * i: off + 16 * (i + 1)]} for i in range(n)]
+        return [{"x": images[off + 16 * i : off + 16 * (i + 1)]} for i in range(n)]
     ids, mask = vocab.encode(captions, 16)
     if family == "open_clip_text":
-        return [{"x": ids[off + 16 * i: off + 16 * (i + 1)]} for i in range(n)]
-    return [{"x": ids[off + 16 * i: off + 16 * (i + 1)], "mask": mask[off + 16 * i: off + 16 * (i + 1)]}
-            for i in range(n)]
+        return [{"x": ids[off + 16 * i : off + 16 * (i + 1)]} for i in range(n)]
+    return [
+        {"x": ids[off + 16 * i : off + 16 * (i + 1)], "mask": mask[off + 16 * i : off + 16 * (i + 1)]}
+        for i in range(n)
+    ]
 
 
 def outputs(model, bs) -> torch.Tensor:
@@ -151,7 +167,10 @@ def test_mlp_permutation_by_hand_matches(images):
 def test_permuting_the_parent_does_not_change_the_child(family, images, captions, vocab):
     parent = FACTORIES[family]()
     permuted = _permute_parent(parent)
-    cal, held = batches(family, images, captions, vocab), batches(family, images, captions, vocab, n=1, off=32)
+    cal, held = (
+        batches(family, images, captions, vocab),
+        batches(family, images, captions, vocab, n=1, off=32),
+    )
     torch.testing.assert_close(outputs(permuted, held), outputs(parent, held), atol=1e-5, rtol=1e-4)
     changed = [k for k, v in parent.state_dict().items() if not torch.equal(permuted.state_dict()[k], v)]
     assert len(changed) > 10  # a real relabelling, not a copy
@@ -209,9 +228,17 @@ def test_scaling_rule_applies_to_matrices_only(images):
     paper, none = sc.subclone(parent, cal, scale="paper", **kw), sc.subclone(parent, cal, scale="none", **kw)
     sp, sn = paper.model.state_dict(), none.model.state_dict()
     torch.testing.assert_close(sp["blocks.0.attn.qkv.weight"], sn["blocks.0.attn.qkv.weight"] * math.sqrt(2))
-    torch.testing.assert_close(sp["blocks.0.mlp.fc2.weight"], sn["blocks.0.mlp.fc2.weight"] * 2.0)  # 256 -> 64
+    torch.testing.assert_close(
+        sp["blocks.0.mlp.fc2.weight"], sn["blocks.0.mlp.fc2.weight"] * 2.0
+    )  # 256 -> 64
     torch.testing.assert_close(sp["head.weight"], sn["head.weight"] * math.sqrt(2))
-    for k in ("blocks.0.norm1.weight", "blocks.0.attn.qkv.bias", "pos_embed", "cls_token", "patch_embed.proj.weight"):
+    for k in (
+        "blocks.0.norm1.weight",
+        "blocks.0.attn.qkv.bias",
+        "pos_embed",
+        "cls_token",
+        "patch_embed.proj.weight",
+    ):
         torch.testing.assert_close(sp[k], sn[k])
     r = none.plan.residual
     torch.testing.assert_close(sn["blocks.0.norm1.weight"], parent.state_dict()["blocks.0.norm1.weight"][r])
@@ -253,8 +280,23 @@ def test_cli_run_end_to_end(tmp_path, capsys):
     parent = tiny_timm()
     fam = sc.family_of(parent)
     sc.save_model(tmp_path / "parent", parent, fam.arch(parent))
-    rc = main(["subclone", "run", str(tmp_path / "parent"), "--out", str(tmp_path / "child"), "--layers", "2",
-               "--width", "32", "--n-calib", "32", "--n-heldout", "16"])
+    rc = main(
+        [
+            "subclone",
+            "run",
+            str(tmp_path / "parent"),
+            "--out",
+            str(tmp_path / "child"),
+            "--layers",
+            "2",
+            "--width",
+            "32",
+            "--n-calib",
+            "32",
+            "--n-heldout",
+            "16",
+        ]
+    )
     assert rc == 0
     out = capsys.readouterr().out
     assert "function check" in out and "pearson" in out
@@ -269,10 +311,19 @@ def test_cli_run_end_to_end(tmp_path, capsys):
 def test_train_recipe_runs_through_the_engine(tmp_path):
     from vfmkit.config import load_config
 
-    cfg = load_config("subclone_vit_parent", [
-        "model.kwargs={patch_size: 8, embed_dim: 32, depth: 2, num_heads: 2}", "method_args.image_size=32",
-        "method_args.max_train=64", "method_args.max_val=32", "train.steps=4", "train.eval_every=2",
-        "train.progress=false", "data.batch_size=16"])
+    cfg = load_config(
+        "subclone_vit_parent",
+        [
+            "model.kwargs={patch_size: 8, embed_dim: 32, depth: 2, num_heads: 2}",
+            "method_args.image_size=32",
+            "method_args.max_train=64",
+            "method_args.max_val=32",
+            "train.steps=4",
+            "train.eval_every=2",
+            "train.progress=false",
+            "data.batch_size=16",
+        ],
+    )
     r = run_training(cfg, tmp_path / "p")
     assert r["step"] == 4 and r["evals"] and "eval/acc" in r["evals"][-1]
     model, arch = sc.load_model(tmp_path / "p")

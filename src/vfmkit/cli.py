@@ -28,8 +28,11 @@ COMMANDS = [
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vfmkit", description=__doc__)
-    parser.add_argument("--debug", action="store_true",
-                        help="show the full traceback of an error (also: environment VFMKIT_DEBUG=1)")
+    parser.add_argument(
+        "--debug",
+        action="store_true",
+        help="show the full traceback of an error (also: environment VFMKIT_DEBUG=1)",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     for name in COMMANDS:
         try:
@@ -65,8 +68,19 @@ def error_line(e: BaseException) -> str:
 
 
 # Error types whose message alone does not say what went wrong.
-_TERSE = {"KeyError", "IndexError", "AttributeError", "TypeError", "ZeroDivisionError", "AssertionError",
-          "NameError", "UnboundLocalError", "StopIteration", "NotImplementedError", "RecursionError"}
+_TERSE = {
+    "KeyError",
+    "IndexError",
+    "AttributeError",
+    "TypeError",
+    "ZeroDivisionError",
+    "AssertionError",
+    "NameError",
+    "UnboundLocalError",
+    "StopIteration",
+    "NotImplementedError",
+    "RecursionError",
+}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -212,7 +212,9 @@ def load_config(src: str | Path | dict | None = None, overrides: list[str] | Non
             p = Path(__file__).parent / "recipes" / f"{src}.yaml"
             if not p.is_file():
                 known = ", ".join(sorted(q.stem for q in p.parent.glob("*.yaml")))
-                raise ConfigError(f"recipe {str(src)!r} is neither a YAML file nor a builtin recipe (known: {known})")
+                raise ConfigError(
+                    f"recipe {str(src)!r} is neither a YAML file nor a builtin recipe (known: {known})"
+                )
         data = load_yaml(p)
     for k, v in parse_overrides(overrides):
         set_dotted(data, k, v)
@@ -289,4 +291,3 @@ def derive(cfg: RunConfig, updates: dict | None = None, overrides: list[str] | N
     """A new validated RunConfig: ``cfg`` with ``updates`` (a nested dict, merged section by section) and dotted
     ``overrides`` applied. ``cfg`` itself is never changed (a validated config is not edited in place)."""
     return load_config(_merge(to_dict(cfg), updates or {}), overrides)
-

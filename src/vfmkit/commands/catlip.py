@@ -1,9 +1,9 @@
 """``vfmkit catlip {vocab,label,train,transfer}``: CatLIP from captions to a transferred classifier.
 
-    vfmkit catlip vocab --data builtin:flickr8k/train --out runs/catlip/vocab.json --min-count 3
-    vfmkit catlip label --data builtin:flickr8k/train --vocab runs/catlip/vocab.json --out runs/catlip/shards
-    vfmkit catlip train [catlip_tiny] --set data.train=runs/catlip/shards --set method_args.vocab=...
-    vfmkit catlip transfer --run runs/catlip_tiny --classes builtin:imagenette --mode probe
+vfmkit catlip vocab --data builtin:flickr8k/train --out runs/catlip/vocab.json --min-count 3
+vfmkit catlip label --data builtin:flickr8k/train --vocab runs/catlip/vocab.json --out runs/catlip/shards
+vfmkit catlip train [catlip_tiny] --set data.train=runs/catlip/shards --set method_args.vocab=...
+vfmkit catlip transfer --run runs/catlip_tiny --classes builtin:imagenette --mode probe
 """
 
 from __future__ import annotations
@@ -15,13 +15,19 @@ from pathlib import Path
 
 def _add_vocab_opts(p: argparse.ArgumentParser) -> None:
     p.add_argument("--senses", choices=["first", "all"], default="first", help="noun senses per word")
-    p.add_argument("--backend", choices=["spacy", "wordnet"], default="spacy",
-                   help="spacy: POS tags + lemmas (default); wordnet: no tagger (lower quality)")
+    p.add_argument(
+        "--backend",
+        choices=["spacy", "wordnet"],
+        default="spacy",
+        help="spacy: POS tags + lemmas (default); wordnet: no tagger (lower quality)",
+    )
     p.add_argument("--no-compounds", action="store_true", help="do not add noun-noun compounds")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("catlip", help="CatLIP: caption synsets -> classification pretraining -> Transfer Init")
+    p = sub.add_parser(
+        "catlip", help="CatLIP: caption synsets -> classification pretraining -> Transfer Init"
+    )
     cs = p.add_subparsers(dest="catlip_command", required=True)
 
     v = cs.add_parser("vocab", help="build the WordNet synset vocabulary from the captions in shards")
@@ -50,8 +56,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     x = cs.add_parser("transfer", help="Transfer Init a downstream classifier, then probe or fine-tune")
     x.add_argument("--run", help="CatLIP run directory (config.json, vocab.json, model.safetensors)")
     x.add_argument("--vocab", help="vocabulary JSON (enough for --mode plan)")
-    x.add_argument("--classes", default="builtin:imagenette",
-                   help="builtin:imagenette, a classes.json (wnid keys), or comma-separated names/wnids")
+    x.add_argument(
+        "--classes",
+        default="builtin:imagenette",
+        help="builtin:imagenette, a classes.json (wnid keys), or comma-separated names/wnids",
+    )
     x.add_argument("--mode", choices=["plan", "probe", "finetune"], default="plan")
     x.add_argument("--train-data", default="builtin:imagenette/train")
     x.add_argument("--val-data", default="builtin:imagenette/val")
@@ -77,8 +86,10 @@ def run_vocab(ns: argparse.Namespace) -> int:
     vocab = build_vocab_from_shards(ns.data, _args_from(ns, min_count=ns.min_count, max_size=ns.max_size))
     vocab.save(ns.out)
     m = vocab.meta
-    print(f"{len(vocab)} synsets (of {m['n_candidates']} seen) from {m['n_captions']} captions; "
-          f"{100 * m['coverage']:.1f}% of captions have a vocabulary synset -> {ns.out}")
+    print(
+        f"{len(vocab)} synsets (of {m['n_candidates']} seen) from {m['n_captions']} captions; "
+        f"{100 * m['coverage']:.1f}% of captions have a vocabulary synset -> {ns.out}"
+    )
     for name, c in list(zip(vocab.names, vocab.counts, strict=True))[: ns.show]:
         print(f"  {c:7d}  {name}")
     return 0
@@ -90,7 +101,9 @@ def run_label(ns: argparse.Namespace) -> int:
 
     vocab = Vocabulary.load(ns.vocab)
     m = label_shards(ns.data, vocab, ns.out, _args_from(ns), shard_size=ns.shard_size)
-    print(f"{m['count']} samples labelled ({m['n_without_labels']} without any vocabulary synset) -> {ns.out}")
+    print(
+        f"{m['count']} samples labelled ({m['n_without_labels']} without any vocabulary synset) -> {ns.out}"
+    )
     return 0
 
 
@@ -137,10 +150,22 @@ def run_transfer(ns: argparse.Namespace) -> int:
         raise FileNotFoundError(f"--mode {ns.mode} needs --run")
     model, vocab, bundle = load_catlip_run(ns.run)
     out = Path(ns.out or Path(ns.run) / f"transfer-{ns.mode}")
-    res = transfer_eval(model, vocab, bundle, classes, ns.train_data, ns.val_data, mode=ns.mode,
-                        steps=ns.steps, lr=ns.lr, batch_size=ns.batch_size,
-                        transfer_init=not ns.no_transfer_init, out_dir=out, max_up=ns.max_up,
-                        max_down=ns.max_down)
+    res = transfer_eval(
+        model,
+        vocab,
+        bundle,
+        classes,
+        ns.train_data,
+        ns.val_data,
+        mode=ns.mode,
+        steps=ns.steps,
+        lr=ns.lr,
+        batch_size=ns.batch_size,
+        transfer_init=not ns.no_transfer_init,
+        out_dir=out,
+        max_up=ns.max_up,
+        max_down=ns.max_down,
+    )
     if res.get("plan"):
         print("\n".join(res["plan_lines"]))
     print(json.dumps({k: v for k, v in res.items() if k not in ("plan", "plan_lines")}))

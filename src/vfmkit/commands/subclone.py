@@ -53,8 +53,11 @@ def cmd_run(a: argparse.Namespace) -> int:
         return 2
     pd, cd, check = info["plan"].parent, info["plan"].child, info["function_check"]
     if info["parent_weights"].startswith("random"):
-        print(f"WARNING: {info['parent']} is a RANDOMLY INITIALISED parent (--allow-random-parent): "
-              f"{RANDOM_PARENT_NOTE}", file=sys.stderr)
+        print(
+            f"WARNING: {info['parent']} is a RANDOMLY INITIALISED parent (--allow-random-parent): "
+            f"{RANDOM_PARENT_NOTE}",
+            file=sys.stderr,
+        )
     print(
         f"subclone {info['parent']}: layers {pd.layers}->{cd.layers} width {pd.width}->{cd.width} heads "
         f"{pd.heads}->{cd.heads} mlp {pd.mlp_hidden}->{cd.mlp_hidden}, blocks kept {info['blocks_kept']}"
@@ -105,10 +108,16 @@ def register(subparsers: Any) -> None:
     r.add_argument("--heldout", help="held-out data for the function check (default: builtin val/heldout)")
     r.add_argument("--n-calib", type=int, default=256)
     r.add_argument("--n-heldout", type=int, default=256)
-    r.add_argument("--pretrained", help="a named parent's weights: a file, or a timm / open_clip pretrained tag "
-                   "(e.g. augreg_in21k, laion2b_s34b_b79k); without it a named parent is refused")
-    r.add_argument("--allow-random-parent", action="store_true",
-                   help="subclone a named parent with no --pretrained anyway (random init: a loud warning)")
+    r.add_argument(
+        "--pretrained",
+        help="a named parent's weights: a file, or a timm / open_clip pretrained tag "
+        "(e.g. augreg_in21k, laion2b_s34b_b79k); without it a named parent is refused",
+    )
+    r.add_argument(
+        "--allow-random-parent",
+        action="store_true",
+        help="subclone a named parent with no --pretrained anyway (random init: a loud warning)",
+    )
     r.add_argument(
         "--tower", choices=("visual", "text"), default="visual", help="open_clip tower to subclone"
     )

@@ -9,8 +9,14 @@ import json
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="train from a recipe (YAML path or builtin recipe name)")
     p.add_argument("recipe", help="YAML recipe path, or the name of a recipe in vfmkit/recipes")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="dotted override, e.g. --set optim.lr=1e-3 (repeatable)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="dotted override, e.g. --set optim.lr=1e-3 (repeatable)",
+    )
     p.add_argument("--out", default=None, help="output directory (overrides out_dir)")
     p.set_defaults(func=run)
 

@@ -131,7 +131,9 @@ def _write_images(
     """Shared loop: key = index in sorted ``names``; meta_fn(name) -> (json fields, txt or None) or reason str."""
     with FolderLock(out_dir, "vfmkit data import"):  # a second import into the same folder fails at once
         _clear_unfinished(Path(out_dir))
-        return _write_images_locked(src, names, out_dir, shard_size, meta_fn, max_size, quality, extra, compress)
+        return _write_images_locked(
+            src, names, out_dir, shard_size, meta_fn, max_size, quality, extra, compress
+        )
 
 
 def _clear_unfinished(out: Path) -> None:

@@ -186,7 +186,9 @@ class ShardLoader:
             per_slot = len(self.urls) if self.sample_split else max(1, len(self.urls) // self.n_slots)
             # in sample-split mode all slots must draw the same shard sequence, else the modulo split overlaps
             slot_seed = 0 if self.sample_split else slot
-            return [partial(_resampled, self.urls, per_slot, make_seed(slot_seed, 0, make_seed(self.seed, epoch)))]
+            return [
+                partial(_resampled, self.urls, per_slot, make_seed(slot_seed, 0, make_seed(self.seed, epoch)))
+            ]
         stages = [wds.SimpleShardList(self.urls, seed=make_seed(self.seed, epoch) if shuffle else None)]
         if not self.sample_split:
             stages += [

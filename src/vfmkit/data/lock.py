@@ -72,7 +72,9 @@ class FolderLock:
             try:
                 fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
             except OSError as e:
-                raise OutputNotWritableError(f"cannot create the lock file {str(path)!r}: {e.strerror}") from e
+                raise OutputNotWritableError(
+                    f"cannot create the lock file {str(path)!r}: {e.strerror}"
+                ) from e
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:

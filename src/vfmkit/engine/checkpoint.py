@@ -201,7 +201,9 @@ def resume_checkpoint(
         except NotACheckpointError:
             raise
         except CheckpointError as e:
-            logging.getLogger("vfmkit").warning("not resuming from %s: %s; trying the previous checkpoint", cand, e)
+            logging.getLogger("vfmkit").warning(
+                "not resuming from %s: %s; trying the previous checkpoint", cand, e
+            )
             tried.append(str(e))
     if tried:
         raise CheckpointError(
@@ -263,7 +265,9 @@ def check_resume_config(out_dir: Path, cfg_dict: dict) -> None:
     try:
         saved = json.loads(f.read_text(encoding="utf-8"))
     except (ValueError, UnicodeDecodeError) as e:
-        raise ConfigError(f"{f} is not readable JSON ({e}): cannot check what this run was started with") from e
+        raise ConfigError(
+            f"{f} is not readable JSON ({e}): cannot check what this run was started with"
+        ) from e
     diffs = resume_config_differences(saved, json.loads(json.dumps(cfg_dict)))  # as config.json holds it
     if diffs:
         raise ConfigError(

@@ -396,7 +396,9 @@ class _Run:
                 "samples_per_s": self.window_n / max(now - self.window_t, 1e-9),
             }
             rec.update({k: all_reduce_mean(v, self.device) for k, v in logs.items()})
-            if hasattr(self.loader, "n_corrupt"):  # the run's total so far, over all ranks: seen, not only in state.pt
+            if hasattr(
+                self.loader, "n_corrupt"
+            ):  # the run's total so far, over all ranks: seen, not only in state.pt
                 n = all_reduce_mean(float(self.loader.n_corrupt), self.device) * self.dist_info.world_size
                 rec["n_corrupt"] = self.logs["n_corrupt"] = int(round(n))
             self.window_t, self.window_n = now, 0

@@ -21,8 +21,10 @@ def check_tasks(tasks: list[str], also: tuple[str, ...] = ()) -> list[str]:
     known = CLIP_TASKS + tuple(also)
     bad = [t for t in tasks if t not in known]
     if bad or not tasks:
-        raise ValueError(f"unknown eval task(s) {', '.join(map(repr, bad)) or '(none given)'}: "
-                         f"choose from {', '.join(known)} (comma-separated)")
+        raise ValueError(
+            f"unknown eval task(s) {', '.join(map(repr, bad)) or '(none given)'}: "
+            f"choose from {', '.join(known)} (comma-separated)"
+        )
     return tasks
 
 

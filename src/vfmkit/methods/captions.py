@@ -29,15 +29,32 @@ SOT_ID, EOT_ID = 49406, 49407  # open_clip SimpleTokenizer's <start_of_text> / <
 TINY_COCA_CFG: dict = {
     "embed_dim": 128,
     "vision_cfg": {
-        "image_size": 64, "layers": 2, "width": 128, "patch_size": 8, "head_width": 32,
-        "attentional_pool": True, "attn_pooler_heads": 4, "attn_pooler_queries": 16, "output_tokens": True,
+        "image_size": 64,
+        "layers": 2,
+        "width": 128,
+        "patch_size": 8,
+        "head_width": 32,
+        "attentional_pool": True,
+        "attn_pooler_heads": 4,
+        "attn_pooler_queries": 16,
+        "output_tokens": True,
     },
     "text_cfg": {
-        "context_length": 32, "vocab_size": 49408, "width": 128, "heads": 4, "layers": 2,
-        "embed_cls": True, "output_tokens": True,
+        "context_length": 32,
+        "vocab_size": 49408,
+        "width": 128,
+        "heads": 4,
+        "layers": 2,
+        "embed_cls": True,
+        "output_tokens": True,
     },
     "multimodal_cfg": {
-        "context_length": 32, "vocab_size": 49408, "width": 128, "heads": 4, "layers": 2, "attn_pooler_heads": 4,
+        "context_length": 32,
+        "vocab_size": 49408,
+        "width": 128,
+        "heads": 4,
+        "layers": 2,
+        "attn_pooler_heads": 4,
     },
 }
 
@@ -46,14 +63,14 @@ def _init_text_decoder(dec: torch.nn.Module) -> None:
     """CLIP-style init of a CoCa text decoder. open_clip 3.3 never initialises it (its ``init_parameters`` refers to
     a missing ``self.transformer`` and is not called), so ``text_projection`` is left as ``torch.empty`` garbage
     (logits ~1e35) in a model that is not loaded from a checkpoint."""
-    proj_std = dec.width ** -0.5 * (2 * dec.layers) ** -0.5
-    attn_std, fc_std = dec.width ** -0.5, (2 * dec.width) ** -0.5
+    proj_std = dec.width**-0.5 * (2 * dec.layers) ** -0.5
+    attn_std, fc_std = dec.width**-0.5, (2 * dec.width) ** -0.5
     for block in [*dec.resblocks, *dec.cross_attn]:
         torch.nn.init.normal_(block.attn.in_proj_weight, std=attn_std)
         torch.nn.init.normal_(block.attn.out_proj.weight, std=proj_std)
         torch.nn.init.normal_(block.mlp.c_fc.weight, std=fc_std)
         torch.nn.init.normal_(block.mlp.c_proj.weight, std=proj_std)
-    torch.nn.init.normal_(dec.text_projection, std=dec.width ** -0.5)
+    torch.nn.init.normal_(dec.text_projection, std=dec.width**-0.5)
 
 
 def create_tiny_coca(cfg: dict | None = None) -> open_clip.CoCa:
@@ -66,12 +83,22 @@ def create_tiny_coca(cfg: dict | None = None) -> open_clip.CoCa:
 class Captioner(torch.nn.Module):
     """An open_clip CoCa plus its tokenizer and image preprocessing, taking images in [0, 1]."""
 
-    def __init__(self, model: open_clip.CoCa, image_size: int, mean: tuple, std: tuple,
-                 model_cfg: dict | None = None, name: str = "coca", vocab: list[int] | None = None):
+    def __init__(
+        self,
+        model: open_clip.CoCa,
+        image_size: int,
+        mean: tuple,
+        std: tuple,
+        model_cfg: dict | None = None,
+        name: str = "coca",
+        vocab: list[int] | None = None,
+    ):
         super().__init__()
         self.model = model.eval()
         self.image_size = int(image_size)
-        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer(
+            "mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1), persistent=False
+        )
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
         self.model_cfg = model_cfg
         self.name = name
@@ -116,8 +143,17 @@ class Captioner(torch.nn.Module):
         return texts
 
     @torch.no_grad()
-    def generate(self, images: list[Tensor] | Tensor, n: int = 5, *, top_p: float = 0.9, seed: int = 0,
-                 seq_len: int = 30, temperature: float = 1.0, min_seq_len: int = 5) -> list[list[str]]:
+    def generate(
+        self,
+        images: list[Tensor] | Tensor,
+        n: int = 5,
+        *,
+        top_p: float = 0.9,
+        seed: int = 0,
+        seq_len: int = 30,
+        temperature: float = 1.0,
+        min_seq_len: int = 5,
+    ) -> list[list[str]]:
         """``n`` nucleus-sampled captions per image -> list (per image) of ``n`` strings.
 
         Sampling is seeded by ``seed`` (through a forked RNG, so the caller's RNG is untouched): the same images and
@@ -129,14 +165,29 @@ class Captioner(torch.nn.Module):
         with torch.random.fork_rng(devices=devices):
             torch.manual_seed(seed)
             if getattr(open_clip.coca_model, "_has_transformers", False):
-                ids = self.model.generate(x, generation_type="top_p", top_p=top_p, seq_len=seq_len,
-                                          temperature=temperature, min_seq_len=min_seq_len,
-                                          sot_token_id=self.sot_id, eos_token_id=self.eot_id)
+                ids = self.model.generate(
+                    x,
+                    generation_type="top_p",
+                    top_p=top_p,
+                    seq_len=seq_len,
+                    temperature=temperature,
+                    min_seq_len=min_seq_len,
+                    sot_token_id=self.sot_id,
+                    eos_token_id=self.eot_id,
+                )
             else:
-                ids = top_p_generate(self.model, x, top_p=top_p, seq_len=seq_len, temperature=temperature,
-                                     min_seq_len=min_seq_len, sot_id=self.sot_id, eot_id=self.eot_id)
+                ids = top_p_generate(
+                    self.model,
+                    x,
+                    top_p=top_p,
+                    seq_len=seq_len,
+                    temperature=temperature,
+                    min_seq_len=min_seq_len,
+                    sot_id=self.sot_id,
+                    eot_id=self.eot_id,
+                )
         texts = self.decode(ids)
-        return [texts[i * n:(i + 1) * n] for i in range(len(texts) // n)]
+        return [texts[i * n : (i + 1) * n] for i in range(len(texts) // n)]
 
 
 def _top_p_filter(logits: Tensor, top_p: float) -> Tensor:
@@ -150,9 +201,18 @@ def _top_p_filter(logits: Tensor, top_p: float) -> Tensor:
 
 
 @torch.no_grad()
-def top_p_generate(model: open_clip.CoCa, images: Tensor, *, top_p: float = 0.9, seq_len: int = 30,
-                   temperature: float = 1.0, min_seq_len: int = 5, pad_id: int = 0, sot_id: int = SOT_ID,
-                   eot_id: int = EOT_ID) -> Tensor:
+def top_p_generate(
+    model: open_clip.CoCa,
+    images: Tensor,
+    *,
+    top_p: float = 0.9,
+    seq_len: int = 30,
+    temperature: float = 1.0,
+    min_seq_len: int = 5,
+    pad_id: int = 0,
+    sot_id: int = SOT_ID,
+    eot_id: int = EOT_ID,
+) -> Tensor:
     """open_clip ``CoCa.generate(generation_type="top_p")`` without its transformers dependency.
 
     open_clip 3.3 imports ``BeamSearchScorer`` from transformers, which transformers 5 (needed by
@@ -168,8 +228,9 @@ def top_p_generate(model: open_clip.CoCa, images: Tensor, *, top_p: float = 0.9,
         done = (out[:, -1] == eot_id) | (out[:, -1] == pad_id)
         if done.all():
             break
-        logits = model(images, out, image_latent=image_latent, image_embs=image_embs,
-                       output_labels=False)["logits"][:, -1][~done]
+        logits = model(images, out, image_latent=image_latent, image_embs=image_embs, output_labels=False)[
+            "logits"
+        ][:, -1][~done]
         if cur_len < min_seq_len:
             logits[:, eot_id] = float("-inf")
         probs = F.softmax(_top_p_filter(logits, top_p) / temperature, dim=-1)
@@ -191,9 +252,15 @@ def save_captioner(captioner: Captioner, out_dir: str | Path) -> Path:
         raise ValueError("only captioners built from a model config (e.g. the tiny CoCa) can be saved here")
     out = Path(out_dir)
     atomic_save_safetensors(out / "model.safetensors", captioner.model)
-    meta = {"format": CAPTIONER_FORMAT, "name": captioner.name, "model_cfg": captioner.model_cfg,
-            "image_size": captioner.image_size, "mean": captioner.mean.flatten().tolist(),
-            "std": captioner.std.flatten().tolist(), "vocab": captioner.vocab}
+    meta = {
+        "format": CAPTIONER_FORMAT,
+        "name": captioner.name,
+        "model_cfg": captioner.model_cfg,
+        "image_size": captioner.image_size,
+        "mean": captioner.mean.flatten().tolist(),
+        "std": captioner.std.flatten().tolist(),
+        "vocab": captioner.vocab,
+    }
     atomic_write_bytes(out / "captioner.json", json.dumps(meta, indent=1).encode())
     return out
 
@@ -215,13 +282,17 @@ def load_captioner(spec: str, device: str = "cpu") -> Captioner:
     path = Path(spec)
     meta_path = path / "captioner.json"
     if not meta_path.is_file():
-        raise FileNotFoundError(f"captioner {spec!r}: no {meta_path} (expected openclip:NAME:TAG or a saved dir)")
+        raise FileNotFoundError(
+            f"captioner {spec!r}: no {meta_path} (expected openclip:NAME:TAG or a saved dir)"
+        )
     try:
         meta = json.loads(meta_path.read_text())
     except json.JSONDecodeError as e:
         raise ValueError(f"captioner file {meta_path} is corrupt: {e}") from e
     if meta.get("format") != CAPTIONER_FORMAT:
-        raise ValueError(f"captioner file {meta_path}: format {meta.get('format')!r} is not {CAPTIONER_FORMAT}")
+        raise ValueError(
+            f"captioner file {meta_path}: format {meta.get('format')!r} is not {CAPTIONER_FORMAT}"
+        )
     from safetensors.torch import load_file
 
     model = create_tiny_coca(meta["model_cfg"])
@@ -229,8 +300,15 @@ def load_captioner(spec: str, device: str = "cpu") -> Captioner:
         model.load_state_dict(load_file(str(path / "model.safetensors")))
     except Exception as e:  # a truncated/corrupt weights file: name it
         raise ValueError(f"captioner weights {path / 'model.safetensors'} cannot be loaded: {e}") from e
-    return Captioner(model, meta["image_size"], tuple(meta["mean"]), tuple(meta["std"]),
-                     model_cfg=meta["model_cfg"], name=meta.get("name", "coca"), vocab=meta.get("vocab")).to(device)
+    return Captioner(
+        model,
+        meta["image_size"],
+        tuple(meta["mean"]),
+        tuple(meta["std"]),
+        model_cfg=meta["model_cfg"],
+        name=meta.get("name", "coca"),
+        vocab=meta.get("vocab"),
+    ).to(device)
 
 
 def read_captions_jsonl(path: str | Path) -> dict[str, list[str]]:
@@ -266,8 +344,14 @@ class CoCaCaptions:
         self.captioner, self.n, self.top_p, self.seq_len = captioner, n, top_p, seq_len
 
     def describe(self) -> dict:
-        return {"source": "coca", "name": self.captioner.name, "n": self.n, "top_p": self.top_p,
-                "seq_len": self.seq_len, "generation": "top_p"}
+        return {
+            "source": "coca",
+            "name": self.captioner.name,
+            "n": self.n,
+            "top_p": self.top_p,
+            "seq_len": self.seq_len,
+            "generation": "top_p",
+        }
 
     def __call__(self, uids: list[str], images: list[Tensor], seed: int) -> list[list[str]]:
         """uids [B], images B x [3, H, W] -> B lists of ``n`` captions."""
@@ -295,8 +379,9 @@ class JsonlCaptions:
         return out
 
 
-def make_caption_source(spec: str, n: int, *, top_p: float = 0.9, seq_len: int = 30,
-                        device: str = "cpu") -> CoCaCaptions | JsonlCaptions:
+def make_caption_source(
+    spec: str, n: int, *, top_p: float = 0.9, seq_len: int = 30, device: str = "cpu"
+) -> CoCaCaptions | JsonlCaptions:
     """``*.jsonl`` / ``jsonl:PATH`` -> :class:`JsonlCaptions`; a captioner spec -> :class:`CoCaCaptions`."""
     if spec.startswith("jsonl:") or spec.endswith(".jsonl"):
         return JsonlCaptions(spec.removeprefix("jsonl:"), n)
@@ -317,7 +402,9 @@ class CocaArgs:
     captions_per_image: int = 5  # caption columns per image; short lists are cycled
 
 
-def read_image_captions(urls: list[str], image_size: int, max_images: int | None) -> tuple[Tensor, list[list[str]]]:
+def read_image_captions(
+    urls: list[str], image_size: int, max_images: int | None
+) -> tuple[Tensor, list[list[str]]]:
     """Shards with ``jpg`` + json ``captions`` (or ``txt``) -> (uint8 [N,3,S,S] short-side-resized centre crops,
     N caption lists). Images are shrunk once to the captioner's size so a few thousand fit in memory."""
     from vfmkit.data.decode import decode_uint8
@@ -329,7 +416,9 @@ def read_image_captions(urls: list[str], image_size: int, max_images: int | None
             meta = json.loads(sample["json"]) if "json" in sample else {}
             caps = meta.get("captions") or ([sample["txt"].decode("utf-8")] if "txt" in sample else [])
             if not caps or "jpg" not in sample:
-                raise KeyError(f"{url}: sample {sample['__key__']} lacks a jpg or a caption (json 'captions'/txt)")
+                raise KeyError(
+                    f"{url}: sample {sample['__key__']} lacks a jpg or a caption (json 'captions'/txt)"
+                )
             img = decode_uint8(sample["jpg"], name=sample["__key__"], backend="torchvision")
             images.append((resize_center_crop(img, image_size) * 255).round().to(torch.uint8))
             captions.append(list(caps))
@@ -355,23 +444,37 @@ def caption_table(captioner: Captioner, images: Tensor, captions: list[list[str]
 def coca_loss_fn(args: CocaArgs, mean: Tensor, std: Tensor):
     """open_clip's CoCaLoss on a batch {"image": uint8 [B,3,S,S], "text": long [B,C,L]}; one caption per image,
     chosen by a generator seeded with the step (so a resumed run picks the same captions)."""
-    loss = open_clip.CoCaLoss(caption_loss_weight=args.caption_loss_weight, clip_loss_weight=args.clip_loss_weight)
+    loss = open_clip.CoCaLoss(
+        caption_loss_weight=args.caption_loss_weight, clip_loss_weight=args.clip_loss_weight
+    )
 
     def loss_fn(model, batch: dict, step: int):
-        img = (batch["image"].float() / 255.0 - mean.to(batch["image"].device)) / std.to(batch["image"].device)
+        img = (batch["image"].float() / 255.0 - mean.to(batch["image"].device)) / std.to(
+            batch["image"].device
+        )
         g = torch.Generator().manual_seed(step)
         col = torch.randint(batch["text"].shape[1], (batch["text"].shape[0],), generator=g)
         text = batch["text"][torch.arange(len(col)), col.to(batch["text"].device)]
         out = model(img, text)
-        clip_l, cap_l = loss(out["image_features"], out["text_features"], out["logits"], out["labels"],
-                             out["logit_scale"])
+        clip_l, cap_l = loss(
+            out["image_features"], out["text_features"], out["logits"], out["labels"], out["logit_scale"]
+        )
         return clip_l + cap_l, {"clip_loss": float(clip_l.detach()), "caption_loss": float(cap_l.detach())}
 
     return loss_fn
 
 
-def caption_shards(captioner: Captioner, urls: list[str], out_path: str | Path, n: int = 5, *,
-                   top_p: float = 0.9, seed: int = 0, batch_size: int = 16, seq_len: int = 30) -> int:
+def caption_shards(
+    captioner: Captioner,
+    urls: list[str],
+    out_path: str | Path,
+    n: int = 5,
+    *,
+    top_p: float = 0.9,
+    seed: int = 0,
+    batch_size: int = 16,
+    seq_len: int = 30,
+) -> int:
     """Caption every image of ``urls`` (``n`` top-p captions each, batched) and write a JSONL (uid -> captions).
 
     Batch b is sampled with seed ``seed + b``: the same inputs and settings give the same file. Returns the count.
@@ -386,8 +489,11 @@ def caption_shards(captioner: Captioner, urls: list[str], out_path: str | Path, 
 
     def flush() -> None:
         nonlocal batch_index
-        for uid, caps in zip(uids, captioner.generate(images, n, top_p=top_p, seed=seed + batch_index,
-                                                      seq_len=seq_len), strict=True):
+        for uid, caps in zip(
+            uids,
+            captioner.generate(images, n, top_p=top_p, seed=seed + batch_index, seq_len=seq_len),
+            strict=True,
+        ):
             table[uid] = caps
         batch_index += 1
         uids.clear()

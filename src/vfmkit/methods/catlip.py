@@ -49,8 +49,11 @@ class CatlipArgs:
 
 def parse_args(cfg: RunConfig) -> CatlipArgs:
     a = parse_section(CatlipArgs, cfg.method_args, "method_args")
-    for key, val, ok in (("senses", a.senses, ("first", "all")), ("backend", a.backend, ("spacy", "wordnet")),
-                         ("head_bias", a.head_bias, ("prior", "zero"))):
+    for key, val, ok in (
+        ("senses", a.senses, ("first", "all")),
+        ("backend", a.backend, ("spacy", "wordnet")),
+        ("head_bias", a.head_bias, ("prior", "zero")),
+    ):
         if val not in ok:
             raise ConfigError(f"config key 'method_args.{key}': {val!r} is not one of {', '.join(ok)}")
     return a
@@ -98,14 +101,18 @@ def tag_shards(spec: str | list[str], tagger: Any) -> SampleSynsets:
     out: SampleSynsets = {}
     i = 0
     for k, n in keys:
-        out[k] = flat[i: i + n]
+        out[k] = flat[i : i + n]
         i += n
     return out
 
 
-def build_vocab_from_shards(spec: str | list[str], args: CatlipArgs | None = None,
-                            wordnet: WordNet | None = None, tagger: Any = None,
-                            tagged: SampleSynsets | None = None) -> Vocabulary:
+def build_vocab_from_shards(
+    spec: str | list[str],
+    args: CatlipArgs | None = None,
+    wordnet: WordNet | None = None,
+    tagger: Any = None,
+    tagged: SampleSynsets | None = None,
+) -> Vocabulary:
     """Count synsets over every caption of every sample in ``spec`` (any ``list_shards`` spec)."""
     args = args or CatlipArgs()
     wn = wordnet or load_wordnet()
@@ -114,13 +121,24 @@ def build_vocab_from_shards(spec: str | list[str], args: CatlipArgs | None = Non
     per_caption = [s for caps in tagged.values() for s in caps]
     if not per_caption:
         raise ValueError(f"no captions found in {spec!r}")
-    meta = {"senses": args.senses, "backend": args.backend, "compounds": args.compounds,
-            "source": spec if isinstance(spec, str) else list(spec)}
+    meta = {
+        "senses": args.senses,
+        "backend": args.backend,
+        "compounds": args.compounds,
+        "source": spec if isinstance(spec, str) else list(spec),
+    }
     return build_vocab(per_caption, wn, min_count=args.min_count, max_size=args.max_size, meta=meta)
 
 
-def label_shards(spec: str | list[str], vocab: Vocabulary, out_dir: str | Path, args: CatlipArgs | None = None,
-                 tagger: Any = None, shard_size: int = 1000, tagged: SampleSynsets | None = None) -> dict:
+def label_shards(
+    spec: str | list[str],
+    vocab: Vocabulary,
+    out_dir: str | Path,
+    args: CatlipArgs | None = None,
+    tagger: Any = None,
+    shard_size: int = 1000,
+    tagged: SampleSynsets | None = None,
+) -> dict:
     """Copy the shards in ``spec`` to ``out_dir`` adding ``labels.json`` = ``{"rows": [...], "vocab": sha}``.
 
     Rows are the union over a sample's captions. Returns the manifest; it records ``catlip_vocab`` (the
@@ -133,15 +151,24 @@ def label_shards(spec: str | list[str], vocab: Vocabulary, out_dir: str | Path, 
     if tagged is None:
         tagged = tag_shards(spec, tagger or _tagger(args, load_wordnet()))
     sha, n_empty = vocab.sha256(), 0
-    extra = {"kind": "catlip-labelled", "catlip_vocab": sha, "vocab_size": len(vocab),
-             "source": spec if isinstance(spec, str) else list(spec)}
+    extra = {
+        "kind": "catlip-labelled",
+        "catlip_vocab": sha,
+        "vocab_size": len(vocab),
+        "source": spec if isinstance(spec, str) else list(spec),
+    }
     with ShardWriter(out_dir, max_count=shard_size, extra=extra) as w:
         for raw in _samples(spec):
             key = raw["__key__"]
             rows = vocab.encode(o for s in tagged[(raw["__url__"], key)] for o in s)
             n_empty += not rows
-            w.write({"__key__": key, **{e: b for e, b in raw.items() if e != LABELS_MEMBER},
-                     LABELS_MEMBER: {"rows": rows, "vocab": sha}})
+            w.write(
+                {
+                    "__key__": key,
+                    **{e: b for e, b in raw.items() if e != LABELS_MEMBER},
+                    LABELS_MEMBER: {"rows": rows, "vocab": sha},
+                }
+            )
         w.extra["n_without_labels"] = n_empty
         vocab.save(Path(out_dir) / "vocab.json")  # a labelled folder carries its own vocabulary
     return read_manifest(out_dir)
@@ -170,8 +197,14 @@ class CatlipModel(nn.Module):
         return self.head(self.features(images))
 
 
-def create_catlip_model(name: str, vocab: Vocabulary, *, pretrained: str | None = None,
-                        image_size: int | None = None, head_bias: str = "prior") -> tuple[CatlipModel, Any]:
+def create_catlip_model(
+    name: str,
+    vocab: Vocabulary,
+    *,
+    pretrained: str | None = None,
+    image_size: int | None = None,
+    head_bias: str = "prior",
+) -> tuple[CatlipModel, Any]:
     """The image tower of open_clip model ``name`` + a head over ``vocab``; returns (model, ClipBundle)."""
     from vfmkit.models.factory import create_clip
 
@@ -188,7 +221,9 @@ def catlip_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Multi-label BCE, summed over the vocabulary and averaged over the batch (the paper's reduction).
 
     logits, targets: [B, V] (targets in {0, 1}). Returns a scalar."""
-    return F.binary_cross_entropy_with_logits(logits.float(), targets.float(), reduction="sum") / logits.shape[0]
+    return (
+        F.binary_cross_entropy_with_logits(logits.float(), targets.float(), reduction="sum") / logits.shape[0]
+    )
 
 
 def make_catlip_loss_fn() -> Callable:
@@ -236,8 +271,10 @@ class TransferPlan:
         out = []
         for r in self.report:
             via = ", ".join(r["via"]) or "-"
-            out.append(f"{r['class']} -> {r['synset']}: {r['match']}"
-                       f"{'' if r['match'] in ('exact', 'none') else ' +' + str(r['depth'])} via {via}")
+            out.append(
+                f"{r['class']} -> {r['synset']}: {r['match']}"
+                f"{'' if r['match'] in ('exact', 'none') else ' +' + str(r['depth'])} via {via}"
+            )
         return out
 
 
@@ -255,8 +292,16 @@ def resolve_class(ref: str | int, wordnet: WordNet) -> int:
 
 def _plan_one(ref: str | int, vocab: Vocabulary, wn: WordNet, max_up: int, max_down: int) -> dict:
     off = resolve_class(ref, wn)
-    rec = {"class": str(ref), "synset": wn.name(off), "wnid": offset_to_wnid(off), "match": "none",
-           "depth": 0, "rows": [], "via": [], "paths": []}
+    rec = {
+        "class": str(ref),
+        "synset": wn.name(off),
+        "wnid": offset_to_wnid(off),
+        "match": "none",
+        "depth": 0,
+        "rows": [],
+        "via": [],
+        "paths": [],
+    }
     if off in vocab.index:
         rec.update(match="exact", rows=[vocab.index[off]], via=[wn.name(off)])
         return rec
@@ -270,13 +315,24 @@ def _plan_one(ref: str | int, vocab: Vocabulary, wn: WordNet, max_up: int, max_d
     else:
         return rec
     hits = sorted({p[-1] for p in paths}, key=lambda o: vocab.index[o])
-    rec.update(match=kind, depth=depth, rows=[vocab.index[o] for o in hits], via=[wn.name(o) for o in hits],
-               paths=[[wn.name(o) for o in p] for p in paths])
+    rec.update(
+        match=kind,
+        depth=depth,
+        rows=[vocab.index[o] for o in hits],
+        via=[wn.name(o) for o in hits],
+        paths=[[wn.name(o) for o in p] for p in paths],
+    )
     return rec
 
 
-def plan_transfer_init(vocab: Vocabulary, classes: list[str | int], wordnet: WordNet | None = None, *,
-                       max_up: int = 6, max_down: int = 3) -> TransferPlan:
+def plan_transfer_init(
+    vocab: Vocabulary,
+    classes: list[str | int],
+    wordnet: WordNet | None = None,
+    *,
+    max_up: int = 6,
+    max_down: int = 3,
+) -> TransferPlan:
     """Which vocabulary rows initialise each downstream class (exact synset, else nearest hypernyms,
     else nearest hyponyms within ``max_up`` / ``max_down`` steps)."""
     wn = wordnet or load_wordnet()
@@ -312,7 +368,7 @@ def predict(model: nn.Module, images: torch.Tensor, batch_size: int = 256) -> to
     """images [N,3,H,W] -> logits [N,C] in eval mode."""
     was = model.training
     model.eval()
-    out = torch.cat([model(images[i: i + batch_size]) for i in range(0, len(images), batch_size)])
+    out = torch.cat([model(images[i : i + batch_size]) for i in range(0, len(images), batch_size)])
     model.train(was)
     return out
 
@@ -361,8 +417,10 @@ def prepare_data(cfg: RunConfig, args: CatlipArgs, is_main: bool = True) -> tupl
     if m is not None:
         vocab = Vocabulary.load(args.vocab or Path(cfg.data.train) / "vocab.json")
         if m.get("catlip_vocab") != vocab.sha256():
-            raise ConfigError(f"config key 'method_args.vocab': shards in {cfg.data.train} were labelled with "
-                              f"vocabulary {m.get('catlip_vocab')}, not {vocab.sha256()}")
+            raise ConfigError(
+                f"config key 'method_args.vocab': shards in {cfg.data.train} were labelled with "
+                f"vocabulary {m.get('catlip_vocab')}, not {vocab.sha256()}"
+            )
         return vocab, cfg.data.train
     vocab_path = Path(args.vocab) if args.vocab else out / "vocab.json"
     labelled = Path(args.labelled_dir) if args.labelled_dir else out / "labelled"
@@ -392,16 +450,23 @@ def build(cfg: RunConfig, dist_info: DistInfo) -> Job:
     if dist_info.is_main:
         vocab.save(Path(cfg.out_dir) / "vocab.json")  # load_catlip_run() needs it beside the weights
     torch.manual_seed(cfg.seed)
-    model, bundle = create_catlip_model(cfg.model.name, vocab, pretrained=cfg.model.pretrained,
-                                        image_size=cfg.data.image_size, head_bias=args.head_bias)
-    loader = ShardLoader.from_config(cfg, make_catlip_decoder(bundle.preprocess_train, vocab), dist_info,
-                                     urls=spec)
+    model, bundle = create_catlip_model(
+        cfg.model.name,
+        vocab,
+        pretrained=cfg.model.pretrained,
+        image_size=cfg.data.image_size,
+        head_bias=args.head_bias,
+    )
+    loader = ShardLoader.from_config(
+        cfg, make_catlip_decoder(bundle.preprocess_train, vocab), dist_info, urls=spec
+    )
     return Job(model, make_catlip_loss_fn(), loader, extra={"bundle": bundle, "vocab": vocab})
 
 
 # ---- downstream: probe / fine-tune after Transfer Init -------------------------------------------------
-def load_class_shards(spec: str | list[str], transform: Callable,
-                      classes: list[str] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def load_class_shards(
+    spec: str | list[str], transform: Callable, classes: list[str] | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Class shards (json ``label``/``wnid``) -> images [N,3,H,W], labels [N] (long).
 
     With ``classes`` (wnids), labels are positions in that list (so any class order works)."""
@@ -427,29 +492,57 @@ def load_class_shards(spec: str | list[str], transform: Callable,
 def _downstream_cfg(steps: int, lr: float, batch_size: int, seed: int, weight_decay: float) -> RunConfig:
     from vfmkit.config import load_config
 
-    return load_config({"method": "catlip", "seed": seed, "data": {"batch_size": batch_size},
-                        "optim": {"lr": lr, "weight_decay": weight_decay, "warmup_steps": max(1, steps // 10)},
-                        "train": {"steps": steps, "log_every": max(1, steps // 5), "progress": False,
-                                  "tensorboard": False, "ckpt_every": 0, "resume": False}})
+    return load_config(
+        {
+            "method": "catlip",
+            "seed": seed,
+            "data": {"batch_size": batch_size},
+            "optim": {"lr": lr, "weight_decay": weight_decay, "warmup_steps": max(1, steps // 10)},
+            "train": {
+                "steps": steps,
+                "log_every": max(1, steps // 5),
+                "progress": False,
+                "tensorboard": False,
+                "ckpt_every": 0,
+                "resume": False,
+            },
+        }
+    )
 
 
-def fit_downstream(net: CatlipModel, train_x: torch.Tensor, train_y: torch.Tensor, *, mode: str, steps: int,
-                   lr: float, batch_size: int, out_dir: str | Path, seed: int = 0) -> CatlipModel:
+def fit_downstream(
+    net: CatlipModel,
+    train_x: torch.Tensor,
+    train_y: torch.Tensor,
+    *,
+    mode: str,
+    steps: int,
+    lr: float,
+    batch_size: int,
+    out_dir: str | Path,
+    seed: int = 0,
+) -> CatlipModel:
     """Train ``net`` (tower + C-way head) with CE through the engine: ``mode="probe"`` trains only the head
     on cached tower features; ``"finetune"`` trains everything on the images. Returns ``net``."""
     if mode == "probe":  # the one engine-trained linear probe, on cached tower features
         from vfmkit.eval.probe import fit_linear_head
 
         feats = predict(_Features(net), train_x)
-        fit_linear_head(net.head, feats, train_y, _downstream_cfg(steps, lr, batch_size, seed, weight_decay=0.0),
-                        out_dir)
+        fit_linear_head(
+            net.head, feats, train_y, _downstream_cfg(steps, lr, batch_size, seed, weight_decay=0.0), out_dir
+        )
     elif mode == "finetune":  # method 'supervised' (CE on the handed tensors) through the registry
         from vfmkit.config import derive
         from vfmkit.methods.registry import run_job
 
-        cfg = derive(_downstream_cfg(steps, lr, batch_size, seed, weight_decay=0.05),
-                     {"method": "supervised", "out_dir": str(out_dir),
-                      "method_args": {"input_key": "image", "label_key": "label"}})
+        cfg = derive(
+            _downstream_cfg(steps, lr, batch_size, seed, weight_decay=0.05),
+            {
+                "method": "supervised",
+                "out_dir": str(out_dir),
+                "method_args": {"input_key": "image", "label_key": "label"},
+            },
+        )
         run_job(cfg, build_kwargs={"model": net, "tensors": {"image": train_x, "label": train_y}})
     else:
         raise ValueError(f"mode must be 'probe' or 'finetune', got {mode!r}")
@@ -465,10 +558,24 @@ class _Features(nn.Module):
         return self.net.features(x)
 
 
-def transfer_eval(model: CatlipModel, vocab: Vocabulary, bundle: Any, classes: list[str], train_spec: str,
-                  val_spec: str, *, mode: str = "probe", steps: int = 100, lr: float | None = None,
-                  batch_size: int = 64, transfer_init: bool = True, out_dir: str | Path = "runs/transfer",
-                  max_up: int = 6, max_down: int = 3, seed: int = 0) -> dict:
+def transfer_eval(
+    model: CatlipModel,
+    vocab: Vocabulary,
+    bundle: Any,
+    classes: list[str],
+    train_spec: str,
+    val_spec: str,
+    *,
+    mode: str = "probe",
+    steps: int = 100,
+    lr: float | None = None,
+    batch_size: int = 64,
+    transfer_init: bool = True,
+    out_dir: str | Path = "runs/transfer",
+    max_up: int = 6,
+    max_down: int = 3,
+    seed: int = 0,
+) -> dict:
     """Transfer Init (or a random head), evaluate before training, probe or fine-tune, evaluate again."""
     import copy
 
@@ -480,13 +587,28 @@ def transfer_eval(model: CatlipModel, vocab: Vocabulary, bundle: Any, classes: l
     net.head = transfer_head(model.head, plan) if transfer_init else nn.Linear(model.embed_dim, len(classes))
     train_x, train_y = load_class_shards(train_spec, bundle.preprocess_val, classes)
     val_x, val_y = load_class_shards(val_spec, bundle.preprocess_val, classes)
-    res: dict[str, Any] = {"mode": mode, "transfer_init": transfer_init, "classes": classes, "steps": steps,
-                           "n_train": len(train_y), "n_val": len(val_y)}
+    res: dict[str, Any] = {
+        "mode": mode,
+        "transfer_init": transfer_init,
+        "classes": classes,
+        "steps": steps,
+        "n_train": len(train_y),
+        "n_val": len(val_y),
+    }
     if transfer_init:
         res.update(plan=plan.report, plan_lines=plan.describe())
     res["init_top1"] = classification_metrics(predict(net, val_x), val_y)["top1"]
     lr = lr if lr is not None else (1e-2 if mode == "probe" else 3e-4)
-    fit_downstream(net, train_x, train_y, mode=mode, steps=steps, lr=lr, batch_size=batch_size,
-                   out_dir=out_dir, seed=seed)
+    fit_downstream(
+        net,
+        train_x,
+        train_y,
+        mode=mode,
+        steps=steps,
+        lr=lr,
+        batch_size=batch_size,
+        out_dir=out_dir,
+        seed=seed,
+    )
     res.update(classification_metrics(predict(net, val_x), val_y))
     return res

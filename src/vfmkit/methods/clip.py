@@ -32,8 +32,13 @@ class ClipArgs:
     gather_with_grad: bool = True
 
 
-def make_contrastive_loss(kind: str, cfg: RunConfig, dist_info: DistInfo, local_loss: bool | None = None,
-                          gather_with_grad: bool | None = None) -> nn.Module:
+def make_contrastive_loss(
+    kind: str,
+    cfg: RunConfig,
+    dist_info: DistInfo,
+    local_loss: bool | None = None,
+    gather_with_grad: bool | None = None,
+) -> nn.Module:
     """open_clip's ClipLoss / SigLipLoss; ``local_loss`` / ``gather_with_grad`` default to ``cfg.method_args``'s
     (True when absent)."""
     from open_clip.loss import ClipLoss, SigLipLoss
@@ -43,8 +48,12 @@ def make_contrastive_loss(kind: str, cfg: RunConfig, dist_info: DistInfo, local_
     if gather_with_grad is None:
         gather_with_grad = bool(cfg.method_args.get("gather_with_grad", True))
     if kind == "clip":
-        return ClipLoss(local_loss=local_loss, gather_with_grad=gather_with_grad,
-                        rank=dist_info.rank, world_size=dist_info.world_size)
+        return ClipLoss(
+            local_loss=local_loss,
+            gather_with_grad=gather_with_grad,
+            rank=dist_info.rank,
+            world_size=dist_info.world_size,
+        )
     if kind == "siglip":
         return SigLipLoss(rank=dist_info.rank, world_size=dist_info.world_size)
     raise ConfigError(f"config key 'method_args.loss': unknown loss {kind!r} (clip, siglip)")
@@ -113,10 +122,17 @@ def build(cfg: RunConfig, dist_info: DistInfo) -> Job:
 
     args = parse_args(cfg)
     torch.manual_seed(cfg.seed)
-    bundle = create_clip(cfg.model.name, cfg.model.pretrained, image_size=cfg.data.image_size, **cfg.model.kwargs)
+    bundle = create_clip(
+        cfg.model.name, cfg.model.pretrained, image_size=cfg.data.image_size, **cfg.model.kwargs
+    )
     decode = make_clip_decoder(bundle.preprocess_train, bundle.tokenizer, args.caption)
     loader = ShardLoader.from_config(cfg, decode, dist_info)
     loss = make_contrastive_loss(args.loss, cfg, dist_info, args.local_loss, args.gather_with_grad)
-    return Job(bundle.model, make_clip_loss_fn(loss), loader,
-               after_step=lambda m: clamp_logit_scale(m, args.max_logit_scale), extra={"bundle": bundle},
-               on_final=partial(write_open_clip_files, bundle))
+    return Job(
+        bundle.model,
+        make_clip_loss_fn(loss),
+        loader,
+        after_step=lambda m: clamp_logit_scale(m, args.max_logit_scale),
+        extra={"bundle": bundle},
+        on_final=partial(write_open_clip_files, bundle),
+    )

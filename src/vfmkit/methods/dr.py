@@ -75,16 +75,19 @@ def parse_args(cfg: RunConfig) -> DrArgs:
     if a.densify not in (None, "smooth", "zeros"):
         raise ConfigError(f"config key 'method_args.densify': {a.densify!r} is not smooth or zeros")
     if a.mode == "reinforced" and not a.reinforced:
-        raise ConfigError("config key 'method_args.reinforced': mode 'reinforced' needs the reinforced "
-                          "set's folder")
+        raise ConfigError(
+            "config key 'method_args.reinforced': mode 'reinforced' needs the reinforced set's folder"
+        )
     if a.reinforced:
         given = [k for k in ("teachers", "class_index", "teacher_temperature") if getattr(a, k) is not None]
         if a.recipe:
             given.insert(0, "recipe")
         if given:
-            raise ConfigError(f"config key 'method_args.{given[0]}': taken from the reinforced set's "
-                              "metadata when method_args.reinforced is given (so all modes share it); leave "
-                              "it unset")
+            raise ConfigError(
+                f"config key 'method_args.{given[0]}': taken from the reinforced set's "
+                "metadata when method_args.reinforced is given (so all modes share it); leave "
+                "it unset"
+            )
     return a
 
 
@@ -109,8 +112,9 @@ def _acc(logits: Tensor, labels: Tensor) -> Tensor:
     return (logits.detach().argmax(-1) == labels).float().mean()
 
 
-def make_loss_fn(mode: str, temperature: float = 1.0, label_smoothing: float = 0.0,
-                 teacher: nn.Module | None = None) -> Callable:
+def make_loss_fn(
+    mode: str, temperature: float = 1.0, label_smoothing: float = 0.0, teacher: nn.Module | None = None
+) -> Callable:
     """``loss_fn(model, batch, step) -> (loss, logs)`` of a mode.
 
     batch: ``image`` ``[B, 3, S, S]``, ``target`` ``[B, C]``, ``label`` ``[B]``; online mode also
@@ -162,9 +166,18 @@ class FreshAugment:
     with ``teacher_size`` also ``teacher_image`` (uint8 ``[3, R, R]``: the same draw rendered at R).
     """
 
-    def __init__(self, recipe: Any, size: int, num_classes: int, *, p: float = 0.99, seed: int = 0,
-                 mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD,
-                 teacher_size: int | None = None) -> None:
+    def __init__(
+        self,
+        recipe: Any,
+        size: int,
+        num_classes: int,
+        *,
+        p: float = 0.99,
+        seed: int = 0,
+        mean: Sequence[float] = IMAGENET_MEAN,
+        std: Sequence[float] = IMAGENET_STD,
+        teacher_size: int | None = None,
+    ) -> None:
         from vfmkit.data.augment import ReplayableAugment
 
         self.aug = ReplayableAugment(recipe)
@@ -190,9 +203,14 @@ class FreshAugment:
             draw = self.aug.mix.sample(rng, (self.aug.recipe.size,) * 2) if self.aug.mix is not None else None
             if draw is not None:
                 kind, lam, box = (1 if draw[0] == "mixup" else 2), float(draw[1]), tuple(draw[2] or box)
-        out = {"image": to_student(img, self.size, self.mean, self.std),
-               "target": F.one_hot(torch.tensor(label), self.num_classes).float(), "label": label,
-               "mix_kind": kind, "mix_lam": lam, "mix_box": torch.tensor(box)}
+        out = {
+            "image": to_student(img, self.size, self.mean, self.std),
+            "target": F.one_hot(torch.tensor(label), self.num_classes).float(),
+            "label": label,
+            "mix_kind": kind,
+            "mix_lam": lam,
+            "mix_box": torch.tensor(box),
+        }
         if self.teacher_size:
             r = self.teacher_size
             out["teacher_image"] = plain_view(src, r) if params is None else self.aug.apply(src, params, r)
@@ -306,15 +324,25 @@ def resolve_setup(args: DrArgs, student_size: int) -> DrSetup:
 
         path = Path(args.reinforced) / "reinforced.json"
         if not path.is_file():
-            raise ConfigError(f"config key 'method_args.reinforced': no reinforced.json in "
-                              f"{args.reinforced!r} (write one with `vfmkit reinforce classify --out DIR`)")
+            raise ConfigError(
+                f"config key 'method_args.reinforced': no reinforced.json in "
+                f"{args.reinforced!r} (write one with `vfmkit reinforce classify --out DIR`)"
+            )
         meta = read_metadata(path)
         if meta.kind != "classification":
-            raise ConfigError(f"config key 'method_args.reinforced': {args.reinforced!r} is a {meta.kind} "
-                              "set; DR for classifiers needs a classification set")
+            raise ConfigError(
+                f"config key 'method_args.reinforced': {args.reinforced!r} is a {meta.kind} "
+                "set; DR for classifiers needs a classification set"
+            )
         cls = meta.extra.get("classifiers") or {}
-        setup = DrSetup(meta.recipe, int(meta.num_classes), list(cls.get("names") or ["efficientnet-lite0"]),
-                        meta.extra.get("class_index"), float(cls.get("temperature", 1.0)), meta)
+        setup = DrSetup(
+            meta.recipe,
+            int(meta.num_classes),
+            list(cls.get("names") or ["efficientnet-lite0"]),
+            meta.extra.get("class_index"),
+            float(cls.get("temperature", 1.0)),
+            meta,
+        )
     else:
         try:
             recipe = AugRecipe.from_dict({"name": "rrc_flip_ra_re", "size": student_size, **args.recipe})
@@ -323,13 +351,17 @@ def resolve_setup(args: DrArgs, student_size: int) -> DrSetup:
         ci = _class_index(args.class_index)
         n = args.num_classes or (len(ci) if ci else None)
         if not n:
-            raise ConfigError("config key 'method_args.num_classes': give it (or class_index, or a "
-                              "reinforced set)")
-        setup = DrSetup(recipe, n, list(args.teachers or ["efficientnet-lite0"]), ci,
-                        args.teacher_temperature or 1.0)
+            raise ConfigError(
+                "config key 'method_args.num_classes': give it (or class_index, or a reinforced set)"
+            )
+        setup = DrSetup(
+            recipe, n, list(args.teachers or ["efficientnet-lite0"]), ci, args.teacher_temperature or 1.0
+        )
     if args.num_classes and args.num_classes != setup.num_classes:
-        raise ConfigError(f"config key 'method_args.num_classes': {args.num_classes} but the data has "
-                          f"{setup.num_classes} classes")
+        raise ConfigError(
+            f"config key 'method_args.num_classes': {args.num_classes} but the data has "
+            f"{setup.num_classes} classes"
+        )
     return setup
 
 
@@ -354,13 +386,28 @@ def make_train_loader(cfg: RunConfig, args: DrArgs, setup: DrSetup, size: int, n
         need_images = not meta.extra.get("images", False) or "mix" in meta.recipe.stages
         index = ImageIndex(cfg.data.train) if need_images else None
         decode = ClassificationReplay(
-            meta, size, p=args.p, densify_mode=args.densify or meta.extra.get("densify", "smooth"),
-            partners=index if "mix" in meta.recipe.stages else None, seed=cfg.seed, mean=mean, std=std,
-            images=index if not meta.extra.get("images", False) else None)
+            meta,
+            size,
+            p=args.p,
+            densify_mode=args.densify or meta.extra.get("densify", "smooth"),
+            partners=index if "mix" in meta.recipe.stages else None,
+            seed=cfg.seed,
+            mean=mean,
+            std=std,
+            images=index if not meta.extra.get("images", False) else None,
+        )
         return ReplayShardLoader.from_config(cfg, decode, dist_info, urls=args.reinforced)
     teacher_size = setup.recipe.size if args.mode == "online" else None
-    decode = FreshAugment(setup.recipe, size, setup.num_classes, p=args.p, seed=cfg.seed, mean=mean, std=std,
-                          teacher_size=teacher_size)
+    decode = FreshAugment(
+        setup.recipe,
+        size,
+        setup.num_classes,
+        p=args.p,
+        seed=cfg.seed,
+        mean=mean,
+        std=std,
+        teacher_size=teacher_size,
+    )
     collate = MixCollate(setup.recipe) if "mix" in setup.recipe.stages else default_collate
     return ReplayShardLoader.from_config(cfg, decode, dist_info, collate_fn=collate)
 
@@ -376,8 +423,9 @@ def load_teacher(setup: DrSetup, device: str | torch.device = "cpu") -> nn.Modul
     """The online teacher: the reinforced set's classifier ensemble (or the args'): images -> ``[B, C]``."""
     from vfmkit.models.teachers import load_classifier_ensemble
 
-    return load_classifier_ensemble(setup.teachers, setup.class_index, setup.teacher_temperature,
-                                    device=device)
+    return load_classifier_ensemble(
+        setup.teachers, setup.class_index, setup.teacher_temperature, device=device
+    )
 
 
 def build(cfg: RunConfig, dist_info: DistInfo) -> Job:
@@ -389,8 +437,9 @@ def build(cfg: RunConfig, dist_info: DistInfo) -> Job:
     probe_size = cfg.data.image_size
     setup = resolve_setup(args, probe_size or 224)
     torch.manual_seed(cfg.seed)
-    model = create_classifier(cfg.model.name, setup.num_classes, pretrained=cfg.model.pretrained,
-                              **cfg.model.kwargs)
+    model = create_classifier(
+        cfg.model.name, setup.num_classes, pretrained=cfg.model.pretrained, **cfg.model.kwargs
+    )
     mean, std, default_size = student_norm(model)
     size = cfg.data.image_size or default_size
     if probe_size is None and not args.reinforced and "size" not in args.recipe:
@@ -401,13 +450,21 @@ def build(cfg: RunConfig, dist_info: DistInfo) -> Job:
         try:
             per_epoch = len(loader)
         except TypeError as e:
-            raise ConfigError("config key 'method_args.epochs': the training shards have no counts "
-                              "(manifest.json); set train.steps instead") from e
+            raise ConfigError(
+                "config key 'method_args.epochs': the training shards have no counts "
+                "(manifest.json); set train.steps instead"
+            ) from e
         from vfmkit.config import derive
 
         job_cfg = derive(cfg, {"train": {"steps": args.epochs * per_epoch}})  # the engine counts steps
     teacher = load_teacher(setup, dist_info.device) if args.mode == "online" else None
     eval_fn = make_eval_fn(make_val_loader(cfg, args, size, (mean, std))) if cfg.data.val else None
     loss_fn = make_loss_fn(args.mode, args.temperature, args.label_smoothing, teacher)
-    return Job(model, loss_fn, loader, eval_fn=eval_fn, cfg=job_cfg,
-               extra={"setup": setup, "image_size": size, "teacher": teacher, "args": args})
+    return Job(
+        model,
+        loss_fn,
+        loader,
+        eval_fn=eval_fn,
+        cfg=job_cfg,
+        extra={"setup": setup, "image_size": size, "teacher": teacher, "args": args},
+    )

@@ -233,14 +233,20 @@ def train_transformation(
     from vfmkit.methods.registry import run_job
 
     a = args or parse_args(cfg)
-    sub = derive(cfg, {"method": "fastfill", "out_dir": str(out_dir),
-                       "method_args": {**asdict(a), "objective": objective}})
+    sub = derive(
+        cfg,
+        {"method": "fastfill", "out_dir": str(out_dir), "method_args": {**asdict(a), "objective": objective}},
+    )
     job, _ = run_job(sub, build_kwargs={"tensors": (old, new, labels), "classifier": classifier})
     return job.extra["h"].eval()
 
 
-def build(cfg: RunConfig, dist_info: DistInfo, tensors: tuple[Tensor, Tensor, Tensor] | None = None,
-          classifier: tuple[Tensor, Tensor] | None = None) -> Job:
+def build(
+    cfg: RunConfig,
+    dist_info: DistInfo,
+    tensors: tuple[Tensor, Tensor, Tensor] | None = None,
+    classifier: tuple[Tensor, Tensor] | None = None,
+) -> Job:
     """One h (``method_args.objective``, default the first of ``objectives``) on cached (old, new, label)
     features. Without ``tensors`` the train-set features are cached (resumable) and the new head is taken or
     fitted in ``method_args.work_dir`` (default ``out_dir``), as the backfill pipeline's first steps do."""
@@ -275,8 +281,13 @@ def build(cfg: RunConfig, dist_info: DistInfo, tensors: tuple[Tensor, Tensor, Te
         )  # fmt: skip
 
     bs = min(cfg.data.batch_size, old.shape[0])
-    loader = TensorLoader({"old": old, "new": new, "label": labels}, batch_size=bs, seed=cfg.seed,
-                          rank=dist_info.rank, world_size=dist_info.world_size)
+    loader = TensorLoader(
+        {"old": old, "new": new, "label": labels},
+        batch_size=bs,
+        seed=cfg.seed,
+        rank=dist_info.rank,
+        world_size=dist_info.world_size,
+    )
     return Job(model, loss_fn, loader, extra={"h": h})
 
 
@@ -380,7 +391,9 @@ class ImageEncoder(nn.Module):
         return self.fn(self.body, x).float()
 
 
-def _timm_encoder(spec: str, name: str, src: str, size: int | None, num_classes: int, seed: int) -> ImageEncoder:
+def _timm_encoder(
+    spec: str, name: str, src: str, size: int | None, num_classes: int, seed: int
+) -> ImageEncoder:
     """``timm:NAME:random`` (seeded init), ``timm:NAME:pretrained`` (timm hub) or ``timm:NAME:CKPT``."""
     import timm
 
@@ -568,6 +581,7 @@ def cache_features(
 
 # ----------------------------------------------------------------------------------------------- pipeline
 
+
 def _cache_name(role: str, spec: str, data: str, a: FastFillArgs) -> str:
     """File name keyed by everything that changes the features (a checkpoint's size and mtime included)."""
     import hashlib
@@ -589,7 +603,9 @@ def _feature_jobs(a: FastFillArgs) -> dict[str, tuple[str, str]]:
     return jobs
 
 
-def step_cache(cfg: RunConfig, a: FastFillArgs, out: Path, roles: tuple[str, ...] | None = None) -> dict[str, Path]:
+def step_cache(
+    cfg: RunConfig, a: FastFillArgs, out: Path, roles: tuple[str, ...] | None = None
+) -> dict[str, Path]:
     """Encode train/gallery/query (or only ``roles``) with both encoders (skipping caches already on disk)."""
     paths, encoders = {}, {}
     for role, (spec, data) in _feature_jobs(a).items():
@@ -663,5 +679,3 @@ def _gallery_query(a: FastFillArgs, out: Path) -> dict[str, Tensor]:
         g["old_q"], g["y_q"] = _load_role(paths, "old_query", a.normalize)
         g["new_q"], _ = _load_role(paths, "new_query", a.normalize)
     return g
-
-

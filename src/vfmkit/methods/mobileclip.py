@@ -63,14 +63,23 @@ def _split(emb: torch.Tensor, dims: Sequence[int]) -> list[torch.Tensor]:
 class DistillClipLoss(nn.Module):
     """Multi-teacher similarity distillation + CLIP, exact under local_loss + gather_with_grad (both method args)."""
 
-    def __init__(self, teacher_dims: Sequence[int], teacher_scales: Sequence[float], lam: float = 1.0,
-                 average_after_softmax: bool = False, gather_with_grad: bool = True, rank: int = 0,
-                 world_size: int = 1, local_loss: bool = True):
+    def __init__(
+        self,
+        teacher_dims: Sequence[int],
+        teacher_scales: Sequence[float],
+        lam: float = 1.0,
+        average_after_softmax: bool = False,
+        gather_with_grad: bool = True,
+        rank: int = 0,
+        world_size: int = 1,
+        local_loss: bool = True,
+    ):
         super().__init__()
         if len(teacher_dims) != len(teacher_scales):
             raise ConfigError(
                 f"config key 'method_args.teacher_scales': {len(teacher_scales)} logit scales for "
-                f"{len(teacher_dims)} teachers (one scale per teacher)")
+                f"{len(teacher_dims)} teachers (one scale per teacher)"
+            )
         self.dims, self.scales = list(teacher_dims), [float(s) for s in teacher_scales]
         self.lam, self.avg_after = float(lam), average_after_softmax
         self.gather_with_grad, self.local_loss = gather_with_grad, local_loss
@@ -81,15 +90,23 @@ class DistillClipLoss(nn.Module):
 
         Returns [K, b, B] per-teacher log-probs, or [1, b, B] when averaging after the softmax.
         """
-        logps = [F.log_softmax(s * a.float() @ b.float().T, dim=-1)
-                 for a, b, s in zip(_split(t_a, self.dims), _split(t_b_all, self.dims), self.scales, strict=True)]
+        logps = [
+            F.log_softmax(s * a.float() @ b.float().T, dim=-1)
+            for a, b, s in zip(_split(t_a, self.dims), _split(t_b_all, self.dims), self.scales, strict=True)
+        ]
         lp = torch.stack(logps)
         if self.avg_after:
             lp = torch.logsumexp(lp, dim=0, keepdim=True) - torch.log(torch.tensor(float(len(logps))))
         return lp
 
-    def forward(self, img: torch.Tensor, txt: torch.Tensor, logit_scale: torch.Tensor,
-                t_img: torch.Tensor, t_txt: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def forward(
+        self,
+        img: torch.Tensor,
+        txt: torch.Tensor,
+        logit_scale: torch.Tensor,
+        t_img: torch.Tensor,
+        t_txt: torch.Tensor,
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """img, txt: student features [b, D] (normalised); t_img, t_txt: teacher embeddings [b, sum D_k]."""
         rank, ws = self.rank, self.world_size
         img_all, txt_all = _gather(img, self.gather_with_grad, ws), _gather(txt, self.gather_with_grad, ws)
@@ -97,8 +114,10 @@ class DistillClipLoss(nn.Module):
             t_img_all, t_txt_all = _gather(t_img, False, ws), _gather(t_txt, False, ws)
         # local_loss: this rank's rows against the gathered batch; else every gathered row (open_clip's option).
         q_img, q_txt, q_t_img, q_t_txt, offset = (
-            (img, txt, t_img, t_txt, rank * img.shape[0]) if self.local_loss or ws == 1
-            else (img_all, txt_all, t_img_all, t_txt_all, 0))
+            (img, txt, t_img, t_txt, rank * img.shape[0])
+            if self.local_loss or ws == 1
+            else (img_all, txt_all, t_img_all, t_txt_all, 0)
+        )
         s_i2t = logit_scale * q_img @ txt_all.T  # [b, B]
         s_t2i = logit_scale * q_txt @ img_all.T
         logs: dict[str, torch.Tensor] = {}
@@ -158,7 +177,9 @@ def make_loss_fn(loss: DistillClipLoss, args: MobileClipArgs, teacher: Callable 
 def parse_args(cfg: RunConfig) -> MobileClipArgs:
     args = parse_section(MobileClipArgs, cfg.method_args, "method_args")
     if args.caption_mode not in ("sum", "mix"):
-        raise ConfigError(f"config key 'method_args.caption_mode': {args.caption_mode!r} is not 'sum' or 'mix'")
+        raise ConfigError(
+            f"config key 'method_args.caption_mode': {args.caption_mode!r} is not 'sum' or 'mix'"
+        )
     if not 0.0 <= args.lam <= 1.0:
         raise ConfigError(f"config key 'method_args.lam': {args.lam} is outside [0, 1]")
     return args
@@ -172,8 +193,16 @@ def _reinforced_decoder(cfg: RunConfig, args: MobileClipArgs, bundle, meta):
 
     images = ImageIndex(list_shards(args.images)) if args.images else None
     use_syn = bool(args.use_syn and meta.n_syn)
-    replay = MultimodalReplay(meta, bundle.image_size, tokenizer=bundle.tokenizer, tokenize_syn=use_syn,
-                              seed=cfg.seed, mean=bundle.mean, std=bundle.std, images=images)
+    replay = MultimodalReplay(
+        meta,
+        bundle.image_size,
+        tokenizer=bundle.tokenizer,
+        tokenize_syn=use_syn,
+        seed=cfg.seed,
+        mean=bundle.mean,
+        std=bundle.std,
+        images=images,
+    )
 
     class Decode:
         def set_epoch(self, epoch: int) -> None:
@@ -181,8 +210,12 @@ def _reinforced_decoder(cfg: RunConfig, args: MobileClipArgs, bundle, meta):
 
         def __call__(self, raw: dict) -> dict:
             r = replay(raw)
-            out = {"image": r["image"], "text": r["caption"], "t_img": r["image_emb"].float(),
-                   "t_txt": r["text_emb"].float()}
+            out = {
+                "image": r["image"],
+                "text": r["caption"],
+                "t_img": r["image_emb"].float(),
+                "t_txt": r["text_emb"].float(),
+            }
             if use_syn:  # without the synthetic branch its caption is neither tokenised nor batched
                 out.update(syn_text=r["syn_caption"], t_syn=r["syn_text_emb"].float())
             return out
@@ -200,7 +233,9 @@ class OnlineTeacher:
 
     def __call__(self, batch: dict) -> dict:
         dev = batch["image"].device
-        pixels = (batch["image"] * self.std.to(dev) + self.mean.to(dev)).clamp(0, 1)  # undo the student's norm
+        pixels = (batch["image"] * self.std.to(dev) + self.mean.to(dev)).clamp(
+            0, 1
+        )  # undo the student's norm
         out = {"t_img": self.ens.encode_image(pixels), "t_txt": self.ens.encode_text(batch["captions"])}
         if "syn_captions" in batch:
             out["t_syn"] = self.ens.encode_text(batch["syn_captions"])
@@ -219,22 +254,30 @@ def build(cfg: RunConfig, dist_info: DistInfo) -> Job:
 
     args = parse_args(cfg)
     torch.manual_seed(cfg.seed)
-    bundle = create_clip(cfg.model.name, cfg.model.pretrained, image_size=cfg.data.image_size, **cfg.model.kwargs)
+    bundle = create_clip(
+        cfg.model.name, cfg.model.pretrained, image_size=cfg.data.image_size, **cfg.model.kwargs
+    )
     if args.online_teachers:
         from vfmkit.models.teachers import load_ensemble
 
         ens = load_ensemble(args.online_teachers, device=dist_info.device)
         dims, scales = ens.dims, args.teacher_scales or ens.logit_scales
+
         def decode(raw):  # the teacher embeds the very caption the student sees
             text = pick_caption(raw, "random")
-            return {"image": bundle.preprocess_train(decode_image(raw)), "text": bundle.tokenizer([text])[0],
-                    "captions": text}
+            return {
+                "image": bundle.preprocess_train(decode_image(raw)),
+                "text": bundle.tokenizer([text])[0],
+                "captions": text,
+            }
 
         loader = ShardLoader.from_config(cfg, decode, dist_info)
         teacher = OnlineTeacher(ens, bundle.mean, bundle.std)
     else:
         if not args.reinforced:
-            raise ConfigError("config key 'method_args.reinforced': give reinforced shards (or online_teachers)")
+            raise ConfigError(
+                "config key 'method_args.reinforced': give reinforced shards (or online_teachers)"
+            )
         from pathlib import Path
 
         urls = list_shards(args.reinforced)
@@ -244,12 +287,25 @@ def build(cfg: RunConfig, dist_info: DistInfo) -> Job:
         meta = read_metadata(meta_path)
         dims = [t.dim for t in meta.teachers]
         scales = args.teacher_scales or [t.logit_scale for t in meta.teachers]
-        loader = ReplayShardLoader.from_config(cfg, _reinforced_decoder(cfg, args, bundle, meta), dist_info,
-                                               urls=urls)
+        loader = ReplayShardLoader.from_config(
+            cfg, _reinforced_decoder(cfg, args, bundle, meta), dist_info, urls=urls
+        )
         teacher = None
-    loss = DistillClipLoss(dims, scales, args.lam, args.average_after_softmax, args.gather_with_grad,
-                           rank=dist_info.rank, world_size=dist_info.world_size, local_loss=args.local_loss)
-    return Job(bundle.model, make_loss_fn(loss, args, teacher), loader,
-               after_step=lambda m: clamp_logit_scale(m, args.max_logit_scale), extra={"bundle": bundle},
-               on_final=partial(write_open_clip_files, bundle))
-
+    loss = DistillClipLoss(
+        dims,
+        scales,
+        args.lam,
+        args.average_after_softmax,
+        args.gather_with_grad,
+        rank=dist_info.rank,
+        world_size=dist_info.world_size,
+        local_loss=args.local_loss,
+    )
+    return Job(
+        bundle.model,
+        make_loss_fn(loss, args, teacher),
+        loader,
+        after_step=lambda m: clamp_logit_scale(m, args.max_logit_scale),
+        extra={"bundle": bundle},
+        on_final=partial(write_open_clip_files, bundle),
+    )

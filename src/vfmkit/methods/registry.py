@@ -58,9 +58,14 @@ def build_job(cfg: RunConfig, dist_info: DistInfo, **build_kwargs: Any) -> Job:
     return mod.build(cfg, dist_info, **build_kwargs)
 
 
-def run_job(cfg: RunConfig, eval_fn: Callable[[nn.Module, int], dict] | None = None, *,
-            eval_for: Callable[[Job], Callable[[nn.Module, int], dict]] | None = None,
-            build_kwargs: dict[str, Any] | None = None, **train_kwargs: Any) -> tuple[Job, Any]:
+def run_job(
+    cfg: RunConfig,
+    eval_fn: Callable[[nn.Module, int], dict] | None = None,
+    *,
+    eval_for: Callable[[Job], Callable[[nn.Module, int], dict]] | None = None,
+    build_kwargs: dict[str, Any] | None = None,
+    **train_kwargs: Any,
+) -> tuple[Job, Any]:
     """Build the method's job and train it with the one engine -> (job, TrainResult).
 
     ``eval_fn`` replaces the method's own; ``eval_for(job)`` builds one from the job (e.g. from the model bundle
@@ -78,9 +83,18 @@ def run_job(cfg: RunConfig, eval_fn: Callable[[nn.Module, int], dict] | None = N
     if job.on_final is not None:
         train_kwargs.setdefault("on_final", job.on_final)
     cfg = job.cfg or cfg
-    res = train(cfg, job.model, job.loss_fn, job.loader, out_dir=cfg.out_dir, eval_fn=eval_fn or job.eval_fn,
-                after_step=job.after_step, find_unused_parameters=job.find_unused_parameters,
-                dist_info=dist_info, **train_kwargs)
+    res = train(
+        cfg,
+        job.model,
+        job.loss_fn,
+        job.loader,
+        out_dir=cfg.out_dir,
+        eval_fn=eval_fn or job.eval_fn,
+        after_step=job.after_step,
+        find_unused_parameters=job.find_unused_parameters,
+        dist_info=dist_info,
+        **train_kwargs,
+    )
     return job, res
 
 

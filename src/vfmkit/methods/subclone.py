@@ -78,7 +78,9 @@ RANDOM_PARENT_NOTE = (
 )
 
 
-def parent_source(spec: str, pretrained: str | None, allow_random: bool = False) -> tuple[str, str | None, bool]:
+def parent_source(
+    spec: str, pretrained: str | None, allow_random: bool = False
+) -> tuple[str, str | None, bool]:
     """Where a parent's weights come from -> (the parent spec to load, its weights, whether it is random).
 
     ``spec`` is a model spec (``vfmkit.models.spec``): a directory (a trained run/subclone, a transformers
@@ -92,8 +94,9 @@ def parent_source(spec: str, pretrained: str | None, allow_random: bool = False)
     if ms.kind == "path":
         return spec, pretrained, False
     if ms.kind not in ("name", "timm", "openclip"):
-        raise SubcloneError(f"parent {spec!r} is a {ms.kind} spec; a parent is a directory, NAME, timm:NAME or "
-                            "openclip:NAME")
+        raise SubcloneError(
+            f"parent {spec!r} is a {ms.kind} spec; a parent is a directory, NAME, timm:NAME or openclip:NAME"
+        )
     src = pretrained or ms.source
     src = None if src in (None, "", "random") else src
     if src is None and not allow_random:
@@ -115,16 +118,27 @@ def _ratio(hidden: int, width: int) -> float:
     return r if int(width * r) == hidden else (hidden + 0.5) / width
 
 
-def _block_rules(prefix: str, ln: tuple[str, str], attn: tuple[str, str, str, str], mlp: tuple[str, str],
-                 ls: tuple[str, str] | None) -> list[Rule]:
+def _block_rules(
+    prefix: str,
+    ln: tuple[str, str],
+    attn: tuple[str, str, str, str],
+    mlp: tuple[str, str],
+    ls: tuple[str, str] | None,
+) -> list[Rule]:
     """Rules for torch-Linear style blocks (weights ``[out, in]``) such as timm's and open_clip's."""
     qkv_w, qkv_b, out_w, out_b = attn
     b = prefix + r"(?P<b>\d+)\."
-    rules = [Rule(b + rf"(?:{ln[0]}|{ln[1]})\.(?:weight|bias)", (R,)),
-             Rule(b + qkv_w, (QKV, R), 1), Rule(b + qkv_b, (QKV,)),
-             Rule(b + out_w, (R, A), 1), Rule(b + out_b, (R,)),
-             Rule(b + rf"{mlp[0]}\.weight", (H, R), 1), Rule(b + rf"{mlp[0]}\.bias", (H,)),
-             Rule(b + rf"{mlp[1]}\.weight", (R, H), 1), Rule(b + rf"{mlp[1]}\.bias", (R,))]
+    rules = [
+        Rule(b + rf"(?:{ln[0]}|{ln[1]})\.(?:weight|bias)", (R,)),
+        Rule(b + qkv_w, (QKV, R), 1),
+        Rule(b + qkv_b, (QKV,)),
+        Rule(b + out_w, (R, A), 1),
+        Rule(b + out_b, (R,)),
+        Rule(b + rf"{mlp[0]}\.weight", (H, R), 1),
+        Rule(b + rf"{mlp[0]}\.bias", (H,)),
+        Rule(b + rf"{mlp[1]}\.weight", (R, H), 1),
+        Rule(b + rf"{mlp[1]}\.bias", (R,)),
+    ]
     if ls:
         rules.append(Rule(b + rf"(?:{ls[0]}|{ls[1]})\.gamma", (R,)))
     return rules
@@ -170,7 +184,9 @@ class TimmViT(Family):
         if m.global_pool == "map" or getattr(m, "attn_pool", None) is not None:
             raise SubcloneError("timm ViT with attention-pool head (global_pool='map') is not supported")
         if getattr(blk.attn, "qkv", None) is None or not isinstance(blk.mlp, Mlp):
-            raise SubcloneError(f"timm ViT block {type(blk).__name__} (separate q/k/v or gated MLP) unsupported")
+            raise SubcloneError(
+                f"timm ViT block {type(blk).__name__} (separate q/k/v or gated MLP) unsupported"
+            )
         if not (_is_identity(blk.attn.norm) and _is_identity(blk.mlp.norm)):
             raise SubcloneError("timm ViT with scale_attn_norm / scale_mlp_norm is not supported")
 
@@ -183,36 +199,63 @@ class TimmViT(Family):
 
     def rules(self, m):
         tok = (None, None, R)
-        top = [Rule(r"cls_token", tok), Rule(r"reg_token", tok), Rule(r"pos_embed", tok),
-               Rule(r"patch_embed\.proj\.weight", (R, None, None, None)), Rule(r"patch_embed\.proj\.bias", (R,)),
-               Rule(r"(?:norm_pre|norm|fc_norm)\.(?:weight|bias)", (R,)),
-               Rule(r"head\.weight", (None, R), 1), Rule(r"head\.bias", (None,)),
-               Rule(r"blocks\.\d+\.attn\.(?:q_norm|k_norm)\.(?:weight|bias)", (None,))]
-        return top + _block_rules(r"blocks\.", ("norm1", "norm2"),
-                                  (r"attn\.qkv\.weight", r"attn\.qkv\.bias", r"attn\.proj\.weight",
-                                   r"attn\.proj\.bias"), ("mlp.fc1", "mlp.fc2"), ("ls1", "ls2"))
+        top = [
+            Rule(r"cls_token", tok),
+            Rule(r"reg_token", tok),
+            Rule(r"pos_embed", tok),
+            Rule(r"patch_embed\.proj\.weight", (R, None, None, None)),
+            Rule(r"patch_embed\.proj\.bias", (R,)),
+            Rule(r"(?:norm_pre|norm|fc_norm)\.(?:weight|bias)", (R,)),
+            Rule(r"head\.weight", (None, R), 1),
+            Rule(r"head\.bias", (None,)),
+            Rule(r"blocks\.\d+\.attn\.(?:q_norm|k_norm)\.(?:weight|bias)", (None,)),
+        ]
+        return top + _block_rules(
+            r"blocks\.",
+            ("norm1", "norm2"),
+            (r"attn\.qkv\.weight", r"attn\.qkv\.bias", r"attn\.proj\.weight", r"attn\.proj\.bias"),
+            ("mlp.fc1", "mlp.fc2"),
+            ("ls1", "ls2"),
+        )
 
     def arch(self, m):
         from timm.layers import LayerScale
 
         self.check(m)
         blk, d = m.blocks[0], self.dims(m)
-        kw = dict(img_size=list(m.patch_embed.img_size), patch_size=list(m.patch_embed.patch_size),
-                  in_chans=m.patch_embed.proj.in_channels, num_classes=m.num_classes, global_pool=m.global_pool,
-                  embed_dim=d.width, depth=d.layers, num_heads=d.heads, mlp_ratio=_ratio(d.mlp_hidden, d.width),
-                  qkv_bias=blk.attn.qkv.bias is not None, proj_bias=blk.attn.proj.bias is not None,
-                  qk_norm=not _is_identity(blk.attn.q_norm), class_token=m.cls_token is not None,
-                  reg_tokens=m.num_reg_tokens, no_embed_class=m.no_embed_class,
-                  pre_norm=not _is_identity(m.norm_pre), fc_norm=not _is_identity(m.fc_norm),
-                  final_norm=not (_is_identity(m.norm) and _is_identity(m.fc_norm)),
-                  init_values=1e-5 if isinstance(blk.ls1, LayerScale) else None,
-                  dynamic_img_size=bool(m.dynamic_img_size))
+        kw = dict(
+            img_size=list(m.patch_embed.img_size),
+            patch_size=list(m.patch_embed.patch_size),
+            in_chans=m.patch_embed.proj.in_channels,
+            num_classes=m.num_classes,
+            global_pool=m.global_pool,
+            embed_dim=d.width,
+            depth=d.layers,
+            num_heads=d.heads,
+            mlp_ratio=_ratio(d.mlp_hidden, d.width),
+            qkv_bias=blk.attn.qkv.bias is not None,
+            proj_bias=blk.attn.proj.bias is not None,
+            qk_norm=not _is_identity(blk.attn.q_norm),
+            class_token=m.cls_token is not None,
+            reg_tokens=m.num_reg_tokens,
+            no_embed_class=m.no_embed_class,
+            pre_norm=not _is_identity(m.norm_pre),
+            fc_norm=not _is_identity(m.fc_norm),
+            final_norm=not (_is_identity(m.norm) and _is_identity(m.fc_norm)),
+            init_values=1e-5 if isinstance(blk.ls1, LayerScale) else None,
+            dynamic_img_size=bool(m.dynamic_img_size),
+        )
         arch_name = (getattr(m, "pretrained_cfg", None) or {}).get("architecture") or "vit_base_patch16_224"
         return {"family": self.name, "arch": arch_name, "kwargs": kw}
 
     def child_arch(self, arch, d):
-        kw = dict(arch["kwargs"], embed_dim=d.width, depth=d.layers, num_heads=d.heads,
-                  mlp_ratio=_ratio(d.mlp_hidden, d.width))
+        kw = dict(
+            arch["kwargs"],
+            embed_dim=d.width,
+            depth=d.layers,
+            num_heads=d.heads,
+            mlp_ratio=_ratio(d.mlp_hidden, d.width),
+        )
         return dict(arch, kwargs=kw)
 
     def build(self, arch):
@@ -236,9 +279,13 @@ class TimmViT(Family):
 
 
 def _openclip_block_rules() -> list[Rule]:
-    return _block_rules(r"transformer\.resblocks\.", ("ln_1", "ln_2"),
-                        (r"attn\.in_proj_weight", r"attn\.in_proj_bias", r"attn\.out_proj\.weight",
-                         r"attn\.out_proj\.bias"), ("mlp.c_fc", "mlp.c_proj"), ("ls_1", "ls_2"))
+    return _block_rules(
+        r"transformer\.resblocks\.",
+        ("ln_1", "ln_2"),
+        (r"attn\.in_proj_weight", r"attn\.in_proj_bias", r"attn\.out_proj\.weight", r"attn\.out_proj\.bias"),
+        ("mlp.c_fc", "mlp.c_proj"),
+        ("ls_1", "ls_2"),
+    )
 
 
 class _OpenClipTower(Family):
@@ -248,20 +295,31 @@ class _OpenClipTower(Family):
         from open_clip.transformer import ResidualAttentionBlock
 
         if not isinstance(m.transformer.resblocks[0], ResidualAttentionBlock):
-            raise SubcloneError("open_clip custom blocks (qk_norm, scaled cosine attention, ...) are not supported")
+            raise SubcloneError(
+                "open_clip custom blocks (qk_norm, scaled cosine attention, ...) are not supported"
+            )
 
     def dims(self, m):
         blk = m.transformer.resblocks[0]
         w = m.transformer.width
-        return Dims(len(m.transformer.resblocks), w, blk.attn.num_heads, w // blk.attn.num_heads,
-                    blk.mlp.c_fc.out_features)
+        return Dims(
+            len(m.transformer.resblocks),
+            w,
+            blk.attn.num_heads,
+            w // blk.attn.num_heads,
+            blk.mlp.c_fc.out_features,
+        )
 
     def common_cfg(self, m: nn.Module) -> dict:
         from open_clip.transformer import LayerScale, QuickGELU
 
         blk, d = m.transformer.resblocks[0], self.dims(m)
-        cfg = dict(width=d.width, layers=d.layers, mlp_ratio=_ratio(d.mlp_hidden, d.width),
-                   ls_init_value=1e-5 if isinstance(blk.ls_1, LayerScale) else None)
+        cfg = dict(
+            width=d.width,
+            layers=d.layers,
+            mlp_ratio=_ratio(d.mlp_hidden, d.width),
+            ls_init_value=1e-5 if isinstance(blk.ls_1, LayerScale) else None,
+        )
         if blk.ln_1.eps != 1e-5:
             cfg["norm_kwargs"] = {"eps": blk.ln_1.eps}
         return cfg | {"_quick_gelu": isinstance(blk.mlp.gelu, QuickGELU)}
@@ -280,9 +338,13 @@ class OpenClipVisual(_OpenClipTower):
     name = "open_clip_visual"
 
     def rules(self, m):
-        return [Rule(r"conv1\.weight", (R, None, None, None)), Rule(r"class_embedding", (R,)),
-                Rule(r"positional_embedding", (None, R)), Rule(r"(?:ln_pre|ln_post)\.(?:weight|bias)", (R,)),
-                Rule(r"proj", (R, None), 0)] + _openclip_block_rules()
+        return [
+            Rule(r"conv1\.weight", (R, None, None, None)),
+            Rule(r"class_embedding", (R,)),
+            Rule(r"positional_embedding", (None, R)),
+            Rule(r"(?:ln_pre|ln_post)\.(?:weight|bias)", (R,)),
+            Rule(r"proj", (R, None), 0),
+        ] + _openclip_block_rules()
 
     def arch(self, m):
         self.check_blocks(m)
@@ -291,15 +353,26 @@ class OpenClipVisual(_OpenClipTower):
         cfg = self.common_cfg(m)
         qg = cfg.pop("_quick_gelu")
         size = list(m.image_size)
-        cfg.update(image_size=size[0] if size[0] == size[1] else size, patch_size=m.patch_size[0],
-                   head_width=self.dims(m).head_dim, no_ln_pre=_is_identity(m.ln_pre), pool_type=m.pool_type,
-                   final_ln_after_pool=m.final_ln_after_pool, output_tokens=m.output_tokens,
-                   pos_embed_type="learnable" if m.positional_embedding.requires_grad else "sin_cos_2d")
+        cfg.update(
+            image_size=size[0] if size[0] == size[1] else size,
+            patch_size=m.patch_size[0],
+            head_width=self.dims(m).head_dim,
+            no_ln_pre=_is_identity(m.ln_pre),
+            pool_type=m.pool_type,
+            final_ln_after_pool=m.final_ln_after_pool,
+            output_tokens=m.output_tokens,
+            pos_embed_type="learnable" if m.positional_embedding.requires_grad else "sin_cos_2d",
+        )
         return {"family": self.name, "embed_dim": m.output_dim, "quick_gelu": qg, "vision_cfg": cfg}
 
     def child_arch(self, arch, d):
-        cfg = dict(arch["vision_cfg"], width=d.width, layers=d.layers, head_width=d.head_dim,
-                   mlp_ratio=_ratio(d.mlp_hidden, d.width))
+        cfg = dict(
+            arch["vision_cfg"],
+            width=d.width,
+            layers=d.layers,
+            head_width=d.head_dim,
+            mlp_ratio=_ratio(d.mlp_hidden, d.width),
+        )
         return dict(arch, vision_cfg=cfg)
 
     def build(self, arch):
@@ -319,26 +392,50 @@ class OpenClipText(_OpenClipTower):
     name = "open_clip_text"
 
     def rules(self, m):
-        proj = [Rule(r"text_projection", (R, None), 0), Rule(r"text_projection\.weight", (None, R), 1),
-                Rule(r"text_projection\.bias", (None,))]
-        return [Rule(r"token_embedding\.weight", (None, R)), Rule(r"positional_embedding", (None, R)),
-                Rule(r"cls_emb", (R,)), Rule(r"ln_final\.(?:weight|bias)", (R,))] + proj + _openclip_block_rules()
+        proj = [
+            Rule(r"text_projection", (R, None), 0),
+            Rule(r"text_projection\.weight", (None, R), 1),
+            Rule(r"text_projection\.bias", (None,)),
+        ]
+        return (
+            [
+                Rule(r"token_embedding\.weight", (None, R)),
+                Rule(r"positional_embedding", (None, R)),
+                Rule(r"cls_emb", (R,)),
+                Rule(r"ln_final\.(?:weight|bias)", (R,)),
+            ]
+            + proj
+            + _openclip_block_rules()
+        )
 
     def arch(self, m):
         self.check_blocks(m)
         cfg = self.common_cfg(m)
         qg = cfg.pop("_quick_gelu")
         proj = m.text_projection
-        cfg.update(context_length=m.context_length, vocab_size=m.vocab_size, heads=self.dims(m).heads,
-                   embed_cls=m.cls_emb is not None, pad_id=m.pad_id, eos_id=m.eos_id,
-                   no_causal_mask=m.attn_mask is None, pool_type=m.pool_type, output_tokens=m.output_tokens,
-                   proj_type="none" if proj is None else "linear",
-                   proj_bias=isinstance(proj, nn.Linear) and proj.bias is not None)
+        cfg.update(
+            context_length=m.context_length,
+            vocab_size=m.vocab_size,
+            heads=self.dims(m).heads,
+            embed_cls=m.cls_emb is not None,
+            pad_id=m.pad_id,
+            eos_id=m.eos_id,
+            no_causal_mask=m.attn_mask is None,
+            pool_type=m.pool_type,
+            output_tokens=m.output_tokens,
+            proj_type="none" if proj is None else "linear",
+            proj_bias=isinstance(proj, nn.Linear) and proj.bias is not None,
+        )
         return {"family": self.name, "embed_dim": m.output_dim or m.width, "quick_gelu": qg, "text_cfg": cfg}
 
     def child_arch(self, arch, d):
-        cfg = dict(arch["text_cfg"], width=d.width, layers=d.layers, heads=d.heads,
-                   mlp_ratio=_ratio(d.mlp_hidden, d.width))
+        cfg = dict(
+            arch["text_cfg"],
+            width=d.width,
+            layers=d.layers,
+            heads=d.heads,
+            mlp_ratio=_ratio(d.mlp_hidden, d.width),
+        )
         return dict(arch, text_cfg=cfg)
 
     def build(self, arch):
@@ -354,10 +451,27 @@ class OpenClipText(_OpenClipTower):
         return out[0] if isinstance(out, tuple) else out
 
 
-GPT2_KEYS = ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head", "n_inner", "activation_function",
-             "layer_norm_epsilon", "tie_word_embeddings", "scale_attn_weights", "scale_attn_by_inverse_layer_idx",
-             "reorder_and_upcast_attn", "bos_token_id", "eos_token_id", "pad_token_id", "resid_pdrop",
-             "embd_pdrop", "attn_pdrop", "initializer_range")
+GPT2_KEYS = (
+    "vocab_size",
+    "n_positions",
+    "n_embd",
+    "n_layer",
+    "n_head",
+    "n_inner",
+    "activation_function",
+    "layer_norm_epsilon",
+    "tie_word_embeddings",
+    "scale_attn_weights",
+    "scale_attn_by_inverse_layer_idx",
+    "reorder_and_upcast_attn",
+    "bos_token_id",
+    "eos_token_id",
+    "pad_token_id",
+    "resid_pdrop",
+    "embd_pdrop",
+    "attn_pdrop",
+    "initializer_range",
+)
 
 
 class GPT2(Family):
@@ -376,14 +490,20 @@ class GPT2(Family):
         b = r"transformer\.h\.(?P<b>\d+)\."
         tied = bool(m.config.tie_word_embeddings)
         # A tied lm_head is the token embedding itself, which is never rescaled.
-        return [Rule(r"transformer\.(?:wte|wpe)\.weight", (None, R)),
-                Rule(r"lm_head\.weight", (None, R), None if tied else 1),
-                Rule(r"transformer\.ln_f\.(?:weight|bias)", (R,)),
-                Rule(b + r"ln_[12]\.(?:weight|bias)", (R,)),
-                Rule(b + r"attn\.c_attn\.weight", (R, QKV), 0), Rule(b + r"attn\.c_attn\.bias", (QKV,)),
-                Rule(b + r"attn\.c_proj\.weight", (A, R), 0), Rule(b + r"attn\.c_proj\.bias", (R,)),
-                Rule(b + r"mlp\.c_fc\.weight", (R, H), 0), Rule(b + r"mlp\.c_fc\.bias", (H,)),
-                Rule(b + r"mlp\.c_proj\.weight", (H, R), 0), Rule(b + r"mlp\.c_proj\.bias", (R,))]
+        return [
+            Rule(r"transformer\.(?:wte|wpe)\.weight", (None, R)),
+            Rule(r"lm_head\.weight", (None, R), None if tied else 1),
+            Rule(r"transformer\.ln_f\.(?:weight|bias)", (R,)),
+            Rule(b + r"ln_[12]\.(?:weight|bias)", (R,)),
+            Rule(b + r"attn\.c_attn\.weight", (R, QKV), 0),
+            Rule(b + r"attn\.c_attn\.bias", (QKV,)),
+            Rule(b + r"attn\.c_proj\.weight", (A, R), 0),
+            Rule(b + r"attn\.c_proj\.bias", (R,)),
+            Rule(b + r"mlp\.c_fc\.weight", (R, H), 0),
+            Rule(b + r"mlp\.c_fc\.bias", (H,)),
+            Rule(b + r"mlp\.c_proj\.weight", (H, R), 0),
+            Rule(b + r"mlp\.c_proj\.bias", (R,)),
+        ]
 
     def arch(self, m):
         c = m.config
@@ -395,9 +515,15 @@ class GPT2(Family):
 
     def child_arch(self, arch, d):
         if arch["config"].get("scale_attn_by_inverse_layer_idx") and d.layers != arch["config"]["n_layer"]:
-            raise SubcloneError("GPT-2 with scale_attn_by_inverse_layer_idx changes function when blocks move")
-        return dict(arch, config=dict(arch["config"], n_embd=d.width, n_layer=d.layers, n_head=d.heads,
-                                      n_inner=d.mlp_hidden))
+            raise SubcloneError(
+                "GPT-2 with scale_attn_by_inverse_layer_idx changes function when blocks move"
+            )
+        return dict(
+            arch,
+            config=dict(
+                arch["config"], n_embd=d.width, n_layer=d.layers, n_head=d.heads, n_inner=d.mlp_hidden
+            ),
+        )
 
     def build(self, arch):
         from transformers import GPT2Config, GPT2LMHeadModel
@@ -432,9 +558,11 @@ def family_of(model: nn.Module) -> Family:
         return FAMILIES["open_clip_text"]
     if cls == "GPT2LMHeadModel":
         return FAMILIES["gpt2"]
-    raise SubcloneError(f"cannot subclone a {mod}.{cls}: supported are timm VisionTransformer, open_clip "
-                        "VisionTransformer / TextTransformer (take model.visual or text_tower_of(clip)) and "
-                        "transformers GPT2LMHeadModel")
+    raise SubcloneError(
+        f"cannot subclone a {mod}.{cls}: supported are timm VisionTransformer, open_clip "
+        "VisionTransformer / TextTransformer (take model.visual or text_tower_of(clip)) and "
+        "transformers GPT2LMHeadModel"
+    )
 
 
 def build_model(arch: dict) -> nn.Module:
@@ -548,16 +676,19 @@ class _Recorder:
                 h = site.register_forward_pre_hook(lambda _m, a, i=i: self.add_heads(i, a[0]))
             else:
                 h = site.register_forward_hook(
-                    lambda m, a, kw, _o, i=i: self.add_heads(i, _mha_heads(m, a, kw)), with_kwargs=True)
+                    lambda m, a, kw, _o, i=i: self.add_heads(i, _mha_heads(m, a, kw)), with_kwargs=True
+                )
             self.handles.append(h)
-            self.handles.append(self.fam.mlp_site(blk).register_forward_pre_hook(
-                lambda _m, a, i=i: self.add_mlp(i, a[0])))
+            self.handles.append(
+                self.fam.mlp_site(blk).register_forward_pre_hook(lambda _m, a, i=i: self.add_mlp(i, a[0]))
+            )
             self.handles.append(blk.register_forward_hook(self._ratio_hook(i), with_kwargs=True))
 
     def _ratio_hook(self, i: int):
         def hook(_m, args, kwargs, out):
             x_in = args[0] if args else kwargs.get("hidden_states", kwargs.get("q_x"))
             self.add_ratio(i, x_in, out[0] if isinstance(out, tuple) else out)
+
         return hook
 
     def detach(self) -> None:
@@ -588,10 +719,13 @@ def measure_importance(model: nn.Module, batches: Iterable[dict], family: Family
         model.train(was_training)
     if n_batches == 0:
         raise SubcloneError("calibration data gave no batch")
-    return Importance(stream=rec.stream / n_batches,
-                      heads=[h / max(c, 1.0) for h, c in zip(rec.heads, rec.counts["heads"], strict=True)],
-                      mlp=[h / max(c, 1.0) for h, c in zip(rec.mlp, rec.counts["mlp"], strict=True)],
-                      block_ratio=rec.ratio / n_batches, n_tokens=int(rec.counts["mlp"][0]) if rec.counts["mlp"] else 0)
+    return Importance(
+        stream=rec.stream / n_batches,
+        heads=[h / max(c, 1.0) for h, c in zip(rec.heads, rec.counts["heads"], strict=True)],
+        mlp=[h / max(c, 1.0) for h, c in zip(rec.mlp, rec.counts["mlp"], strict=True)],
+        block_ratio=rec.ratio / n_batches,
+        n_tokens=int(rec.counts["mlp"][0]) if rec.counts["mlp"] else 0,
+    )
 
 
 # ---------------------------------------------------------------------------------------------- the plan
@@ -617,8 +751,13 @@ class Plan:
         return torch.cat([a + c * inner for c in range(3)])
 
 
-def resolve_dims(parent: Dims, layers: int | None = None, width: int | None = None, heads: int | None = None,
-                 mlp_hidden: int | None = None) -> Dims:
+def resolve_dims(
+    parent: Dims,
+    layers: int | None = None,
+    width: int | None = None,
+    heads: int | None = None,
+    mlp_hidden: int | None = None,
+) -> Dims:
     """Child sizes; unspecified ones follow the parent (head dim is kept, MLP ratio is kept)."""
     width = width or parent.width
     layers = layers or parent.layers
@@ -627,13 +766,17 @@ def resolve_dims(parent: Dims, layers: int | None = None, width: int | None = No
             raise SubcloneError(f"width {width} is not a multiple of the parent's head dim {parent.head_dim}")
         heads = width // parent.head_dim
     if width % heads or width // heads != parent.head_dim:
-        raise SubcloneError(f"width {width} with {heads} heads gives head dim {width / heads:g}; subcloning keeps "
-                            f"the parent's head dim {parent.head_dim} (use heads={width // parent.head_dim})")
+        raise SubcloneError(
+            f"width {width} with {heads} heads gives head dim {width / heads:g}; subcloning keeps "
+            f"the parent's head dim {parent.head_dim} (use heads={width // parent.head_dim})"
+        )
     mlp_hidden = mlp_hidden or round(parent.mlp_hidden * width / parent.width)
     child = Dims(layers, width, heads, parent.head_dim, mlp_hidden)
     for k in ("layers", "width", "heads", "mlp_hidden"):
         if not 1 <= getattr(child, k) <= getattr(parent, k):
-            raise SubcloneError(f"child {k}={getattr(child, k)} must be in [1, parent's {getattr(parent, k)}]")
+            raise SubcloneError(
+                f"child {k}={getattr(child, k)} must be in [1, parent's {getattr(parent, k)}]"
+            )
     return child
 
 
@@ -685,8 +828,13 @@ def _scale(plan: Plan, role: str, mode: str) -> float:
     return math.sqrt(n / n2)
 
 
-def apply_plan(state: dict[str, torch.Tensor], rules: list[Rule], plan: Plan, scale: str = "paper",
-               block_prefix: str | None = None) -> dict[str, torch.Tensor]:
+def apply_plan(
+    state: dict[str, torch.Tensor],
+    rules: list[Rule],
+    plan: Plan,
+    scale: str = "paper",
+    block_prefix: str | None = None,
+) -> dict[str, torch.Tensor]:
     """Cut (and rescale) every tensor of a parent state dict; raises SubcloneError on an unknown key."""
     if scale not in SCALE_MODES:
         raise SubcloneError(f"scale must be one of {SCALE_MODES}, got {scale!r}")
@@ -706,7 +854,7 @@ def apply_plan(state: dict[str, torch.Tensor], rules: list[Rule], plan: Plan, sc
         if rule.in_axis is not None and new.is_floating_point():
             new = new * _scale(plan, rule.roles[rule.in_axis], scale)
         if b is not None:
-            key = key[:m.start("b")] + str(child_of[b]) + key[m.end("b"):]
+            key = key[: m.start("b")] + str(child_of[b]) + key[m.end("b") :]
         out[key] = new.contiguous()
     return out
 
@@ -721,9 +869,17 @@ class SubcloneResult:
     importance: Importance
 
 
-def subclone(parent: nn.Module, calib: Iterable[dict], *, layers: int | None = None, width: int | None = None,
-             heads: int | None = None, mlp_hidden: int | None = None, scale: str = "paper",
-             block_select: str = "middle") -> SubcloneResult:
+def subclone(
+    parent: nn.Module,
+    calib: Iterable[dict],
+    *,
+    layers: int | None = None,
+    width: int | None = None,
+    heads: int | None = None,
+    mlp_hidden: int | None = None,
+    scale: str = "paper",
+    block_select: str = "middle",
+) -> SubcloneResult:
     """Subclone ``parent`` into a smaller model of the same library class (see module docstring)."""
     fam = family_of(parent)
     parent_arch = fam.arch(parent)
@@ -762,8 +918,12 @@ def function_check(parent: nn.Module, child: nn.Module, batches: Iterable[dict])
     child.train(states[1])
     p, c = torch.cat(po), torch.cat(co)
     pearson = torch.corrcoef(torch.stack([p.reshape(-1), c.reshape(-1)]))[0, 1]
-    return {"pearson": float(pearson), "cosine": float(F.cosine_similarity(p, c, dim=-1).mean()),
-            "top1_agree": float((p.argmax(-1) == c.argmax(-1)).float().mean()), "n_outputs": int(p.shape[0])}
+    return {
+        "pearson": float(pearson),
+        "cosine": float(F.cosine_similarity(p, c, dim=-1).mean()),
+        "top1_agree": float((p.argmax(-1) == c.argmax(-1)).float().mean()),
+        "n_outputs": int(p.shape[0]),
+    }
 
 
 # ------------------------------------------------------------------------------------------------ files
@@ -846,7 +1006,9 @@ def model_stats(model: nn.Module) -> tuple[tuple, tuple]:
     if type(model).__module__.startswith("open_clip"):
         import open_clip
 
-        return tuple(pp.get("mean", open_clip.OPENAI_DATASET_MEAN)), tuple(pp.get("std", open_clip.OPENAI_DATASET_STD))
+        return tuple(pp.get("mean", open_clip.OPENAI_DATASET_MEAN)), tuple(
+            pp.get("std", open_clip.OPENAI_DATASET_STD)
+        )
     return IMAGENET_MEAN, IMAGENET_STD
 
 
@@ -870,8 +1032,10 @@ def build_task_model(cfg: RunConfig, args: SubcloneTrainArgs, data: dict) -> nn.
     """The model to train: subclone weights (``init``), an architecture at random init (``arch``), or a new
     parent from ``cfg.model`` (timm ViT name / ``gpt2``)."""
     if args.init and args.arch:
-        raise ValueError("method_args.init (subclone weights) and method_args.arch (random init) are exclusive; "
-                         "set the other to null")
+        raise ValueError(
+            "method_args.init (subclone weights) and method_args.arch (random init) are exclusive; "
+            "set the other to null"
+        )
     if args.init:
         return load_model(args.init)[0]
     if args.arch:
@@ -879,12 +1043,20 @@ def build_task_model(cfg: RunConfig, args: SubcloneTrainArgs, data: dict) -> nn.
     if args.task == "vit":
         from vfmkit.models.factory import create_classifier
 
-        return create_classifier(cfg.model.name, args.num_classes, img_size=args.image_size, **cfg.model.kwargs)
+        return create_classifier(
+            cfg.model.name, args.num_classes, img_size=args.image_size, **cfg.model.kwargs
+        )
     from transformers import GPT2Config, GPT2LMHeadModel
 
     v = WordVocab
-    conf = GPT2Config(vocab_size=len(data["vocab"]), n_positions=args.context_length, bos_token_id=v.BOS,
-                      eos_token_id=v.EOS, pad_token_id=v.PAD, **cfg.model.kwargs)
+    conf = GPT2Config(
+        vocab_size=len(data["vocab"]),
+        n_positions=args.context_length,
+        bos_token_id=v.BOS,
+        eos_token_id=v.EOS,
+        pad_token_id=v.PAD,
+        **cfg.model.kwargs,
+    )
     return GPT2LMHeadModel(conf)
 
 
@@ -905,7 +1077,9 @@ def make_loss(args: SubcloneTrainArgs, model: nn.Module) -> Callable:
             flip = torch.rand(x.shape[0], device=x.device) < 0.5
             x = torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x)
         logits = m(normalize(x, mean, std))
-        return F.cross_entropy(logits, batch["y"]), {"acc": float((logits.argmax(-1) == batch["y"]).float().mean())}
+        return F.cross_entropy(logits, batch["y"]), {
+            "acc": float((logits.argmax(-1) == batch["y"]).float().mean())
+        }
 
     def text_loss(m, batch, step):
         loss, _ = lm_loss(m, batch)
@@ -922,7 +1096,7 @@ def evaluate(model: nn.Module, args: SubcloneTrainArgs, val: dict, batch_size: i
     tot_loss, tot_n, correct = 0.0, 0.0, 0.0
     mean, std = model_stats(model)
     for i in range(0, n, batch_size):
-        b = {k: v[i:i + batch_size].to(dev) for k, v in val.items()}
+        b = {k: v[i : i + batch_size].to(dev) for k, v in val.items()}
         if args.task == "vit":
             logits = model(normalize(b["x"], mean, std))
             tot_loss += float(F.cross_entropy(logits, b["y"], reduction="sum"))
@@ -932,7 +1106,11 @@ def evaluate(model: nn.Module, args: SubcloneTrainArgs, val: dict, batch_size: i
             loss, k = lm_loss(model, b)
             tot_loss, tot_n = tot_loss + float(loss) * float(k), tot_n + float(k)
     out = {"loss": tot_loss / max(tot_n, 1.0)}
-    out.update({"acc": correct / max(tot_n, 1.0)} if args.task == "vit" else {"ppl": float(torch.exp(torch.tensor(out["loss"])))})
+    out.update(
+        {"acc": correct / max(tot_n, 1.0)}
+        if args.task == "vit"
+        else {"ppl": float(torch.exp(torch.tensor(out["loss"])))}
+    )
     return out
 
 
@@ -942,7 +1120,9 @@ def write_run_files(out_dir: str | Path, model: nn.Module, args: SubcloneTrainAr
 
     out = Path(out_dir)
     fam = family_of(model)
-    atomic_write_bytes(out / "arch.json", json.dumps({**fam.arch(model), "task": vars(args)}, indent=1).encode())
+    atomic_write_bytes(
+        out / "arch.json", json.dumps({**fam.arch(model), "task": vars(args)}, indent=1).encode()
+    )
     if "vocab" in data:
         data["vocab"].save(out / "vocab.json")
 
@@ -959,8 +1139,13 @@ def build(cfg: RunConfig, dist_info: DistInfo, data: dict | None = None) -> Job:
     model = build_task_model(cfg, args, data)
     if dist_info.is_main:
         write_run_files(cfg.out_dir, model, args, data)
-    loader = TensorLoader(data["train"], cfg.data.batch_size, seed=cfg.seed, rank=dist_info.rank,
-                          world_size=dist_info.world_size)
+    loader = TensorLoader(
+        data["train"],
+        cfg.data.batch_size,
+        seed=cfg.seed,
+        rank=dist_info.rank,
+        world_size=dist_info.world_size,
+    )
     has_val = data["val"]["x"].shape[0] > 0
     eval_fn = (lambda m, step: evaluate(m, args, data["val"])) if has_val else None
     return Job(model, make_loss(args, model), loader, eval_fn=eval_fn, extra={"data": data})

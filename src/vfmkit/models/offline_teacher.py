@@ -201,5 +201,3 @@ def teacher_train_images(path: str | Path | None = None) -> frozenset[str]:
     d = Path(path) if path is not None else shipped_teacher_dir()
     build = json.loads((d / "teacher.json").read_text()).get("build", {})
     return frozenset(build.get("train_images", ()))
-
-

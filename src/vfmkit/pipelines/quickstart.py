@@ -282,7 +282,9 @@ def run_quickstart(opts: QuickstartOptions) -> tuple[str, Path, float]:
 
     t0, c0 = time.perf_counter(), time.process_time()
     out, st = Path(opts.out), Stages()
-    student_configs(opts, opts.data, out / "reinforced")  # a value that cannot work fails now, not after the teacher
+    student_configs(
+        opts, opts.data, out / "reinforced"
+    )  # a value that cannot work fails now, not after the teacher
     out.mkdir(parents=True, exist_ok=True)
     teachers = opts.teachers or ["offline"]
     data = opts.data

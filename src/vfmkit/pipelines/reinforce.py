@@ -436,7 +436,9 @@ class Reinforcer:
             tarfile.open(part, "w", format=tarfile.GNU_FORMAT).close()
         os.replace(part, out_dir / name)
         marker = {"name": name, "count": count, "sha256": sha256_file(out_dir / name), "skipped": skipped}
-        shutil.rmtree(work, ignore_errors=True)  # before the marker: a kill between them leaves no .work folder
+        shutil.rmtree(
+            work, ignore_errors=True
+        )  # before the marker: a kill between them leaves no .work folder
         atomic_write_json(out_dir / (name + DONE_SUFFIX), marker)
         return marker
 
@@ -530,7 +532,9 @@ def reinforce(
         res = _reinforce_locked(urls, out, args, rank, world_size, progress, reinforcer)
     except BaseException:
         if lock is not None:
-            lock.release(discard_if_unused=True)  # refused before writing (e.g. unknown teacher): no folder left
+            lock.release(
+                discard_if_unused=True
+            )  # refused before writing (e.g. unknown teacher): no folder left
         raise
     if lock is not None:
         lock.release()

