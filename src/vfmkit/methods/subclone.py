@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -929,15 +928,13 @@ def function_check(parent: nn.Module, child: nn.Module, batches: Iterable[dict])
 # ------------------------------------------------------------------------------------------------ files
 def save_model(out_dir: str | Path, model: nn.Module, arch: dict, extra: dict | None = None) -> Path:
     """Write ``arch.json`` (+ ``extra``) and ``model.safetensors`` atomically; returns ``out_dir``."""
-    from safetensors.torch import save_model as st_save
-
-    from vfmkit.data.io import atomic_write_bytes
+    from vfmkit.data.io import atomic_save_safetensors, atomic_write_bytes
+    from vfmkit.engine.checkpoint import module_tensors
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    tmp = out / f".model.safetensors.tmp-{os.getpid()}"
-    st_save(model, str(tmp))  # handles GPT-2's tied lm_head / wte
-    os.replace(tmp, out / "model.safetensors")
+    # module_tensors keeps GPT-2's tied lm_head / wte once, as safetensors' save_model does
+    atomic_save_safetensors(out / "model.safetensors", *module_tensors(model))
     atomic_write_bytes(out / "arch.json", json.dumps({**arch, **(extra or {})}, indent=1).encode())
     return out
 
