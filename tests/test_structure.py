@@ -191,3 +191,20 @@ def test_checker_sees_imports(tmp_path, src, expect):
     p.write_text(src)
     targets = [t for _, t in imports_of("vfmkit.data.x", p, known)]
     assert expect in targets
+
+
+def test_every_method_build_is_typed():
+    """Every registered method's ``build(cfg: RunConfig, dist_info: DistInfo, ...) -> Job`` carries its types."""
+    from vfmkit.methods.registry import METHODS
+
+    untyped = []
+    for name, mod in METHODS.items():
+        path = PKG / Path(*mod.split(".")[1:]).with_suffix(".py")
+        tree = ast.parse(path.read_text())
+        build = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "build")
+        args = build.args.args[:2]
+        ann = [ast.unparse(a.annotation) if a.annotation is not None else None for a in args]
+        ret = ast.unparse(build.returns) if build.returns is not None else None
+        if ann != ["RunConfig", "DistInfo"] or ret != "Job":
+            untyped.append(f"{name}: build({', '.join(map(str, ann))}) -> {ret}")
+    assert not untyped, untyped

@@ -40,6 +40,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vfmkit.config import ConfigError, RunConfig, parse_section
+from vfmkit.engine.distributed import DistInfo
+from vfmkit.methods.registry import Job
 
 __all__ = [
     "MergeArgs",
@@ -217,8 +219,11 @@ def _a_decoder(size: int):
 
 
 def build(
-    cfg: RunConfig, dist_info: Any, teacher_a: nn.Module | None = None, teacher_b: nn.Module | None = None
-) -> Any:
+    cfg: RunConfig,
+    dist_info: DistInfo,
+    teacher_a: nn.Module | None = None,
+    teacher_b: nn.Module | None = None,
+) -> Job:
     """The merge job. ``teacher_a`` / ``teacher_b`` may be handed in already loaded (a pipeline running several
     stages loads them once); otherwise they are loaded from ``method_args.teacher_a`` / ``teacher_b``."""
     from safetensors.torch import load_file
@@ -226,7 +231,6 @@ def build(
     from vfmkit.data.dense import DenseAugment, dense_info, make_dense_decoder
     from vfmkit.data.io import atomic_write_json
     from vfmkit.data.loader import ShardLoader
-    from vfmkit.methods.registry import Job
     from vfmkit.models.merge import build_merged_model, teacher_a_proj_init
     from vfmkit.models.teachers import load_teacher
 

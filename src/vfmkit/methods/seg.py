@@ -20,14 +20,15 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
 
 import torch
 
 from vfmkit.config import ConfigError, RunConfig, load_config, parse_section
 from vfmkit.data.dense import DenseAugment, dense_info, make_dense_decoder
 from vfmkit.data.io import atomic_write_json
+from vfmkit.engine.distributed import DistInfo
 from vfmkit.eval.dense import DENSE_META, build_seg_model, evaluate_segmentation, extract_features, seg_loss
+from vfmkit.methods.registry import Job
 
 __all__ = ["SegArgs", "build", "dense_probe", "ordered_dense_loader"]
 
@@ -96,10 +97,9 @@ def _meta(args: SegArgs, info: dict) -> dict:
     }
 
 
-def build(cfg: RunConfig, dist_info: Any):
+def build(cfg: RunConfig, dist_info: DistInfo) -> Job:
     """The seg job: tower + head (eval.dense), CE with void ignored, val mIoU as the eval hook."""
     from vfmkit.data.loader import ShardLoader, TensorLoader
-    from vfmkit.methods.registry import Job
 
     args = parse_args(cfg)
     if cfg.data.val is None:

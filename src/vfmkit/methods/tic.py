@@ -16,6 +16,7 @@ The multi-step job (strategies, patching, evaluation, resume) is ``vfmkit.pipeli
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -30,6 +31,7 @@ from vfmkit.methods.clip import (
     make_clip_decoder,
     make_contrastive_loss,
 )
+from vfmkit.methods.registry import Job
 
 
 @dataclass
@@ -76,10 +78,9 @@ def make_tic_loss_fn(loss: nn.Module, teacher: nn.Module | None, weight: float):
     return loss_fn
 
 
-def build(cfg: RunConfig, dist_info: DistInfo):
+def build(cfg: RunConfig, dist_info: DistInfo) -> Job:
     """One time step: open_clip model (warm-started from ``model.pretrained`` if set), ClipLoss (+ LwF)."""
-    from vfmkit.methods.registry import Job
-    from vfmkit.models.factory import create_clip
+    from vfmkit.models.factory import create_clip, write_open_clip_files
 
     args = parse_args(cfg)
     torch.manual_seed(cfg.seed)
@@ -102,6 +103,7 @@ def build(cfg: RunConfig, dist_info: DistInfo):
         loader,
         after_step=lambda m: clamp_logit_scale(m, args.max_logit_scale),
         extra={"bundle": bundle, "teacher": teacher},
+        on_final=partial(write_open_clip_files, bundle),  # each step's run folder opens in open_clip
     )
 
 
