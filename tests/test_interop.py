@@ -454,3 +454,18 @@ def test_docs_python_api_examples_run(doc: str, tmp_path: Path, monkeypatch, cap
         sd = load_file(str(tmp_path / "runs" / "api" / "model.safetensors"))
         assert all(torch.equal(sd[k], v) for k, v in ns["bundle"].model.state_dict().items())
     assert "i2t_R@1" in capsys.readouterr().out or doc == "README.md"
+
+
+def test_a_clip_run_folder_is_a_dense_tower(tiny_run):
+    """`vfmkit eval --tasks seg --model local-dir:RUN` probes that run's image tower (it used to build the
+    spec 'openclip:local-dir:RUN', which names no tower)."""
+    from vfmkit.eval.dense import OpenClipTower, load_tower, seg_tower_spec
+    from vfmkit.models.factory import create_clip
+
+    for name in (str(tiny_run), f"local-dir:{tiny_run}"):
+        assert seg_tower_spec(name) == str(tiny_run)
+    assert seg_tower_spec("vfm-tiny-vit", "w.safetensors") == "openclip:vfm-tiny-vit:w.safetensors"
+    tower = load_tower(seg_tower_spec(f"local-dir:{tiny_run}"))
+    assert isinstance(tower, OpenClipTower)
+    trained = create_clip(f"local-dir:{tiny_run}").model.visual.state_dict()
+    assert all(torch.equal(v, trained[k]) for k, v in tower.visual.state_dict().items())

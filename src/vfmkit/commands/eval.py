@@ -73,9 +73,10 @@ def run(args: argparse.Namespace) -> int:
             args.classes,
         )
     if "seg" in tasks:
+        from vfmkit.eval.dense import seg_tower_spec
         from vfmkit.methods.seg import dense_probe
 
-        tower = args.tower or f"openclip:{args.model}" + (f":{args.pretrained}" if args.pretrained else "")
+        tower = args.tower or seg_tower_spec(args.model, args.pretrained)
         seg = dense_probe(
             tower,
             args.seg_train,

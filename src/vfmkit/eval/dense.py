@@ -228,11 +228,22 @@ def load_tower(spec: str, image_size: int = 240, reinit: bool = False) -> Spatia
         tower = OpenClipTower(spec, ms.name, ms.source)
     elif ms.kind == "timm":
         tower = TimmTower(spec, ms.name, None if ms.source == "random" else ms.source)
+    elif (Path(ms.name) / "open_clip_config.json").is_file():  # a CLIP run folder: its image tower
+        tower = OpenClipTower(spec, f"local-dir:{ms.name}", None)
     else:
         tower = load_dense_model(ms.name).tower
     if reinit:
         reinit_weights(tower)
     return tower
+
+
+def seg_tower_spec(model: str, pretrained: str | None = None) -> str:
+    """The tower spec of a CLIP model as ``vfmkit eval`` names it: a run folder (or ``local-dir:DIR``) as itself,
+    an open_clip name (+ weights) as ``openclip:NAME[:WEIGHTS]``."""
+    folder = model.removeprefix("local-dir:")
+    if pretrained is None and (Path(folder) / "open_clip_config.json").is_file():
+        return folder
+    return f"openclip:{model}" + (f":{pretrained}" if pretrained else "")
 
 
 @torch.no_grad()
