@@ -19,9 +19,12 @@ vfmkit subclone train --recipe subclone_vit_parent --set train.steps=20 --out ru
 vfmkit subclone run runs/vit_parent --layers 3 --width 96 --out runs/vit_child
 vfmkit backfill --out runs/backfill
 vfmkit eval --tasks seg --tower efficientnet-lite0 --seg-steps 20 --out runs/seg_eval
-vfmkit train camvid_teacher --set train.steps=20 --out runs/camvid_teacher_smoke
+vfmkit train camvid_teacher --set data.train=builtin:camvid/train --set data.val=builtin:camvid/val \
+    --set train.steps=20 --out runs/camvid_teacher_smoke
 vfmkit tic prepare --out runs/tic_emoji/stream
 vfmkit tic run --strategy sequential,cumulative-all --set train.steps=10 --set data.batch_size=16 --out runs/tic_emoji
 vfmkit tic report runs/tic_emoji
 vfmkit export runs/clip --out runs/clip/export --quantize int8 --parity
+vfmkit reinforce dense builtin:flickr8k/heldout --out runs/pl --expert person
+vfmkit train cliptex_tiny --set data.train=runs/pl --set train.steps=20 --out runs/cliptex
 echo "README commands OK in $W"
