@@ -26,7 +26,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from vfmkit.models.experts import Expert, check_expert, encode_output, label_ext
-from vfmkit.pipelines.reinforce import DONE_SUFFIX, dist_env, out_name, rank_shards, shard_done
+from vfmkit.pipelines.reinforce import (
+    DONE_SUFFIX,
+    dist_env,
+    out_name,
+    rank_shards,
+    shard_done,
+    write_manifest_if_complete,
+)
 
 METADATA = "pseudolabels.json"
 LABELS = "labels.json"
@@ -230,7 +237,7 @@ def pseudolabel(
                     f"generation: {n} images in {secs:.1f}s ({1000 * secs / n:.1f} ms/image, all experts)",
                     flush=True,
                 )
-        manifest = _write_manifest(urls, out)
+        manifest = write_manifest_if_complete(urls, out, kind="pseudolabels", metadata=METADATA)
     except BaseException:
         if lock is not None:
             lock.release(discard_if_unused=True)
@@ -246,24 +253,3 @@ def pseudolabel(
         "storage": line,
         "manifest": manifest,
     }
-
-
-def _write_manifest(urls: list[str], out: Path) -> dict | None:
-    """``manifest.json`` once every shard is done (content from the markers only, so any rank may write it)."""
-    from vfmkit.data.io import atomic_write_json
-    from vfmkit.data.shards import FORMAT, MANIFEST
-
-    names = [out_name(u) for u in urls]
-    if not all(shard_done(out, n) for n in names):
-        return None
-    markers = [json.loads((out / (n + DONE_SUFFIX)).read_text(encoding="utf-8")) for n in names]
-    manifest = {
-        "format": FORMAT,
-        "shards": [{k: m[k] for k in ("name", "count", "sha256")} for m in markers],
-        "count": sum(m["count"] for m in markers),
-        "kind": "pseudolabels",
-        "metadata": METADATA,
-        "skipped": [s for m in markers for s in m["skipped"]],
-    }
-    atomic_write_json(out / MANIFEST, manifest)
-    return manifest

@@ -477,11 +477,14 @@ def storage_report(meta, n_samples: int | None) -> str:
     return line
 
 
-def _write_manifest_if_complete(urls: list[str], out_dir: Path) -> dict | None:
+def write_manifest_if_complete(
+    urls: list[str], out_dir: Path, kind: str = "reinforced", metadata: str = METADATA
+) -> dict | None:
     """Once every input shard has its done marker, write ``manifest.json`` (vfmkit-shards/1, input order).
 
     Any rank may be the last to finish; the manifest's content depends only on the markers, so concurrent
-    writers write the same bytes (atomically)."""
+    writers write the same bytes (atomically). ``kind`` / ``metadata`` name the store (reinforced data,
+    pseudo-labels) and its metadata file."""
     from vfmkit.data.io import atomic_write_json
     from vfmkit.data.shards import FORMAT, MANIFEST
 
@@ -493,8 +496,8 @@ def _write_manifest_if_complete(urls: list[str], out_dir: Path) -> dict | None:
         "format": FORMAT,
         "shards": [{k: m[k] for k in ("name", "count", "sha256")} for m in markers],
         "count": sum(m["count"] for m in markers),
-        "kind": "reinforced",
-        "metadata": METADATA,
+        "kind": kind,
+        "metadata": metadata,
         "skipped": [s for m in markers for s in m["skipped"]],
     }
     atomic_write_json(out_dir / MANIFEST, manifest)
@@ -584,7 +587,7 @@ def _reinforce_locked(urls, out: Path, args: ReinforceArgs, rank, world_size, pr
         "samples": n,
         "seconds": secs,
         "samples_per_s": n / max(secs, 1e-9),
-        "manifest": _write_manifest_if_complete(urls, out),
+        "manifest": write_manifest_if_complete(urls, out),
     }
 
 
