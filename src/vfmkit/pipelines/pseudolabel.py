@@ -28,6 +28,7 @@ from pathlib import Path
 from vfmkit.models.experts import Expert, check_expert, encode_output, label_ext
 from vfmkit.pipelines.reinforce import (
     DONE_SUFFIX,
+    check_or_write_meta,
     dist_env,
     out_name,
     rank_shards,
@@ -142,21 +143,6 @@ def run_shard(url: str, out_dir: Path, experts: list[Expert], args: PseudoLabelA
     return marker
 
 
-def _check_or_write_meta(out: Path, meta: dict, rank: int) -> None:
-    from vfmkit.data.io import atomic_write_json
-
-    path = out / METADATA
-    if path.is_file():
-        old = json.loads(path.read_text(encoding="utf-8"))
-        if old != meta:
-            diff = sorted(k for k in set(old) | set(meta) if old.get(k) != meta.get(k))
-            raise ValueError(
-                f"{path} was written with other experts/settings (differs in {diff}): use a new output folder"
-            )
-    elif rank == 0:
-        atomic_write_json(path, meta)
-
-
 def storage_line(out: Path, names: list[str], experts: list[Expert]) -> str:
     """Bytes per sample of the stored labels (all experts together and each), from the finished shards."""
     from vfmkit.data.shards import iter_shard
@@ -211,7 +197,7 @@ def pseudolabel(
     lock = FolderLock(out, "vfmkit reinforce dense").acquire() if rank == 0 else None
     try:
         probe_writable(out)
-        _check_or_write_meta(out, metadata(experts, args), rank)
+        check_or_write_meta(out, metadata(experts, args), rank, name=METADATA)
         mine = rank_shards(urls, rank, world_size)
         todo = [u for u in mine if not shard_done(out, out_name(u))]
         if verbose:

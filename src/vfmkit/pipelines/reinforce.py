@@ -446,16 +446,17 @@ class Reinforcer:
 # ----------------------------------------------------------------------------------------------- driver
 
 
-def _check_or_write_meta(out_dir: Path, meta_dict: dict, rank: int) -> None:
-    """Metadata is written once (rank 0, atomically); a rerun into the same folder must use the same settings."""
+def check_or_write_meta(out_dir: Path, meta_dict: dict, rank: int, name: str = METADATA) -> None:
+    """Metadata ``name`` is written once (rank 0, atomically); a rerun into the same folder must use the same
+    settings (shared by reinforcement and pseudo-labelling)."""
     from vfmkit.data.io import atomic_write_json
 
-    path = out_dir / METADATA
+    path = out_dir / name
     if path.is_file():
         try:
             old = json.loads(path.read_text(encoding="utf-8"))
         except json.JSONDecodeError as e:
-            raise ValueError(f"corrupt reinforced metadata {path}: {e}") from e
+            raise ValueError(f"corrupt metadata {path}: {e}") from e
         if old != meta_dict:
             diff = sorted(k for k in set(old) | set(meta_dict) if old.get(k) != meta_dict.get(k))
             raise ValueError(
@@ -548,7 +549,7 @@ def _reinforce_locked(urls, out: Path, args: ReinforceArgs, rank, world_size, pr
     from vfmkit.data.shards import shard_counts
 
     gen = reinforcer or Reinforcer(args)
-    _check_or_write_meta(out, gen.meta.to_dict(), rank)
+    check_or_write_meta(out, gen.meta.to_dict(), rank)
     mine = rank_shards(urls, rank, world_size)
     todo = [u for u in mine if not shard_done(out, out_name(u))]
     counts = shard_counts(urls) or {}
