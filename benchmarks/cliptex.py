@@ -6,10 +6,16 @@ trained on stored expert pseudo-labels (the shipped MediaPipe person expert + th
 
 Stages, each cached under benchmarks/.cache/cliptex (a rerun skips what is done): data (imported as
 benchmarks/dense.py does, shared with its cache), pseudo-labels (``vfmkit.pipelines.pseudolabel``: generation
-cost per image), CLIP and CLIPTeX students (same seeds; samples/s of each gives the step-overhead ratio), then per
-student: Flickr8k val retrieval, Imagenette val zero-shot, and the CamVid val linear-probe mIoU of its image tower
-(``methods.seg.dense_probe``, frozen tower). Floors: CLIPTeX's probe mIoU above CLIP's by more than the seed
-spread (max of the two std); retrieval R@1 and zero-shot top-1 not below CLIP's by more than the spread.
+cost per image), CLIP and CLIPTeX students (same seeds), then per student: Flickr8k val retrieval, Imagenette val
+zero-shot, and the CamVid val linear-probe mIoU of its image tower (``methods.seg.dense_probe``, frozen tower).
+Person segmentation on the 1000 held-out Flickr8k val images: the shipped person expert's mask (p > 0.5) is the
+reference; CLIPTeX's person head is scored against it, and so is CLIP + probe (the frozen CLIP student with a
+person head trained on the same pseudo-labels, loss, steps and batch: ``cliptex`` with
+``method_args.freeze_clip``), IoU mean over images and pooled (``eval.dense.mask_iou``). Step overhead: CLIP and
+CLIPTeX jobs built side by side, interleaved rounds of timed steps (``benchmarks/_paired.py``, as
+``mobileclip_overhead.py``), median of the per-round paired ratios (not cached: measured by the recording run).
+Floors: CLIPTeX's probe mIoU above CLIP's by more than the seed spread (max of the two std); retrieval R@1 and
+zero-shot top-1 not below CLIP's by more than the spread (person IoU and step overhead are reported, no floor).
 """
 
 from __future__ import annotations
@@ -23,6 +29,8 @@ import time
 from pathlib import Path
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+import torch  # noqa: E402
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -47,15 +55,14 @@ def subset(src: str, out: Path, n: int) -> str:
     return str(out)
 
 
-def train(method: str, train_spec: str, work: Path, seed: int, steps: int, batch: int) -> tuple[Path, float]:
-    from vfmkit.config import load_config
-    from vfmkit.methods.registry import run
+RECIPES = {"clip": "clip_tiny", "cliptex": "cliptex_tiny", "probe": "cliptex_tiny"}
 
-    out = work / "students" / f"{method}_s{seed}"
-    done = out / "bench_train.json"
-    if done.is_file():
-        return out, json.loads(done.read_text())["samples_per_s"]
-    recipe = "cliptex_tiny" if method == "cliptex" else "clip_tiny"
+
+def overrides(method: str, train_spec: str, out: Path, seed: int, steps: int, batch: int, clip_run=None):
+    """The config overrides of one student (the same data, seed, steps and batch for every method).
+
+    ``probe``: the frozen CLIP student ``clip_run`` + a person head trained on the same pseudo-labels with the
+    same loss, steps and optimiser as CLIPTeX's head (the CLIP baseline's person comparator)."""
     over = [
         f"data.train={train_spec}",
         f"seed={seed}",
@@ -73,14 +80,83 @@ def train(method: str, train_spec: str, work: Path, seed: int, steps: int, batch
     ]
     if method == "cliptex":
         over += ["method_args.weights={person: 1.0, camvid: 1.0}", "method_args.lam=1.0"]
+    if method == "probe":
+        over += [
+            f"model.pretrained={Path(clip_run) / 'model.safetensors'}",
+            "method_args.freeze_clip=true",
+            "method_args.tasks=[person]",
+            "method_args.weights={person: 1.0}",
+            "method_args.lam=1.0",
+        ]
+    return over
+
+
+def train(
+    method: str, train_spec: str, work: Path, seed: int, steps: int, batch: int, clip_run=None
+) -> tuple[Path, float]:
+    from vfmkit.config import load_config
+    from vfmkit.methods.registry import run
+
+    out = work / "students" / f"{method}_s{seed}"
+    done = out / "bench_train.json"
+    if done.is_file():
+        return out, json.loads(done.read_text())["samples_per_s"]
+    over = overrides(method, train_spec, out, seed, steps, batch, clip_run)
     t = time.perf_counter()
-    res = run(load_config(recipe, over))
+    res = run(load_config(RECIPES[method], over))
     log(
         f"trained {method} seed {seed}: {steps} steps in {time.perf_counter() - t:.0f} s "
         f"({res.samples_per_s:.1f} samples/s)"
     )
     done.write_text(json.dumps({"samples_per_s": res.samples_per_s}))
     return out, res.samples_per_s
+
+
+def val_person(flickr_val: str) -> tuple:
+    """The held-out Flickr8k val images (``uint8 [N, 3, H, W]``, as imported) and the shipped person expert's
+    mask on each (probability > 0.5, at the image size): the reference of the person IoU."""
+    from vfmkit.data.decode import decode_uint8
+    from vfmkit.data.shards import iter_shard, list_shards
+    from vfmkit.models.experts import PersonExpert
+
+    imgs = torch.stack([decode_uint8(raw) for u in list_shards(flickr_val) for raw in iter_shard(u)])
+    expert = PersonExpert()
+    return imgs, torch.stack([expert(im) > 0.5 for im in imgs])
+
+
+def person_iou(run_dir: Path, images, ref) -> dict:
+    """IoU (mean over images, pooled) of a run's person head (sigmoid > 0.5) against the expert's masks."""
+    from vfmkit.eval.dense import mask_iou
+    from vfmkit.methods.cliptex import load_cliptex, predict_masks
+
+    cache = run_dir / "bench_person.json"
+    if cache.is_file():
+        return json.loads(cache.read_text())
+    model, bundle = load_cliptex(run_dir)
+    r = mask_iou(predict_masks(model, bundle, images, "person"), ref)
+    res = {k: r[k] for k in ("mean", "pooled", "n_images", "n_empty")}
+    cache.write_text(json.dumps(res))
+    log(
+        f"person IoU {run_dir.name}: mean {res['mean']:.2f} pooled {res['pooled']:.2f} ({res['n_images']} images)"
+    )
+    return res
+
+
+def step_overhead(src: str, pl: str, work: Path, batch: int, rounds: int, steps: int, warmup: int) -> dict:
+    """Interleaved paired step throughput of CLIP and CLIPTeX (same student, data subset, batch; fresh seed-0
+    jobs built through the registry, their real loaders included): samples/s per arm per round and the median of
+    the per-round ratios CLIPTeX / CLIP."""
+    from _paired import Arm, build, interleave, paired_ratio
+
+    from vfmkit.config import load_config
+
+    arms = []
+    for name, method, spec in (("CLIP", "clip", src), ("CLIPTeX", "cliptex", pl)):
+        over = overrides(method, spec, work / "overhead" / method, 0, steps, batch)
+        arms.append(Arm(name, *build(load_config(RECIPES[method], over))))
+    sps = interleave(arms, rounds, steps, warmup)
+    ratio, per_round = paired_ratio(sps, "CLIPTeX", "CLIP")
+    return {"rounds": sps, "ratio": ratio, "per_round": per_round, "steps": steps, "warmup": warmup}
 
 
 def evaluate(run_dir: Path, method: str, paths: dict, work: Path, probe_steps: int) -> dict:
@@ -130,8 +206,6 @@ def spread(xs: list[float]) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    import torch
-
     torch.set_num_threads(1)
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data")
@@ -143,6 +217,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--probe-steps", type=int, default=100)
     ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--overhead-rounds", type=int, default=9, help="step overhead: interleaved rounds")
+    ap.add_argument(
+        "--overhead-steps", type=int, default=12, help="step overhead: timed steps per arm per round"
+    )
+    ap.add_argument("--overhead-warmup", type=int, default=3)
     ap.add_argument(
         "--only-seed",
         type=int,
@@ -174,14 +253,26 @@ def main(argv: list[str] | None = None) -> int:
     )
 
     rows: dict[str, list[dict]] = {"clip": [], "cliptex": []}
-    sps: dict[str, list[float]] = {"clip": [], "cliptex": []}
+    sps: dict[str, list[float]] = {"clip": [], "cliptex": [], "probe": []}
+    iou: dict[str, list[dict]] = {"cliptex": [], "probe": []}
+    images, ref = val_person(paths["flickr_val"])
     for seed in range(a.seeds) if a.only_seed is None else [a.only_seed]:
+        runs = {}
         for method, spec in (("clip", src), ("cliptex", str(pl))):
-            run_dir, s = train(method, spec, work, seed, a.steps, a.batch)
+            runs[method], s = train(method, spec, work, seed, a.steps, a.batch)
             sps[method].append(s)
-            rows[method].append(evaluate(run_dir, method, paths, work, a.probe_steps))
+            rows[method].append(evaluate(runs[method], method, paths, work, a.probe_steps))
+        runs["probe"], s = train("probe", str(pl), work, seed, a.steps, a.batch, clip_run=runs["clip"])
+        sps["probe"].append(s)
+        for method in iou:
+            iou[method].append(person_iou(runs[method], images, ref))
     if a.only_seed is not None:
         return 0
+    from vfmkit.eval.dense import mask_iou
+
+    every = mask_iou(torch.ones_like(ref), ref)  # "person everywhere": the IoU of no information
+    iou_summ = {m: {k: spread([r[k] for r in iou[m]]) for k in ("mean", "pooled")} for m in iou}
+    ov = step_overhead(src, str(pl), work, a.batch, a.overhead_rounds, a.overhead_steps, a.overhead_warmup)
     summ = {
         m: {k: spread([float(r[k]) for r in rows[m]]) for k in ("seg_mIoU", "R@1", "zeroshot_top1")}
         for m in rows
@@ -194,7 +285,7 @@ def main(argv: list[str] | None = None) -> int:
     floor_seg = d["seg_mIoU"] > sp["seg_mIoU"]
     floor_ret = d["R@1"] >= -sp["R@1"]
     floor_zs = d["zeroshot_top1"] >= -sp["zeroshot_top1"]
-    overhead = statistics.fmean(sps["clip"]) / statistics.fmean(sps["cliptex"])
+    overhead = ov["ratio"]
     lines = [
         f"CLIP vs CLIPTeX, vfm-tiny-vit 64 px, {a.n_images} Flickr8k train images, {a.steps} steps x batch "
         f"{a.batch}, seeds {a.seeds}",
@@ -216,23 +307,58 @@ def main(argv: list[str] | None = None) -> int:
         f"incl. decode and PNG encode); {g['storage']}"
     )
     lines.append(
-        f"training step overhead: CLIPTeX {overhead:.2f}x CLIP's time per sample (CLIP "
-        f"{statistics.fmean(sps['clip']):.1f}, CLIPTeX {statistics.fmean(sps['cliptex']):.1f} samples/s)"
+        f"person IoU vs the expert's mask (> 0.5) on {ref.shape[0]} held-out Flickr8k val images "
+        f"({ref.shape[-2]}x{ref.shape[-1]}; per-image mean over the {every['n_images']} with a non-empty union, "
+        f"and pooled), expert = 100 by definition; person everywhere: mean {every['mean']:.2f}, pooled "
+        f"{every['pooled']:.2f}"
+    )
+    lines += ["| person head | seed IoU mean | seed IoU pooled | mean | pooled |", "|---|---|---|---|---|"]
+    for m, what in (
+        ("cliptex", "CLIPTeX (trained jointly)"),
+        ("probe", "CLIP + probe (frozen CLIP, same steps)"),
+    ):
+        per_mean = ", ".join(f"{r['mean']:.2f}" for r in iou[m])
+        per_pooled = ", ".join(f"{r['pooled']:.2f}" for r in iou[m])
+        sm, sp_ = iou_summ[m]["mean"], iou_summ[m]["pooled"]
+        lines.append(
+            f"| {what} | {per_mean} | {per_pooled} | {sm['mean']:.2f} +- {sm['std']:.2f} | "
+            f"{sp_['mean']:.2f} +- {sp_['std']:.2f} |"
+        )
+    lines.append(
+        f"training step overhead (interleaved, {a.overhead_rounds} rounds x {a.overhead_steps} steps per arm after "
+        f"{a.overhead_warmup} warm-up, batch {a.batch}, data loading included): CLIPTeX step throughput = "
+        f"{overhead:.3f} of CLIP's ({(1 - overhead) * 100:.1f}% slower); per-round ratios "
+        + ", ".join(f"{x:.3f}" for x in ov["per_round"])
+    )
+    lines.append(
+        "samples/s per round: CLIP "
+        + ", ".join(f"{x:.1f}" for x in ov["rounds"]["CLIP"])
+        + "; CLIPTeX "
+        + ", ".join(f"{x:.1f}" for x in ov["rounds"]["CLIPTeX"])
     )
     text = "\n".join(lines)
     from _record import machine, now, record
 
     res = {
         "headline": f"CamVid probe mIoU CLIPTeX {d['seg_mIoU']:+.2f} vs CLIP (spread {sp['seg_mIoU']:.2f}); "
-        f"R@1 {d['R@1']:+.2f}, zero-shot {d['zeroshot_top1']:+.2f}; step overhead {overhead:.2f}x",
+        f"R@1 {d['R@1']:+.2f}, zero-shot {d['zeroshot_top1']:+.2f}; person IoU vs expert (pooled) CLIPTeX "
+        f"{iou_summ['cliptex']['pooled']['mean']:.1f} vs CLIP+probe {iou_summ['probe']['pooled']['mean']:.1f}; "
+        f"CLIPTeX step throughput {overhead:.3f} of CLIP's",
         "floor": "seg diff > spread; R@1 and zero-shot diff >= -spread",
         "floor_met": bool(floor_seg and floor_ret and floor_zs),
         "floors": {"seg": bool(floor_seg), "retrieval": bool(floor_ret), "zeroshot": bool(floor_zs)},
         "summary": summ,
         "diff": d,
         "spread": sp,
-        "samples_per_s": sps,
-        "step_overhead": overhead,
+        "run_samples_per_s": sps,  # whole-run averages (runs not interleaved): not the overhead
+        "step_throughput_ratio": overhead,  # CLIPTeX / CLIP samples/s, median of interleaved paired rounds
+        "step_overhead": ov,
+        "person_iou": {
+            "per_seed": iou,
+            "summary": iou_summ,
+            "person_everywhere": {k: every[k] for k in ("mean", "pooled", "n_images", "n_empty")},
+            "n_val_images": int(ref.shape[0]),
+        },
         "generation_ms_per_image": 1000 * g["s_per_image"],
         "storage": g["storage"],
         "settings": vars(a)

@@ -21,10 +21,9 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
+from _paired import Arm, interleave, make_job, paired_ratio  # noqa: E402
 from _record import machine, now, record  # noqa: E402
 
 NAME = "mobileclip_overhead"
@@ -51,56 +50,6 @@ def reinforced_data(cache: Path, teacher: str, n_aug: int, data: str, recipe: di
     )
     reinforce(data, out, args, progress=False)
     return out
-
-
-def make_job(method: str, base: dict, method_args: dict):
-    from vfmkit.config import load_config
-    from vfmkit.engine.distributed import init_distributed
-    from vfmkit.methods.registry import build_job
-
-    cfg = load_config({**base, "method": method, "method_args": method_args})
-    return cfg, build_job(cfg, init_distributed())
-
-
-class Arm:
-    """One training setup: model, optimiser, loss and a loader iterated across epochs like the engine does."""
-
-    def __init__(self, name: str, cfg, job):
-        from vfmkit.engine.trainer import param_groups
-
-        self.name, self.cfg, self.job = name, cfg, job
-        self.opt = torch.optim.AdamW(
-            param_groups(job.model, cfg.optim.weight_decay), lr=cfg.optim.lr, fused=True
-        )
-        self.epoch, self.it = 0, iter(job.loader)
-        job.model.train()
-
-    def next_batch(self):
-        try:
-            return next(self.it)
-        except StopIteration:
-            self.epoch += 1
-            self.job.loader.set_epoch(self.epoch)
-            self.it = iter(self.job.loader)
-            return next(self.it)
-
-    def step(self, i: int) -> int:
-        """One optimiser step exactly as the engine's hot path (fp32 on CPU); returns the batch size."""
-        batch = self.next_batch()
-        loss, _ = self.job.loss_fn(self.job.model, batch, i)
-        self.opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(self.job.model.parameters(), self.cfg.train.grad_clip)
-        self.opt.step()
-        self.job.after_step(self.job.model)
-        return int(batch["image"].shape[0])
-
-    def timed(self, steps: int) -> float:
-        """samples/s over ``steps`` steps (data loading included)."""
-        t0, n = time.perf_counter(), 0
-        for i in range(steps):
-            n += self.step(i)
-        return n / (time.perf_counter() - t0)
 
 
 def main() -> int:
@@ -158,29 +107,13 @@ def main() -> int:
     if not a.no_online:
         specs.append(("online distillation", "mobileclip", {"lam": 0.5, "online_teachers": [a.teacher]}))
     arms = [Arm(n, *make_job(m, base, ma)) for n, m, ma in specs]
-    for arm in arms:  # warm-up: first-touch allocations, shard opening, teacher weights paged in
-        arm.timed(a.warmup)
-    sps: dict[str, list[float]] = {arm.name: [] for arm in arms}
-    for r in range(a.rounds):
-        order = arms if r % 2 == 0 else arms[::-1]  # alternate the order so drift in machine load cancels
-        for arm in order:
-            sps[arm.name].append(arm.timed(a.steps))
-        print(
-            f"round {r + 1}/{a.rounds}: " + ", ".join(f"{k} {v[-1]:.1f}" for k, v in sps.items()), flush=True
-        )
+    sps = interleave(arms, a.rounds, a.steps, a.warmup)
     return report(a, sps, t_reinf)
-
-
-def paired_ratio(sps: dict[str, list[float]], arm: str) -> tuple[float, list[float]]:
-    """Median over rounds of arm / plain within the same round (arms of a round run back to back, so the ratio
-    cancels most of the drift in machine load); returns (median, per-round ratios)."""
-    rs = [x / p for x, p in zip(sps[arm], sps["plain CLIP"], strict=True)]
-    return statistics.median(rs), rs
 
 
 def report(a: argparse.Namespace, sps: dict[str, list[float]], t_reinf: float) -> int:
     med = {k: statistics.median(v) for k, v in sps.items()}
-    ratios = {k: paired_ratio(sps, k) for k in sps if k != "plain CLIP"}
+    ratios = {k: paired_ratio(sps, k, "plain CLIP") for k in sps if k != "plain CLIP"}
     ratio, per_round = ratios["reinforced, 1 caption branch"]
     lines = [
         f"{k:32s} median {v:8.1f} samples/s; rounds "

@@ -71,14 +71,86 @@ def test_person_expert_matches_hand_checked_mask():
     )
     assert json.loads(raw["json"])["uid"] == "1142847777_2a0c1c2551.jpg"
     from vfmkit.data.decode import decode_uint8
+    from vfmkit.eval.dense import mask_iou
 
     p = PersonExpert()(decode_uint8(raw))
     hand = np.array(Image.open(HAND_MASK)) > 127
     pred = p.numpy() > 0.5
     iou = (hand & pred).sum() / (hand | pred).sum()
     assert iou > 0.5, iou
+    # the benchmark's metric on the same real image: the same number, one image so mean == pooled
+    r = mask_iou(torch.from_numpy(pred), torch.from_numpy(hand))
+    assert r["n_images"] == 1 and r["n_empty"] == 0
+    assert r["mean"] == pytest.approx(100 * iou) and r["pooled"] == pytest.approx(100 * iou)
     # and it is not just "everything is a person": the background corner is not
     assert pred[:, :20].mean() < 0.2
+
+
+def test_mask_iou_hand_built():
+    from vfmkit.eval.dense import mask_iou
+
+    pred = torch.zeros(3, 4, 4, dtype=torch.bool)
+    target = torch.zeros(3, 4, 4, dtype=torch.bool)
+    pred[0, :2, :2] = True  # 4 px
+    target[0, :2, :3] = True  # 6 px, the 4 above inside: IoU 4/6
+    pred[1, 0, 0] = True  # 1 px, disjoint from the 2 of the target: IoU 0
+    target[1, 3, 2:] = True
+    # image 2: both empty -> no IoU, left out of the mean
+    r = mask_iou(pred, target)
+    assert r["n_images"] == 2 and r["n_empty"] == 1
+    assert r["per_image"][:2] == pytest.approx([100 * 4 / 6, 0.0]) and np.isnan(r["per_image"][2])
+    assert r["mean"] == pytest.approx(100 * (4 / 6 + 0) / 2)
+    assert r["pooled"] == pytest.approx(100 * 4 / (6 + 3))  # intersections 4 + 0, unions 6 + 3
+    assert mask_iou(target, target)["pooled"] == 100.0
+    with pytest.raises(ValueError):
+        mask_iou(pred, target[:2])
+
+
+def test_frozen_clip_person_probe_and_its_masks(tmp_path):
+    """method_args.freeze_clip + tasks: a head-only run (the benchmark's CLIP + probe comparator) leaves the
+    pretrained CLIP bit-identical, trains only the person head, and load_cliptex / predict_masks give that head's
+    mask on real held-out images (sigmoid > 0.5 of the training-time forward)."""
+    from safetensors.torch import load_file, save_file
+
+    from vfmkit.config import load_config
+    from vfmkit.data.decode import decode_uint8
+    from vfmkit.methods.cliptex import load_cliptex, predict_masks
+    from vfmkit.methods.registry import run
+    from vfmkit.models.factory import create_clip
+
+    torch.manual_seed(1)
+    clip = create_clip("vfm-tiny-vit", image_size=64).model
+    save_file({k: v.contiguous() for k, v in clip.state_dict().items()}, str(tmp_path / "clip.safetensors"))
+    over = [
+        "train.steps=3",
+        "data.batch_size=8",
+        "data.image_size=64",
+        "train.progress=false",
+        "train.tensorboard=false",
+        f"model.pretrained={tmp_path / 'clip.safetensors'}",
+        "method_args.freeze_clip=true",
+        "method_args.tasks=[person]",
+        "method_args.weights={person: 1.0}",
+        f"out_dir={tmp_path / 'probe'}",
+    ]
+    run(load_config("cliptex_tiny", over))
+    sd = load_file(str(tmp_path / "probe" / "model.safetensors"))
+    assert {k.split(".")[1] for k in sd if k.startswith("heads.")} == {"person"}
+    before = load_file(str(tmp_path / "clip.safetensors"))
+    assert all(torch.equal(before[k], sd[f"clip.{k}"]) for k in before)
+
+    model, bundle = load_cliptex(tmp_path / "probe")
+    raws = list(iter_shard(list_shards("builtin:flickr8k/heldout")[0]))[:4]
+    imgs = torch.stack([decode_uint8(r) for r in raws])
+    imgs = torch.nn.functional.interpolate(imgs.float(), size=(64, 64), mode="nearest").to(torch.uint8)
+    masks = predict_masks(model, bundle, imgs, "person")
+    assert masks.shape == (4, 64, 64) and masks.dtype == torch.bool
+    mean, std = torch.tensor(bundle.mean).view(1, 3, 1, 1), torch.tensor(bundle.std).view(1, 3, 1, 1)
+    with torch.no_grad():
+        o = model((imgs.float() / 255 - mean) / std, bundle.tokenizer(["a photo"] * 4))
+    assert torch.equal(masks, torch.sigmoid(o["dense"]["person"][:, 0]) > 0.5)
+    with pytest.raises(ValueError):
+        predict_masks(model, bundle, imgs, "camvid")
 
 
 def test_storage_round_trip():

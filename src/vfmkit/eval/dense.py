@@ -47,6 +47,7 @@ __all__ = [
     "confusion_matrix",
     "seg_metrics",
     "depth_metrics",
+    "mask_iou",
     "depth_loss",
     "seg_loss",
     "evaluate_segmentation",
@@ -463,6 +464,30 @@ def seg_metrics(cm: Tensor, class_names: Sequence[str] | None = None) -> dict[st
     for k, name in enumerate(names):
         out[f"iou/{name}"] = float(iou[k] * 100)
     return out
+
+
+def mask_iou(pred: Tensor, target: Tensor) -> dict[str, Any]:
+    """IoU (percent) of binary masks ``pred`` / ``target`` ``[N, H, W]`` (or ``[H, W]``; nonzero = foreground).
+
+    ``per_image``: IoU_i = |p_i & t_i| / |p_i | t_i| (NaN where both are empty); ``mean``: over the images with a
+    non-empty union (``n_images`` of them, ``n_empty`` left out, as :func:`seg_metrics` leaves out absent
+    classes); ``pooled``: all pixels of all images as one mask (sum of intersections / sum of unions).
+    """
+    if pred.shape != target.shape:
+        raise ValueError(f"mask_iou: pred {tuple(pred.shape)} and target {tuple(target.shape)} differ")
+    p = pred.bool().reshape(-1, *pred.shape[-2:]) if pred.ndim >= 2 else pred.bool()
+    t = target.bool().reshape(p.shape)
+    inter = (p & t).flatten(1).sum(1).double()
+    union = (p | t).flatten(1).sum(1).double()
+    iou = torch.where(union > 0, inter / union.clamp(min=1), torch.full_like(inter, float("nan")))
+    valid = union > 0
+    return {
+        "mean": float(iou[valid].mean() * 100) if valid.any() else float("nan"),
+        "pooled": float(inter.sum() / union.sum() * 100) if union.sum() > 0 else float("nan"),
+        "n_images": int(valid.sum()),
+        "n_empty": int((~valid).sum()),
+        "per_image": [float(v * 100) for v in iou],
+    }
 
 
 def depth_metrics(pred: Tensor, target: Tensor, valid: Tensor | None = None) -> dict[str, float]:

@@ -51,6 +51,10 @@ class CliptexArgs:
     max_logit_scale: float = 100.0
     local_loss: bool = True
     gather_with_grad: bool = True
+    tasks: list = field(default_factory=list)  # train heads for these tasks only (default: all in the shards)
+    freeze_clip: bool = (
+        False  # CLIP frozen (e.g. model.pretrained = a CLIP run): only the heads train (a probe)
+    )
 
 
 # ------------------------------------------------------------------------------------------------ tasks
@@ -84,6 +88,18 @@ def read_tasks(train_spec: str) -> list[Task]:
         Task(e["name"], e["kind"], e.get("num_classes"), e.get("void"), bool(e.get("crop")))
         for e in meta["experts"]
     ]
+
+
+def select_tasks(tasks: list[Task], names) -> list[Task]:
+    """The tasks named in ``method_args.tasks`` (all when empty); an unknown name is a config error."""
+    if not names:
+        return list(tasks)
+    unknown = sorted(set(names) - {t.name for t in tasks})
+    if unknown:
+        raise ConfigError(
+            f"config key 'method_args.tasks': no task {unknown} in the shards (tasks: {[t.name for t in tasks]})"
+        )
+    return [t for t in tasks if t.name in set(names)]
 
 
 def task_loss(task: Task, logits: Tensor, target: Tensor, dice_weight: float = 1.0) -> Tensor:
@@ -283,7 +299,7 @@ def build(cfg: RunConfig, dist_info: DistInfo) -> Job:
         raise ConfigError(f"config key 'method_args.loss': cliptex takes 'clip', got {args.loss!r}")
     if args.head not in ("linear", "aspp"):
         raise ConfigError(f"config key 'method_args.head': {args.head!r} is not 'linear' or 'aspp'")
-    tasks = read_tasks(cfg.data.train)
+    tasks = select_tasks(read_tasks(cfg.data.train), args.tasks)
     unknown = sorted(set(args.weights) - {t.name for t in tasks})
     if unknown:
         raise ConfigError(
@@ -295,6 +311,8 @@ def build(cfg: RunConfig, dist_info: DistInfo) -> Job:
         cfg.model.name, cfg.model.pretrained, image_size=cfg.data.image_size, **cfg.model.kwargs
     )
     model = CliptexModel(bundle.model, tasks, args.head, args.head_width)
+    if args.freeze_clip:
+        model.clip.requires_grad_(False)
     size = bundle.image_size if isinstance(bundle.image_size, (tuple, list)) else (bundle.image_size,) * 2
     decode = make_cliptex_decoder(
         tasks,
@@ -315,3 +333,56 @@ def build(cfg: RunConfig, dist_info: DistInfo) -> Job:
         extra={"bundle": bundle, "tasks": tasks},
         on_final=partial(_write_clip_dir, bundle),
     )
+
+
+# ------------------------------------------------------------------------------------------------ inference
+
+
+def load_cliptex(run_dir: str | Path) -> tuple[CliptexModel, object]:
+    """A finished ``cliptex`` run (``config.json`` + ``model.safetensors``: CLIP + heads) as ``(model, bundle)``,
+    in eval mode. The tasks are read from the run's training shards, as at training time."""
+    from safetensors.torch import load_file
+
+    from vfmkit.config import load_config
+    from vfmkit.models.factory import create_clip
+
+    run_dir = Path(run_dir)
+    cfg = load_config(json.loads((run_dir / "config.json").read_text(encoding="utf-8")))
+    args = parse_section(CliptexArgs, cfg.method_args, "method_args")
+    bundle = create_clip(cfg.model.name, None, image_size=cfg.data.image_size, **cfg.model.kwargs)
+    model = CliptexModel(
+        bundle.model, select_tasks(read_tasks(cfg.data.train), args.tasks), args.head, args.head_width
+    )
+    model.load_state_dict(load_file(str(run_dir / "model.safetensors")))
+    return model.eval(), bundle
+
+
+@torch.no_grad()
+def predict_masks(
+    model: CliptexModel, bundle, images: Tensor, task: str, threshold: float = 0.5, batch_size: int = 64
+) -> Tensor:
+    """A ``prob`` task head's mask ``bool [N, H, W]`` (sigmoid > ``threshold``) on ``uint8 [N, 3, H, W]`` images,
+    at the images' size: resized (bilinear, antialiased) to the model's input size and normalised as in
+    training; the head's logits are upsampled (bilinear) back to ``H x W``."""
+    kind = {t.name: t.kind for t in model.tasks}.get(task)
+    if kind != "prob":
+        raise ValueError(f"predict_masks: task {task!r} is {kind!r}, not a 'prob' task of this model")
+    size = bundle.image_size if isinstance(bundle.image_size, (tuple, list)) else (bundle.image_size,) * 2
+    mean = torch.tensor(bundle.mean).view(1, 3, 1, 1)
+    std = torch.tensor(bundle.std).view(1, 3, 1, 1)
+    was_training = model.training
+    model.eval()
+    v, head = model.clip.visual, model.heads[task]
+    out = []
+    for i in range(0, len(images), batch_size):
+        x = images[i : i + batch_size].float() / 255.0
+        H, W = x.shape[-2:]
+        if (H, W) != tuple(size):
+            x = F.interpolate(x, size=list(size), mode="bilinear", antialias=True, align_corners=False)
+        f = v.forward_intermediates((x - mean) / std, indices=1, output_fmt="NCHW", intermediates_only=True)
+        z = F.interpolate(
+            head({"out": f["image_intermediates"][-1]}), size=(H, W), mode="bilinear", align_corners=False
+        )
+        out.append(torch.sigmoid(z[:, 0]) > threshold)
+    model.train(was_training)
+    return torch.cat(out)
