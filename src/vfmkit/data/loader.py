@@ -25,7 +25,7 @@ import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, default_collate
 from webdataset.utils import make_seed
 
-from vfmkit.data.shards import ShardError, list_shards, shard_counts
+from vfmkit.data.shards import ShardError, fast_tar_samples, list_shards, shard_counts
 
 log = logging.getLogger("vfmkit.data")
 
@@ -55,6 +55,22 @@ def _split(src: Iterator, index: int, count: int) -> Iterator:
 def _shard_handler(exn: Exception) -> bool:
     # webdataset appends the url/stream to exn.args before calling the handler, so the message names the shard
     raise ShardError(f"cannot read shard: {exn}") from exn
+
+
+def _tar_samples(src: Iterator[dict]) -> Iterator[dict]:
+    """webdataset's ``tarfile_to_samples`` stage, with a fast path for local plain tars (the same samples:
+    keys split at the first dot of the basename, extensions lower-cased, ``__key__`` / ``__url__`` set);
+    remote URLs, compressed and pax tars go through webdataset itself."""
+    wds_stage = wds.tarfile_to_samples(handler=_shard_handler)
+    for d in src:
+        fast = fast_tar_samples(d["url"])
+        if fast is None:
+            yield from wds_stage(iter([d]))
+            continue
+        try:
+            yield from fast
+        except ValueError as e:
+            raise ShardError(f"cannot read shard: {e}") from e
 
 
 class _SlotStream(IterableDataset):
@@ -200,7 +216,7 @@ class ShardLoader:
     def _raw_pipeline(self, epoch: int, rank: int, worker: int) -> wds.DataPipeline:
         """Raw (undecoded) samples of one slot's stream."""
         slot = rank * self.n_workers + worker
-        stages = self._shard_source(epoch, rank, worker) + [wds.tarfile_to_samples(handler=_shard_handler)]
+        stages = self._shard_source(epoch, rank, worker) + [_tar_samples]
         if self.sample_split:
             stages.append(partial(_split, index=slot, count=self.n_slots))
         if self.shuffle_buffer > 0:

@@ -93,6 +93,10 @@ class MultimodalReplay(_EpochDecoder):
         super().__init__(meta, size, **kw)
         if "mix" in meta.recipe.stages:
             raise ValueError("multi-modal replay does not support mixing recipes")
+        from vfmkit.text.tokens import TokenCache
+
+        if tokenizer is not None and not isinstance(tokenizer, TokenCache):
+            tokenizer = TokenCache(tokenizer)  # the same rows; a caption is tokenised once per run
         self.tokenizer, self.tokenize_syn = tokenizer, tokenize_syn
 
     def __call__(self, raw: dict[str, Any]) -> dict[str, Any]:

@@ -104,6 +104,10 @@ def pick_caption(raw: dict, mode: str) -> str:
 def make_clip_decoder(transform: Callable, tokenizer: Callable, caption: str = "random") -> Callable:
     """raw webdataset sample -> {"image": [3,H,W], "text": [L]}; raises on a corrupt image or no caption."""
 
+    from vfmkit.text.tokens import TokenCache
+
+    tokenizer = tokenizer if isinstance(tokenizer, TokenCache) else TokenCache(tokenizer)
+
     def decode(raw: dict) -> dict:
         img = decode_image(raw)
         text = pick_caption(raw, caption)

@@ -248,6 +248,9 @@ def create_clip(
 
         f = hf_hub_download(oc_name[len("hf-hub:") :], OPEN_CLIP_CONFIG, local_files_only=True)
         model_cfg = _read_json_cfg(Path(f))[0]
+    from vfmkit.models.text_fast import enable_length_bucketing
+
+    enable_length_bucketing(model)  # exact: the same embeddings and gradients, without the padding's compute
     tokenizer = open_clip.get_tokenizer(oc_name)
     size = model.visual.image_size
     size = size[0] if isinstance(size, (tuple, list)) else size
