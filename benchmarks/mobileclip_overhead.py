@@ -4,11 +4,15 @@ Same student, same batch size, same optimiser; every arm is built through the me
 real loader: plain CLIP decodes JPEGs + open_clip's train transform; the reinforced arm replays a stored
 augmentation and reads the stored teacher embeddings from reinforced shards (data loading included in the time);
 online distillation runs the teacher ensemble on every batch. Arms are interleaved round by round and the
-median samples/s is reported. Floor: the reinforced step is at most 3% slower than the plain step.
+median of the per-round paired ratios to plain is reported, at 1 torch thread and at this machine's default
+thread count (as a user runs it).
 
-Two reinforced rows: "1 caption branch" does the same forward/backward work as plain CLIP (the like-for-like
-overhead, the floor applies to it); "2 caption branches" also runs the text tower on the extra caption of each
-sample (MobileCLIP's real + synthetic branches), a deliberate extra cost reported separately.
+"2 caption branches" is the recipe quickstart and the efficiency benchmark use: the text tower also runs on the
+extra caption of each sample (MobileCLIP's real + synthetic branches). Floor (issue 20): it is at most 10% slower
+per step than plain at every thread setting. "1 caption branch" does the same forward/backward work as plain CLIP.
+What keeps the second branch cheap: the text tower skips the padding after each caption's EOT token
+(``models/text_fast.py``, exact), captions are tokenised once per run (``text/tokens.py``) and the loader parses
+local tars without :mod:`tarfile`'s per-member overhead (``data/shards.fast_tar_samples``).
 
     python benchmarks/mobileclip_overhead.py [--rounds 5] [--steps 8] [--teacher offline] [--n-aug 10]
 """
@@ -21,13 +25,15 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from _paired import Arm, interleave, make_job, paired_ratio  # noqa: E402
 from _record import machine, now, record  # noqa: E402
 
 NAME = "mobileclip_overhead"
-FLOOR = 0.97  # reinforced samples/s >= 97% of plain
+FLOOR = 0.90  # the recipe's reinforced samples/s >= 90% of plain's (issue 20: at most 10% slower)
 
 
 def reinforced_data(cache: Path, teacher: str, n_aug: int, data: str, recipe: dict) -> Path:
@@ -76,6 +82,13 @@ def main() -> int:
         help="existing reinforced shards of --data (with jpg) instead of generating them",
     )
     ap.add_argument("--no-online", action="store_true")
+    ap.add_argument(
+        "--threads",
+        type=int,
+        nargs="+",
+        default=[1, 0],
+        help="torch thread settings to measure (0: this machine's default, as a user runs it)",
+    )
     a = ap.parse_args()
 
     t_start = time.perf_counter()
@@ -107,46 +120,64 @@ def main() -> int:
     if not a.no_online:
         specs.append(("online distillation", "mobileclip", {"lam": 0.5, "online_teachers": [a.teacher]}))
     arms = [Arm(n, *make_job(m, base, ma)) for n, m, ma in specs]
-    sps = interleave(arms, a.rounds, a.steps, a.warmup)
-    return report(a, sps, t_reinf)
-
-
-def report(a: argparse.Namespace, sps: dict[str, list[float]], t_reinf: float) -> int:
-    med = {k: statistics.median(v) for k, v in sps.items()}
-    ratios = {k: paired_ratio(sps, k, "plain CLIP") for k in sps if k != "plain CLIP"}
-    ratio, per_round = ratios["reinforced, 1 caption branch"]
-    lines = [
-        f"{k:32s} median {v:8.1f} samples/s; rounds "
-        + ", ".join(f"{x:.1f}" for x in sps[k])
-        + (
-            f"; paired ratio to plain {ratios[k][0]:.3f} (rounds "
-            + ", ".join(f"{x:.2f}" for x in ratios[k][1])
-            + ")"
-            if k in ratios
-            else ""
+    default_threads = torch.get_num_threads()
+    by_threads: dict[str, dict[str, list[float]]] = {}
+    for t in a.threads:
+        n = t or default_threads
+        torch.set_num_threads(n)
+        # online distillation is ~4x slower per step: measured at the first thread setting only
+        use = arms if t == a.threads[0] else [x for x in arms if x.name != "online distillation"]
+        print(f"-- {n} torch thread(s)", flush=True)
+        by_threads[f"{n} thread(s)" + (" (default)" if t == 0 else "")] = interleave(
+            use, a.rounds, a.steps, a.warmup
         )
-        for k, v in med.items()
-    ]
-    spread = max(per_round) - min(per_round)
+    torch.set_num_threads(default_threads)
+    return report(a, by_threads, t_reinf)
+
+
+R1, R2 = "reinforced, 1 caption branch", "reinforced, 2 caption branches"
+
+
+def report(a: argparse.Namespace, by_threads: dict[str, dict[str, list[float]]], t_reinf: float) -> int:
+    lines, ratios, summary = [], {}, {}
+    for label, sps in by_threads.items():
+        med = {k: statistics.median(v) for k, v in sps.items()}
+        rat = {k: paired_ratio(sps, k, "plain CLIP") for k in sps if k != "plain CLIP"}
+        ratios[label] = rat
+        summary[label] = {k: v[0] for k, v in rat.items()}
+        lines.append(f"{label}:")
+        lines += [
+            f"  {k:32s} median {v:8.1f} samples/s; rounds "
+            + ", ".join(f"{x:.1f}" for x in sps[k])
+            + (
+                f"; paired ratio to plain {rat[k][0]:.3f} (rounds "
+                + ", ".join(f"{x:.2f}" for x in rat[k][1])
+                + ")"
+                if k in rat
+                else ""
+            )
+            for k, v in med.items()
+        ]
+    r2 = {label: r[R2][0] for label, r in ratios.items()}
+    r1 = {label: r[R1][0] for label, r in ratios.items()}
+    worst = min(r2.values())
     headline = (
-        f"reinforced step (stored embeddings loaded, 1 caption branch) vs plain CLIP step, {a.model} "
-        f"batch {a.batch_size}: {ratio:.3f}x plain samples/s ({(ratio - 1) * 100:+.1f}%, per-round spread "
-        f"{spread:.2f}); 2 caption branches {ratios['reinforced, 2 caption branches'][0]:.3f}x"
-        + (
-            f"; online distillation {ratios['online distillation'][0]:.3f}x"
-            if "online distillation" in ratios
-            else ""
-        )
+        f"reinforced step as the recipe runs it (stored teacher embeddings, real + extra caption branches) vs "
+        f"plain CLIP step, {a.model} batch {a.batch_size}, data loading included: "
+        + "; ".join(f"{k}: {v:.3f}x plain samples/s" for k, v in r2.items())
+        + " (1 caption branch: "
+        + ", ".join(f"{v:.3f}x" for v in r1.values())
+        + ")"
     )
     res = {
         "headline": headline,
-        "floor": f"reinforced samples/s >= {FLOOR} x plain (at most 3% slower), "
-        "median of per-round paired ratios",
-        "floor_met": bool(ratio >= FLOOR),
-        "ratio_reinforced_over_plain": ratio,
+        "floor": f"the recipe used (2 caption branches) >= {FLOOR} x plain samples/s (at most 10% slower) at "
+        "every thread setting (1 thread and default threads), median of per-round paired ratios",
+        "floor_met": bool(worst >= FLOOR),
+        "ratio_recipe_over_plain": r2,
+        "ratio_one_branch_over_plain": r1,
         "paired_ratios": ratios,
-        "median_samples_per_s": med,
-        "rounds": sps,
+        "rounds": by_threads,
         "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(a).items()},
         "reinforce_seconds": t_reinf,
         "date": now(),

@@ -297,6 +297,21 @@ def test_multimodal_replay_through_loader(tmp_path):
     assert tuple(next(iter(again))["aug_index"].tolist()) == picks[0]
 
 
+def test_multimodal_replay_first_n_augmentations(tmp_path):
+    """method_args.n_aug (the stored-augmentation lever): only the first n stored augmentations are replayed."""
+    from vfmkit.data.replay import MultimodalReplay, ReplayShardLoader
+
+    meta, _ = _mm_shards(tmp_path, with_jpg=True)
+    assert meta.n_aug > 1
+    dec = MultimodalReplay(meta, 32, seed=3, n_aug=1)
+    loader = ReplayShardLoader(str(tmp_path / "dr"), dec, batch_size=2, shuffle_buffer=0, seed=3)
+    for epoch in range(4):
+        (batch,) = list(loader)
+        assert batch["aug_index"].tolist() == [0, 0]
+    with pytest.raises(ValueError, match="stores"):
+        MultimodalReplay(meta, 32, n_aug=meta.n_aug + 1)
+
+
 def test_multimodal_replay_joins_images_and_skips_mismatch(tmp_path):
     from vfmkit.data.replay import MultimodalReplay, ReplayShardLoader
     from vfmkit.data.shards import ShardWriter

@@ -88,9 +88,13 @@ class MultimodalReplay(_EpochDecoder):
         *,
         tokenizer: Tokenizer | None = None,
         tokenize_syn: bool = True,
+        n_aug: int = 0,
         **kw: Any,
     ) -> None:
         super().__init__(meta, size, **kw)
+        if n_aug < 0 or n_aug > meta.n_aug:
+            raise ValueError(f"n_aug {n_aug}: the shards store {meta.n_aug} augmentations per sample")
+        self.n_aug = n_aug or meta.n_aug  # replay only the first n_aug stored augmentations (0: all)
         if "mix" in meta.recipe.stages:
             raise ValueError("multi-modal replay does not support mixing recipes")
         from vfmkit.text.tokens import TokenCache
@@ -102,7 +106,7 @@ class MultimodalReplay(_EpochDecoder):
     def __call__(self, raw: dict[str, Any]) -> dict[str, Any]:
         rec = decode_multimodal(self._with_image(raw), self.meta)
         rng = replay_rng(self.seed, self.epoch, rec.uid)
-        a = rng.randrange(self.meta.n_aug)
+        a = rng.randrange(self.n_aug)
         s = rng.randrange(self.meta.n_syn) if self.meta.n_syn else -1
         img = self.aug.apply(decode_uint8(rec.jpg or b""), rec.params[a], self.size)
         caption = rec.caption if rec.caption is not None else ""

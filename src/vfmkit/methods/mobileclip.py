@@ -34,6 +34,7 @@ class MobileClipArgs:
     caption_mode: str = "sum"  # "sum": real + synthetic branches; "mix": one caption per sample
     syn_ratio: float = 0.5  # with caption_mode "mix": probability of the synthetic caption
     use_syn: bool = True
+    n_aug: int = 0  # replay only the first n stored augmentations (0: all); the n_aug lever without regenerating
     reinforced: str = ""  # reinforced shards (vfmkit or DataCompDR layout)
     images: str = ""  # image shards joined by uid (public DataCompDR has no jpg)
     online_teachers: list[str] = field(default_factory=list)  # online distillation: teacher specs
@@ -192,12 +193,18 @@ def _reinforced_decoder(cfg: RunConfig, args: MobileClipArgs, bundle, meta):
     from vfmkit.data.shards import list_shards
 
     images = ImageIndex(list_shards(args.images)) if args.images else None
+    if not 0 <= args.n_aug <= meta.n_aug:
+        raise ConfigError(
+            f"config key 'method_args.n_aug': {args.n_aug}, but the reinforced shards store {meta.n_aug} "
+            "augmentations per sample (0: all)"
+        )
     use_syn = bool(args.use_syn and meta.n_syn)
     replay = MultimodalReplay(
         meta,
         bundle.image_size,
         tokenizer=bundle.tokenizer,
         tokenize_syn=use_syn,
+        n_aug=args.n_aug,
         seed=cfg.seed,
         mean=bundle.mean,
         std=bundle.std,
