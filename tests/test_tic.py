@@ -5,6 +5,11 @@ from __future__ import annotations
 
 import csv
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -179,39 +184,57 @@ def test_lwf_kl_zero_for_same_model_positive_otherwise():
     assert st["image_features"].grad.abs().sum() > 0
 
 
-def _cfg(stream: Path, **over) -> object:
-    sets = [f"method_args.stream={stream}", "train.steps=4", "data.batch_size=16", "data.image_size=32",
-            "data.shuffle_buffer=64", "optim.warmup_steps=2", "train.ckpt_every=1", "train.log_every=1",
-            "train.keep_ckpts=1"]  # fmt: skip
-    return load_config("tic_emoji", sets + [f"{k}={v}" for k, v in over.items()])
-
-
 def _lrs(run_dir: Path) -> list[float]:
     return [r["lr"] for r in map(json.loads, (run_dir / "log.jsonl").read_text().splitlines()) if "lr" in r]
 
 
-def test_run_resumes_after_interruption_in_step_2_with_same_weights(stream, tmp_path):
+# the uninterrupted reference run (Cumulative-All, C = 4, a checkpoint every step) and the CLI flags giving the same
+# config as _cfg: `vfmkit tic run --stream S --strategy cumulative-all --seeds 0 --out OUT` + these
+RUN_SETS = ["train.steps=4", "data.batch_size=16", "data.image_size=32", "data.shuffle_buffer=64",
+            "optim.warmup_steps=2", "train.ckpt_every=1", "train.log_every=1", "train.keep_ckpts=1"]  # fmt: skip
+
+
+def _cfg(stream: Path, **over) -> object:
+    sets = [f"method_args.stream={stream}", *RUN_SETS]
+    return load_config("tic_emoji", sets + [f"{k}={v}" for k, v in over.items()])
+
+
+@pytest.fixture(scope="module")
+def ref_run(stream, tmp_path_factory) -> tuple[Path, dict]:
+    from vfmkit.pipelines.tic import run_strategy
+
+    out = tmp_path_factory.mktemp("tic_ref") / "ref"
+    return out, run_strategy(_cfg(stream), "cumulative-all", out)
+
+
+def _same_step_weights(a_out: Path, b_out: Path, n: int = 3) -> None:
     from safetensors.torch import load_file
 
+    for t in range(n):
+        a = load_file(str(a_out / f"cumulative-all/seed-0/step-{t:02d}/model.safetensors"))
+        b = load_file(str(b_out / f"cumulative-all/seed-0/step-{t:02d}/model.safetensors"))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), t
+
+
+def test_run_resumes_after_interruption_in_step_2_with_same_weights(stream, ref_run, tmp_path):
     from vfmkit.pipelines.tic import run_strategy
 
     cfg = _cfg(stream)
-    ref = run_strategy(cfg, "cumulative-all", tmp_path / "ref")
+    ref_out, ref = ref_run
     cut = run_strategy(cfg, "cumulative-all", tmp_path / "cut", stop_at=(1, 2))  # stop 2 steps into step 2
     assert cut == {"interrupted": {"strategy": "cumulative-all", "t": 1, "step": 2, "of": 4}}
     assert not (tmp_path / "cut/cumulative-all/seed-0/step-01/done.json").exists()
     res = run_strategy(cfg, "cumulative-all", tmp_path / "cut")
-    for t in range(3):
-        a = load_file(str(tmp_path / f"ref/cumulative-all/seed-0/step-{t:02d}/model.safetensors"))
-        b = load_file(str(tmp_path / f"cut/cumulative-all/seed-0/step-{t:02d}/model.safetensors"))
-        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), t
+    _same_step_weights(ref_out, tmp_path / "cut")
     assert res["matrix"] == ref["matrix"] and res["compute_steps"] == 12
+    assert [s["resumed_from"] for s in res["steps"]] == [None, 2, None]
+    assert [s["resumed_from"] for s in ref["steps"]] == [None, None, None]
     # warm start from the previous step, a fresh warm-up + cosine schedule at every step
     steps = res["steps"]
     assert steps[0]["warm_start"] is None
     assert steps[1]["warm_start"].endswith("step-00/model.safetensors")
     assert steps[2]["warm_start"].endswith("step-01/model.safetensors")
-    lr0 = _lrs(tmp_path / "ref/step0/seed-0")
+    lr0 = _lrs(ref_out / "step0/seed-0")
     # the engine logs the lr for the next step: warm-up 2 steps, then cosine over the remaining 2, down to 0
     assert lr0 == [
         pytest.approx(1e-3),
@@ -219,8 +242,8 @@ def test_run_resumes_after_interruption_in_step_2_with_same_weights(stream, tmp_
         pytest.approx(5e-4),
         pytest.approx(0.0, abs=1e-12),
     ]
-    assert _lrs(tmp_path / "ref/cumulative-all/seed-0/step-01/train") == lr0
-    assert _lrs(tmp_path / "ref/cumulative-all/seed-0/step-02/train") == lr0
+    assert _lrs(ref_out / "cumulative-all/seed-0/step-01/train") == lr0
+    assert _lrs(ref_out / "cumulative-all/seed-0/step-02/train") == lr0
     # Cumulative-All trained on every sample so far, and compute is counted from measured FLOPs
     sizes = [st["n_train"] for st in read_stream(stream)["steps"]]
     assert [s["mix_counts"] for s in steps] == [sizes[:1], sizes[:2], sizes[:3]]
@@ -229,7 +252,53 @@ def test_run_resumes_after_interruption_in_step_2_with_same_weights(stream, tmp_
     )
     E = res["matrix"]["retrieval_R@1"]
     assert len(E) == 3 and all(len(r) == 3 and all(0 <= x <= 100 for x in r) for r in E)
-    assert (tmp_path / "ref/cumulative-all/seed-0/heatmap.png").stat().st_size > 1000
+    assert (ref_out / "cumulative-all/seed-0/heatmap.png").stat().st_size > 1000
+
+
+def test_cli_run_sigkilled_in_step_2_resumes_to_the_uninterrupted_weights(stream, ref_run, tmp_path):
+    """A real kill: `vfmkit tic run` in its own process, SIGKILLed once step 2's engine run has written a
+    checkpoint (mid-training), then the same command again; every step's weights equal the uninterrupted run's."""
+    from safetensors.torch import load_file
+
+    ref_out, ref = ref_run
+    out = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "vfmkit.cli", "tic", "run", "--stream", str(stream), "--strategy",
+           "cumulative-all", "--seeds", "0", "--out", str(out)]  # fmt: skip
+    for kv in RUN_SETS:
+        cmd += ["--set", kv]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    step1 = out / "cumulative-all/seed-0/step-01"
+    latest = step1 / "train/checkpoints/latest"
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not latest.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.005)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    assert (out / "cumulative-all/seed-0/step-00/done.json").is_file()  # step 1 was finished
+    assert not (step1 / "done.json").exists()
+    killed_at = int(latest.read_text().split("-")[1])
+    assert 1 <= killed_at < 4, f"the kill did not land mid-training of step 2 (checkpoint {killed_at} of 4)"
+    at_kill = load_file(str(step1 / f"train/checkpoints/step-{killed_at:09d}/model.safetensors"))
+
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    _same_step_weights(ref_out, out)
+    res = json.loads((out / "cumulative-all/seed-0/result.json").read_text())
+    assert res["matrix"] == ref["matrix"] and res["compute_steps"] == 12
+    # it resumed from the killed run's checkpoint (not a retrain from scratch, which would give the same weights)
+    assert [s["resumed_from"] for s in res["steps"]] == [None, killed_at, None]
+    final1 = load_file(str(step1 / "model.safetensors"))
+    assert any(not torch.equal(at_kill[k], final1[k]) for k in final1)  # and trained on from it
+    # the steps the killed process logged after its checkpoint are not logged twice
+    assert [json.loads(x)["step"] for x in (step1 / "train/log.jsonl").read_text().splitlines()] == [
+        1,
+        2,
+        3,
+        4,
+    ]
+    assert not list(out.rglob("*.tmp")) and not (step1 / "train/checkpoints").exists()
 
 
 def test_sequential_lwf_patching_oracle_step_plans(stream, tmp_path):

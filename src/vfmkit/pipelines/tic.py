@@ -241,16 +241,18 @@ def run_strategy(
         )
         shared_done = train_dir / "shared.json"
         if shared and shared_done.is_file():  # step 0 trained and scored once, for every strategy
-            steps_run = json.loads(shared_done.read_text())["steps_run"]
+            sh = json.loads(shared_done.read_text())
+            steps_run, resumed_from = sh["steps_run"], sh.get("resumed_from")
         else:
             res = run(scfg, stop_after=stop_at[1] if stop_at and stop_at[0] == t else None)
             if res.step < steps:
                 return {"interrupted": {"strategy": strategy, "t": t, "step": res.step, "of": steps}}
-            steps_run = res.step
+            # resumed_from: the step of the checkpoint this call resumed from (after a kill), else None
+            steps_run, resumed_from = res.step, res.resumed_from
             if shared:
                 atomic_write_json(train_dir / "eval.json", evaluate_model(scfg, train_dir / "model.safetensors",
                                                                           pargs.stream))  # fmt: skip
-                atomic_write_json(shared_done, {"steps_run": steps_run})
+                atomic_write_json(shared_done, {"steps_run": steps_run, "resumed_from": resumed_from})
                 _drop_checkpoints(train_dir)
         final = train_dir / "model.safetensors"
         if strat.patch and prev is not None:
@@ -267,6 +269,7 @@ def run_strategy(
             "t": t,
             "label": stream["steps"][t]["label"],
             "steps_run": steps_run,
+            "resumed_from": resumed_from,
             "samples": samples,
             "flops_per_sample": fps,
             "flops": samples * fps,
