@@ -72,11 +72,22 @@ def _run(out, data, capsys) -> str:
     return capsys.readouterr().out
 
 
+def _printed_table(printed: str) -> dict[str, dict[str, str]]:
+    """The printed Markdown table as {model: {column header: cell}}."""
+    lines = [ln for ln in printed.splitlines() if ln.startswith("| ")]
+    head = [c.strip() for c in lines[0].strip("|").split("|")]
+    return {
+        cells[0]: dict(zip(head[1:], cells[1:], strict=True))
+        for cells in ([c.strip() for c in ln.strip("|").split("|")] for ln in lines[1:])
+    }
+
+
 def test_quickstart_reduced_writes_report_table_and_curves(tmp_path, small_data, capsys):
     out = tmp_path / "qs"
     printed = _run(out, small_data, capsys)
     for row in ("untrained student", "plain CLIP student", "reinforced student", "teacher (reference)"):
         assert re.search(rf"\| {re.escape(row)} \| \d+\.\d\d \|", printed), (row, printed)
+    _check_recalls_reach_and_cost(out, printed)
     report = (out / "report.md").read_text()
     assert f"Retrieval evaluation: `{small_data[1]}`" in report
     assert "| reinforced student |" in report and "curves.png" in report
@@ -111,6 +122,57 @@ def test_quickstart_reduced_writes_report_table_and_curves(tmp_path, small_data,
     assert "1 already done, 0 to go" in again and again.count("reusing finished run") == 2
     res2 = json.loads((out / "results.json").read_text())
     assert res2["rows"]["reinforced student"] == pytest.approx(res["rows"]["reinforced student"])
+    # the reused runs report what their training cost when it ran, not the seconds it took to load them
+    for arm in ("plain", "reinforced"):
+        first, second = res["train_cost"][arm], res2["train_cost"][arm]
+        assert second == {**first, "reused": True} and first["reused"] is False
+    assert "plain and reinforced: a reused finished run" in again
+    assert res2["reach_step"] == res["reach_step"]
+
+
+def _check_recalls_reach_and_cost(out, printed: str) -> None:
+    """The table gives held-out R@1/5/10 (each the mean of I->T and T->I) for every row and each student's
+    training CPU and wall seconds; the summary gives the step at which reinforced first reaches plain's final
+    held-out R@1 (an evaluation step, or never), all as results.json has them from the run."""
+    res = json.loads((out / "results.json").read_text())
+    table = _printed_table(printed)
+    assert list(table) == list(res["rows"])
+    for name, row in res["rows"].items():
+        for k in (1, 5, 10):
+            mean = 0.5 * (row[f"retrieval/i2t_R@{k}"] + row[f"retrieval/t2i_R@{k}"])
+            assert row[f"retrieval/R@{k}"] == pytest.approx(mean)
+            assert table[name][f"held-out R@{k}"] == f"{mean:.2f}", (name, k)
+        assert row["retrieval/R@1"] <= row["retrieval/R@5"] <= row["retrieval/R@10"]
+    for name in ("untrained student", "teacher (reference)"):
+        assert table[name]["training CPU s"] == table[name]["training wall s"] == "-"
+    for arm, name in (("plain", "plain CLIP student"), ("reinforced", "reinforced student")):
+        cost = res["train_cost"][arm]
+        assert cost["cpu_seconds"] > 0 and cost["wall_seconds"] > 0 and cost["reused"] is False
+        assert cost["cpu_seconds"] == res["stage_cpu_seconds"][f"train {arm}"]
+        assert table[name]["training CPU s"] == f"{cost['cpu_seconds']:.1f}"
+        assert table[name]["training wall s"] == f"{cost['wall_seconds']:.1f}"
+        assert f"{arm} {cost['cpu_seconds']:.1f} CPU s / {cost['wall_seconds']:.1f} s wall" in printed
+    # plain's final held-out R@1 is its last evaluation during training (step 12) and the table's number
+    plain_evals = [h for h in res["history"]["plain"] if "eval/R@1" in h]
+    target = res["rows"]["plain CLIP student"]["retrieval/R@1"]
+    assert plain_evals[-1]["step"] == 12 and plain_evals[-1]["eval/R@1"] == pytest.approx(target)
+    assert res["reach_target_R@1"] == target and res["eval_every"] == 4
+    reinf_evals = [(h["step"], h["eval/R@1"]) for h in res["history"]["reinforced"] if "eval/R@1" in h]
+    first = [step for step, r1 in reinf_evals if r1 >= target]
+    assert res["reach_step"] == (first[0] if first else "never")
+    assert res["reach_step"] in [4, 8, 12, "never"]
+    line = next(ln for ln in printed.splitlines() if ln.startswith("Reinforced first reaches"))
+    if first:
+        assert f"({target:.2f}) at step {first[0]} of 12 " in line, line
+    else:
+        assert f"({target:.2f}): never" in line, line
+    gains = res["rows"]["reinforced student"], res["rows"]["plain CLIP student"]
+    for k in (1, 5, 10):
+        assert res[f"gain_R@{k}"] == pytest.approx(
+            gains[0][f"retrieval/R@{k}"] - gains[1][f"retrieval/R@{k}"]
+        )
+    report = (out / "report.md").read_text()
+    assert line in report and "| model | held-out R@1 | held-out R@5 | held-out R@10 |" in report
 
 
 def test_reinforced_student_beats_plain_on_held_out_retrieval(tmp_path, capsys):

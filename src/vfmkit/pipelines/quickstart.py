@@ -6,8 +6,11 @@
    resumable, finished shards are skipped on a rerun);
 3. train the same tiny student plain (method ``clip``) and reinforced (method ``mobileclip``) for the same steps,
    seed and recipe through ``registry.run_job`` (the one engine), evaluating held-out retrieval every few steps;
-4. evaluate the untrained, plain and reinforced students (and the teacher) on held-out retrieval and Imagenette
-   zero-shot (``vfmkit.eval.clip``), write ``OUT/report.md``, ``OUT/curves.png`` and ``OUT/results.json``.
+4. evaluate the untrained, plain and reinforced students (and the teacher) on held-out retrieval (R@1, R@5, R@10,
+   each the mean of I->T and T->I) and Imagenette zero-shot (``vfmkit.eval.clip``); report the step at which the
+   reinforced student first reaches plain's final held-out R@1 (from the held-out evaluations both students make
+   every ``eval_every`` steps) and each arm's training CPU and wall seconds; write ``OUT/report.md``,
+   ``OUT/curves.png`` and ``OUT/results.json``.
 
 Every stage resumes: a finished student run (``history.json`` for the same config) is reused.
 ``vfmkit quickstart`` (``commands/quickstart.py``) parses the flags into :class:`QuickstartOptions`, calls
@@ -128,11 +131,12 @@ def student_configs(opts: QuickstartOptions, data: str, reinforced: Path):
     return load_config(plain), load_config(reinf)
 
 
-def train_student(cfg, val_data: str) -> tuple[Any, list[dict]]:
+def train_student(cfg, val_data: str) -> tuple[Any, list[dict], dict | None]:
     """Train the method of ``cfg`` with ``registry.run_job``, held-out retrieval as ``eval_fn``.
 
-    Returns (bundle with the trained model, history). A finished run (``history.json`` for the same config) is
-    reused, so rerunning quickstart only redoes what is missing.
+    Returns (bundle with the trained model, history, the training cost recorded with a reused run, ``{}`` if it
+    has none, or None when it trained now). A finished run (``history.json`` for the same config) is reused, so rerunning quickstart only
+    redoes what is missing.
     """
     from vfmkit.config import to_dict
     from vfmkit.data.io import atomic_write_json
@@ -145,7 +149,8 @@ def train_student(cfg, val_data: str) -> tuple[Any, list[dict]]:
         saved = json.loads(done.read_text())
         if saved.get("config") == to_dict(cfg):
             print(f"[quickstart] reusing finished run {out}", flush=True)
-            return create_clip(cfg.model.name, str(out), image_size=cfg.data.image_size), saved["history"]
+            bundle = create_clip(cfg.model.name, str(out), image_size=cfg.data.image_size)
+            return bundle, saved["history"], saved.get("train_cost", {})  # {}: from before costs were kept
 
     def eval_for(job):
         bundle = job.extra["bundle"]
@@ -153,16 +158,50 @@ def train_student(cfg, val_data: str) -> tuple[Any, list[dict]]:
 
     job, res = run_job(cfg, eval_for=eval_for)
     atomic_write_json(done, {"config": to_dict(cfg), "history": res.history})
-    return job.extra["bundle"], res.history
+    return job.extra["bundle"], res.history, None
+
+
+def train_arm(st: Stages, name: str, cfg, val_data: str) -> tuple[Any, list[dict], dict]:
+    """:func:`train_student` as the stage ``name`` -> (bundle, history, training cost).
+
+    The cost is that stage's wall and process CPU seconds (:class:`Stages`; it includes the held-out evaluations
+    made during training). It is stored in the run's ``history.json``, so a rerun that reuses the finished run
+    reports what the training cost when it ran (``reused``: true), not the seconds it took to load it."""
+    from vfmkit.data.io import atomic_write_json
+
+    bundle, hist, saved = st(name, train_student, cfg, val_data)
+    if saved is not None:
+        return bundle, hist, {**saved, "reused": True}
+    cost = {"wall_seconds": st.seconds[name], "cpu_seconds": st.cpu_seconds[name]}
+    done = Path(cfg.out_dir) / "history.json"
+    atomic_write_json(done, {**json.loads(done.read_text()), "train_cost": cost})
+    return bundle, hist, {**cost, "reused": False}
 
 
 # ------------------------------------------------------------------------------------------ evaluation
 
 
+KS = (1, 5, 10)
+
+
+def mean_recalls(row: dict[str, float]) -> dict[str, float]:
+    """``row`` plus ``retrieval/R@K`` for K in ``KS``: the mean of its I->T and T->I recall at K."""
+    return {
+        **row,
+        **{f"retrieval/R@{k}": 0.5 * (row[f"retrieval/i2t_R@{k}"] + row[f"retrieval/t2i_R@{k}"]) for k in KS},
+    }
+
+
 def final_eval(bundle, val_data: str, zeroshot_data: str) -> dict[str, float]:
-    """Held-out retrieval + Imagenette zero-shot top-1 (percent)."""
+    """Held-out retrieval (R@1/5/10 each way and their means) + Imagenette zero-shot top-1 (percent)."""
     res = evaluate_clip(bundle, ["zeroshot"], val_data, zeroshot_data, "", None)
-    return {**{f"retrieval/{k}": v for k, v in retrieval_eval(bundle, val_data).items()}, **res}
+    return mean_recalls({**{f"retrieval/{k}": v for k, v in retrieval_eval(bundle, val_data).items()}, **res})
+
+
+def reach_step(history: list[dict], target: float) -> int | str:
+    """The first held-out evaluation step of ``history`` whose R@1 is at least ``target``; "never" if none is."""
+    key = f"eval/{R1}"
+    return next((h["step"] for h in history if key in h and h[key] >= target), "never")
 
 
 # ------------------------------------------------------------------------------------------ report
@@ -170,22 +209,69 @@ def final_eval(bundle, val_data: str, zeroshot_data: str) -> dict[str, float]:
 
 TABLE_COLS = [
     ("retrieval/R@1", "held-out R@1"),
+    ("retrieval/R@5", "held-out R@5"),
+    ("retrieval/R@10", "held-out R@10"),
     ("retrieval/i2t_R@1", "I->T R@1"),
     ("retrieval/t2i_R@1", "T->I R@1"),
-    ("retrieval/i2t_R@5", "I->T R@5"),
-    ("retrieval/t2i_R@5", "T->I R@5"),
     ("zeroshot/top1", "Imagenette zero-shot top-1"),
 ]
+COST_COLS = [("cpu_seconds", "training CPU s"), ("wall_seconds", "training wall s")]
 
 
-def results_table(rows: dict[str, dict[str, float]]) -> str:
-    """Markdown table, one row per model, the columns of ``TABLE_COLS`` (percent; '-' where not measured)."""
-    lines = ["| model | " + " | ".join(t for _, t in TABLE_COLS) + " |", "|---" * (len(TABLE_COLS) + 1) + "|"]
+def results_table(rows: dict[str, dict[str, float]], costs: dict[str, dict] | None = None) -> str:
+    """Markdown table, one row per model: the metrics of ``TABLE_COLS`` (percent) and, for the rows in ``costs``,
+    the training seconds of ``COST_COLS`` ('-' where not measured or not trained)."""
+    cols = [t for _, t in TABLE_COLS + COST_COLS]
+    lines = ["| model | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
     for name, r in rows.items():
-        lines.append(
-            f"| {name} | " + " | ".join(f"{r[k]:.2f}" if k in r else "-" for k, _ in TABLE_COLS) + " |"
-        )
+        c = (costs or {}).get(name, {})
+        cells = [f"{r[k]:.2f}" if k in r else "-" for k, _ in TABLE_COLS]
+        cells += [f"{c[k]:.1f}" if k in c else "-" for k, _ in COST_COLS]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def summary(info: dict) -> str:
+    """The lines under the table: the gains, the step at which reinforced first reaches plain's final held-out
+    R@1, and each arm's training cost."""
+    steps, every, at = info["steps"], info["eval_every"], info["reach_step"]
+    target = info["reach_target_R@1"]
+    gains = " / ".join(f"{info[f'gain_R@{k}']:+.2f}" for k in KS)
+    if at == "never":
+        reach = (
+            f"Reinforced first reaches plain's final held-out R@1 ({target:.2f}): never (at none of its "
+            f"held-out evaluations, every {every} of {steps} steps)."
+        )
+    else:
+        reach = (
+            f"Reinforced first reaches plain's final held-out R@1 ({target:.2f}) at step {at} of {steps} "
+            f"({steps / at:.1f}x fewer steps than plain's {steps}; held-out evaluation every {every} steps)."
+        )
+    tc = info["train_cost"]
+    known = all("cpu_seconds" in c for c in tc.values())
+    arms = ", ".join(
+        f"{arm} {c['cpu_seconds']:.1f} CPU s / {c['wall_seconds']:.1f} s wall"
+        if "cpu_seconds" in c
+        else f"{arm} not recorded (a reused run from before costs were kept)"
+        for arm, c in tc.items()
+    )
+    ratio = (
+        f"; reinforced/plain CPU {tc['reinforced']['cpu_seconds'] / max(tc['plain']['cpu_seconds'], 1e-9):.2f}x"
+        if known
+        else ""
+    )
+    again = [arm for arm, c in tc.items() if c["reused"]]
+    reused = f" ({' and '.join(again)}: a reused finished run, seconds from when it trained)" if again else ""
+    workers = (
+        f"; the {info['num_workers']} loader worker processes' CPU time is not counted"
+        if info.get("num_workers")
+        else "; data loading runs in the process and is counted"
+    )
+    cost = (
+        f"Training cost per arm, {steps} steps (process CPU seconds over all threads, and wall seconds, held-out "
+        f"evaluations during training included{workers}): {arms}{ratio}{reused}."
+    )
+    return f"Reinforced minus plain, held-out R@1 / R@5 / R@10: {gains} points.\n{reach}\n{cost}"
 
 
 def plot_curves(histories: dict[str, list[dict]], path: Path) -> None:
@@ -231,6 +317,7 @@ def write_report(out: Path, table: str, info: dict) -> Path:
     )
     cpu = info["stage_cpu_seconds"]
     times = "\n".join(f"| {k} | {v:.1f} | {cpu.get(k, 0.0):.1f} |" for k, v in info["stage_seconds"].items())
+    notes = "\n\n".join(summary(info).splitlines())
     md = f"""# vfmkit quickstart report
 
 Teacher: {", ".join(f"`{t}`" for t in info["teachers"])}. Student: `{info["model"]}`, {info["steps"]} steps of
@@ -239,12 +326,13 @@ Training images: `{info["data"]}`{excl}.
 Reinforced data: {info["n_aug"]} stored augmentations per image, {info["n_syn"]} extra captions per image,
 teacher logit scale(s) {info["teacher_scales"]}, lambda {info["lam"]}.
 
-Retrieval evaluation: {val_note}. Zero-shot: `{info["zeroshot_data"]}` (10 classes, OpenAI templates).
-Numbers are percent.
+Retrieval evaluation: {val_note}; held-out R@K is the mean of I->T and T->I recall at K.
+Zero-shot: `{info["zeroshot_data"]}` (10 classes, OpenAI templates). Metrics are percent; training seconds are each
+student's training stage (process CPU time over all threads, and wall time).
 
 {table}
 
-Reinforced minus plain, held-out R@1: {info["gain_R@1"]:+.2f} points.
+{notes}
 
 ![learning curves](curves.png)
 
@@ -274,8 +362,9 @@ def untrained_student(cfg):
     )
 
 
-def run_quickstart(opts: QuickstartOptions) -> tuple[str, Path, float]:
-    """Run every stage (each resumes) -> (results table in Markdown, report path, total wall seconds)."""
+def run_quickstart(opts: QuickstartOptions) -> tuple[str, str, Path, float]:
+    """Run every stage (each resumes) -> (results table in Markdown, the summary lines under it (:func:`summary`),
+    report path, total wall seconds)."""
     from vfmkit.data.reinforced import read_metadata
     from vfmkit.data.shards import exclude_uids
     from vfmkit.models.teachers import load_ensemble
@@ -314,12 +403,13 @@ def run_quickstart(opts: QuickstartOptions) -> tuple[str, Path, float]:
             "eval untrained", final_eval, torch_seed_bundle, opts.val_data, opts.zeroshot_data
         )
     }
-    plain, h_plain = st("train plain", train_student, plain_cfg, opts.val_data)
-    reinf, h_reinf = st("train reinforced", train_student, reinf_cfg, opts.val_data)
+    plain, h_plain, cost_plain = train_arm(st, "train plain", plain_cfg, opts.val_data)
+    reinf, h_reinf, cost_reinf = train_arm(st, "train reinforced", reinf_cfg, opts.val_data)
     rows["plain CLIP student"] = st("eval plain", final_eval, plain, opts.val_data, opts.zeroshot_data)
     rows["reinforced student"] = st("eval reinforced", final_eval, reinf, opts.val_data, opts.zeroshot_data)
-    rows["teacher (reference)"] = st("eval teacher", teacher_retrieval, ens, opts.val_data)
-    table = results_table(rows)
+    rows["teacher (reference)"] = mean_recalls(st("eval teacher", teacher_retrieval, ens, opts.val_data))
+    table = results_table(rows, {"plain CLIP student": cost_plain, "reinforced student": cost_reinf})
+    target = rows["plain CLIP student"][f"retrieval/{R1}"]
     # Both students start from the same initialisation (same seed): the untrained eval is their step-0 point.
     start = [{"step": 0, f"eval/{R1}": rows["untrained student"][f"retrieval/{R1}"]}]
     st("curves", plot_curves, {"plain": start + h_plain, "reinforced": start + h_reinf}, out / "curves.png")
@@ -345,11 +435,20 @@ def run_quickstart(opts: QuickstartOptions) -> tuple[str, Path, float]:
         "rows": rows,
         "stage_seconds": st.seconds,
         "stage_cpu_seconds": st.cpu_seconds,
-        "gain_R@1": rows["reinforced student"]["retrieval/R@1"] - rows["plain CLIP student"]["retrieval/R@1"],
+        **{
+            f"gain_R@{k}": rows["reinforced student"][f"retrieval/R@{k}"]
+            - rows["plain CLIP student"][f"retrieval/R@{k}"]
+            for k in KS
+        },
+        "eval_every": reinf_cfg.train.eval_every,
+        "num_workers": reinf_cfg.data.num_workers,
+        "reach_target_R@1": target,
+        "reach_step": reach_step(h_reinf, target),
+        "train_cost": {"plain": cost_plain, "reinforced": cost_reinf},
         "history": {"plain": h_plain, "reinforced": h_reinf},
     }
     report = write_report(out, table, info)
-    return table, report, st.seconds["total"]
+    return table, summary(info), report, st.seconds["total"]
 
 
 def teacher_seen(teachers: list[str]) -> frozenset[str]:
