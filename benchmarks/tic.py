@@ -118,9 +118,11 @@ def main() -> int:
     torch.set_num_threads(1)
 
     from vfmkit.config import load_config
+    from vfmkit.data.stream import MIX_ORDER
     from vfmkit.pipelines.tic import STRATEGIES, build_mixes, format_table, prepare, run_all, run_strategy
 
-    out = Path(a.out) / f"C{a.steps}-s{a.image_size}-b{a.batch_size}"
+    # the mix format is in the folder name: runs trained on mixes in another order are not reused
+    out = Path(a.out) / f"C{a.steps}-s{a.image_size}-b{a.batch_size}-{MIX_ORDER.replace('/', '')}"
     stream_dir = Path(a.out) / "stream"
     t0 = time.perf_counter()
     s = prepare(stream_dir, emoji=Path(a.data) / "emoji")

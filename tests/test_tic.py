@@ -23,6 +23,7 @@ from vfmkit.data.stream import (
     StreamError,
     build_mix,
     mix_counts,
+    mix_order,
     read_stream,
     replay_subset,
     split_uids,
@@ -151,6 +152,36 @@ def test_mixes_sequential_new_only_cumulative_all(stream, tmp_path):
     assert build_mix(stream, 2, "equal", tmp_path / "eq", budget=20) == read_manifest(
         tmp_path / "eq"
     )  # reused
+
+
+def test_mix_interleaved_every_prefix_holds_each_steps_share_and_rerun_identical(stream, tmp_path):
+    """The written mix is not in time-step order: any first K samples (what a run seeing less than one pass reads)
+    hold each step's configured share, so the mix trained on does not depend on the loader's shuffle buffer."""
+    m = build_mix(stream, 2, "exp", tmp_path / "exp", budget=40, shard_size=25)
+    counts = m["tic_mix"]["tag"]["counts"]
+    step_of = {u: int(j) for j, us in m["tic_mix"]["uids"].items() for u in us}
+    metas = _metas(tmp_path / "exp")
+    got = [step_of[x["uid"]] for x in metas]
+    assert len(got) == sum(counts) == m["count"] and len(m["shards"]) > 3
+    assert [sum(g == j for g in got) for j in range(3)] == counts
+    N = sum(counts)
+    for K in range(1, N + 1):
+        for j in range(3):  # within 1.5 samples of the share, for every prefix
+            assert abs(sum(g == j for g in got[:K]) - K * counts[j] / N) <= 1.5, (K, j)
+    assert got != sorted(got)  # (a time-ordered mix fails the prefix test: the first K would be step 0 only)
+    for i in range(
+        0, N, 25
+    ):  # each shard alone holds every step (the loader reads shards in a shuffled order)
+        assert set(got[i : i + 25]) == {0, 1, 2}, i
+    # within a step, the samples are in uid-hash order (not the stream's order), the same on a rerun
+    again = build_mix(stream, 2, "exp", tmp_path / "exp2", budget=40, shard_size=25)
+    assert [s_["sha256"] for s_ in again["shards"]] == [s_["sha256"] for s_ in m["shards"]]
+    assert [x["uid"] for x in _metas(tmp_path / "exp2")] == [x["uid"] for x in metas]
+    assert not list(tmp_path.glob(".*staging*"))  # the staging buckets are removed
+    # the pure order: group j's m-th sample at (m + 1/2) / n_j, so a 6:2 split is a a b a a a b a
+    order = mix_order([[f"a{i}" for i in range(6)], [f"b{i}" for i in range(2)]])
+    assert [j for j, _ in order] == [0, 0, 1, 0, 0, 0, 1, 0]
+    assert sorted(u for _, u in order) == sorted([f"a{i}" for i in range(6)] + ["b0", "b1"])
 
 
 def test_time_matrix_transfer_metrics_hand_computed():

@@ -13,7 +13,8 @@ members of a group (e.g. the skin-tone variants of one emoji) fall on the same s
 The replay buffer is a budget in samples (``mix_counts``); which old samples are kept is decided by
 ``replay_subset``: the ``n`` samples with the smallest ``seed_of(salt, uid)``. That is deterministic (a rerun picks
 the same samples) and nested (a smaller budget keeps a subset of what a larger one kept), like a buffer that only
-ever drops samples. ``build_mix`` writes the data mix of one step (its own shards, written once).
+ever drops samples. ``build_mix`` writes the data mix of one step (its own shards, written once), interleaved by
+``mix_order`` so that every prefix and every shard of the mix holds each step's share.
 """
 
 from __future__ import annotations
@@ -290,6 +291,27 @@ def split_uids(stream_dir: str | Path, step: int, split: str = "train") -> list[
     ]
 
 
+MIX_ORDER = (
+    "stride-hash/1"  # the order build_mix writes a mix in (part of its tag: a new order rewrites old mixes)
+)
+
+
+def mix_order(groups: Sequence[Sequence[str]], salt: str = "tic-mix-order") -> list[tuple[int, str]]:
+    """The order of a mix's samples: ``(group, uid)`` pairs, every prefix holding each group's share.
+
+    Within a group, uids in ``seed_of(salt, uid)`` order (a deterministic shuffle); across groups, stride
+    scheduling: the m-th sample of a group of n (out of N) sits at ``(m + 1/2) * N / n`` (ties: lower group first),
+    so the first K samples hold within about one sample of ``K * n / N`` from each group, for every K.
+    """
+    keyed = []
+    for j, g in enumerate(groups):
+        ranked = sorted(set(g), key=lambda u: (seed_of(salt, u), u))
+        n = len(ranked)
+        keyed += [((m + 0.5) / n, j, u) for m, u in enumerate(ranked)]
+    keyed.sort(key=lambda x: (x[0], x[1]))
+    return [(j, u) for _, j, u in keyed]
+
+
 def build_mix(
     stream_dir: str | Path,
     t: int,
@@ -301,9 +323,18 @@ def build_mix(
 ) -> dict:
     """Write step ``t``'s training mix (``mix_counts`` samples of each step, chosen by ``replay_subset``).
 
+    The samples are written in ``mix_order``: interleaved so that every prefix, hence every shard, holds each
+    step's share of the mix. A training run that sees less than one pass of the mix (or reads its shards in any
+    order through a small shuffle buffer) still sees the configured mix, not mostly the shards it happened to
+    read first. The order is a pure function of the uids: a rerun writes byte-identical shards.
+
     Returns the mix's shard manifest; its ``tic_mix`` entry holds the kind, counts and the uids per step. Written
     once: an existing manifest with the same tag is returned as is (a rerun or resume reuses it).
     """
+    import shutil
+    import tempfile
+    from contextlib import ExitStack
+
     s = read_stream(stream_dir)
     sizes = [st["n_train"] for st in s["steps"]]
     counts = mix_counts(sizes, t, kind, budget)
@@ -314,6 +345,7 @@ def build_mix(
         "budget": budget,
         "salt": salt,
         "counts": counts,
+        "order": MIX_ORDER,
     }
     out = Path(out_dir)
     if (out / MANIFEST).is_file():
@@ -325,15 +357,44 @@ def build_mix(
     for j, n in enumerate(counts):
         uids = split_uids(stream_dir, j)
         chosen[j] = set(uids if n >= len(uids) else replay_subset(uids, n, salt))
-    with ShardWriter(out, max_count=shard_size) as w:
-        for j in range(t + 1):
-            for url in list_shards(step_split(stream_dir, j, "train")):
-                for raw in iter_shard(url):
-                    if _uid(json.loads(raw["json"]), raw["__key__"]) in chosen[j]:
-                        w.write({k: v for k, v in raw.items() if k == "__key__" or not k.startswith("__")})
-        w.extra["tic_mix"] = {
-            "tag": tag,
-            "n": sum(counts),
-            "uids": {str(j): sorted(v) for j, v in chosen.items()},
-        }
+    pos = {ju: p for p, ju in enumerate(mix_order([sorted(chosen[j]) for j in range(t + 1)]))}
+    # external bucketing, so memory stays at one bucket: each sample goes to the staging shard of its position's
+    # bucket (in read order, noted in `staged`), then each bucket is sorted by position into the mix
+    bucket = max(shard_size, -(-len(pos) // 256))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.staging-", dir=out.parent))
+    try:
+        staged: dict[int, list[int]] = {}
+        seen: set[int] = set()  # a uid listed twice in a step's shards is written once
+        with ExitStack() as stack:
+            writers: dict[int, ShardWriter] = {}
+            for j in range(t + 1):
+                for url in list_shards(step_split(stream_dir, j, "train")):
+                    for raw in iter_shard(url):
+                        p = pos.get((j, _uid(json.loads(raw["json"]), raw["__key__"])))
+                        if p is None or p in seen:
+                            continue
+                        seen.add(p)
+                        b = p // bucket
+                        if b not in writers:
+                            writers[b] = stack.enter_context(
+                                ShardWriter(staging / f"b{b:05d}", max_count=bucket + 1)
+                            )
+                            staged[b] = []
+                        writers[b].write(
+                            {k: v for k, v in raw.items() if k == "__key__" or not k.startswith("__")}
+                        )
+                        staged[b].append(p)
+        with ShardWriter(out, max_count=shard_size) as w:
+            for b in sorted(staged):
+                samples = [r for u in list_shards(staging / f"b{b:05d}") for r in iter_shard(u)]
+                for _, raw in sorted(zip(staged[b], samples, strict=True), key=lambda x: x[0]):
+                    w.write({k: v for k, v in raw.items() if k == "__key__" or not k.startswith("__")})
+            w.extra["tic_mix"] = {
+                "tag": tag,
+                "n": sum(counts),
+                "uids": {str(j): sorted(v) for j, v in chosen.items()},
+            }
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     return read_manifest(out)
