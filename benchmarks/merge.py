@@ -92,6 +92,11 @@ def _mean(xs):
     return sum(xs) / len(xs)
 
 
+def _zs(m: dict) -> str:
+    """Imagenette zero-shot top-1 of one evaluation ('-' in a report from before it was measured)."""
+    return f"{m['a/zs_top1']:.2f}" if "a/zs_top1" in m else "-"
+
+
 def report(a, reports, wall: float) -> None:
     from _record import machine, now, record
 
@@ -99,27 +104,35 @@ def report(a, reports, wall: float) -> None:
         f"SAM-CLIP-style merge on CPU: Stage I {a.stage1_steps} steps, Stage II {a.stage2_steps}, A-only baseline "
         f"{a.baseline_steps} (batch A {a.batch_a}, B {a.batch_b}); seeds {a.seeds}; wall {wall / 60:.1f} min",
         "",
-        "| seed | model | A R@1 (keep) | B mIoU (keep) | zero-shot mIoU |",
-        "|---|---|---|---|---|",
+        "| seed | model | A R@1 (keep) | A Imagenette zero-shot top-1 | B mIoU (keep) | zero-shot mIoU |",
+        "|---|---|---|---|---|---|",
     ]
     per = []
     for s, r in zip(a.seeds, reports, strict=True):
         t = r["teachers"]
         ra, rb = t["a/R@1"], t["b/mIoU"]
         lines.append(
-            f"| {s} | teacher A / B | {ra:.2f} | {rb:.2f} | A's own dense: {t['zs_teacher_a/mIoU']:.2f}, "
-            f"majority ({t['majority/class']}): {t['majority/mIoU']:.2f} |"
+            f"| {s} | teacher A / B | {ra:.2f} | {_zs(t)} | {rb:.2f} | A's own dense: "
+            f"{t['zs_teacher_a/mIoU']:.2f}, majority ({t['majority/class']}): {t['majority/mIoU']:.2f} |"
         )
         rows = [("Stage I (probe)", r["stage1"]), ("merged (Stage II)", r["merged"])]
         rows += [(f"interp alpha={c['alpha']:g}", c) for c in r["interpolation"]]
         for name, m in rows:
             lines.append(
-                f"| {s} | {name} | {m['a/R@1']:.2f} ({m['a/R@1'] / ra:.3f}) | {m['b/mIoU']:.2f} "
+                f"| {s} | {name} | {m['a/R@1']:.2f} ({m['a/R@1'] / ra:.3f}) | {_zs(m)} | {m['b/mIoU']:.2f} "
                 f"({m['b/mIoU'] / rb:.3f}) | {m['zs/mIoU']:.2f} |"
+            )
+        kept = r.get("stage2_forgetting", {})
+        if "kept_step" in kept:
+            lines.append(
+                f"| {s} | (Stage II kept step {kept['kept_step']} of {kept['last_step']}: {kept['why']}) "
+                "| | | | |"
             )
         per.append(
             {
                 "seed": s,
+                "zs_top1": r["merged"].get("a/zs_top1"),
+                "zs_top1_teacher_a": t.get("a/zs_top1"),
                 "keep_a": r["merged"]["a/R@1"] / ra,
                 "keep_b": r["merged"]["b/mIoU"] / rb,
                 "zs": r["merged"]["zs/mIoU"],
@@ -137,6 +150,9 @@ def report(a, reports, wall: float) -> None:
         _mean([p["zs_teacher_a"] for p in per]),
         _mean([p["majority"] for p in per]),
     )
+    have_zs = all(p["zs_top1"] is not None and p["zs_top1_teacher_a"] is not None for p in per)
+    zs_top1 = _mean([p["zs_top1"] for p in per]) if have_zs else None
+    zs_top1_a = _mean([p["zs_top1_teacher_a"] for p in per]) if have_zs else None
     alphas = [c["alpha"] for c in per[0]["curve"]]
     curve = [
         {
@@ -156,6 +172,13 @@ def report(a, reports, wall: float) -> None:
         "",
         f"mean over seeds: merged keeps {keep_a:.3f} of A's R@1 (floor 0.90) and {keep_b:.3f} of B's mIoU "
         f"(floor 0.95); zero-shot mIoU merged {zs:.2f} vs teacher A's own {zs_a:.2f} vs majority {maj:.2f}",
+        *(
+            [
+                f"Imagenette zero-shot top-1 (A's second metric): merged {zs_top1:.2f} vs teacher A {zs_top1_a:.2f}"
+            ]
+            if zs_top1 is not None
+            else []
+        ),
         "interpolation curve (mean keep A / keep B): "
         + ", ".join(f"alpha {c['alpha']:g}: {c['keep_a']:.3f}/{c['keep_b']:.3f}" for c in curve),
         *[f"floor {'met' if v else 'MISSED'}: {k}" for k, v in floors.items()],
@@ -175,6 +198,8 @@ def report(a, reports, wall: float) -> None:
             "zeroshot_mIoU": zs,
             "zeroshot_teacher_a_mIoU": zs_a,
             "majority_mIoU": maj,
+            "imagenette_zeroshot_top1": zs_top1,
+            "imagenette_zeroshot_top1_teacher_a": zs_top1_a,
             "interpolation_curve": curve,
             "interpolation_alphas_keeping_both": both_interp,
             "per_seed": per,

@@ -277,3 +277,140 @@ def test_weight_interpolation_is_linear_in_alpha():
     assert (
         torch.equal(interpolate(sd0, sd1, 1.0)["w"], sd1["w"]) and int(interpolate(sd0, sd1, 0.5)["n"]) == 5
     )
+
+
+def _tensors(path: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(path))
+
+
+def _same_weights(a: Path, b: Path) -> bool:
+    x, y = _tensors(a), _tensors(b)
+    return set(x) == set(y) and all(torch.equal(x[k], y[k]) for k in x)
+
+
+def test_rising_forgetting_keeps_the_earlier_checkpoint(tmp_path, teachers):
+    """Early stopping on forgetting through the engine's eval hook: A-only training (no B stream) makes B's
+    forgetting (per-pixel KL of Head_B to teacher B on held-out CamVid val images) rise from 0; with a tolerance
+    between two measured steps the run keeps the step before it is exceeded, and says so (also across an
+    interruption and resume)."""
+    from vfmkit.methods.merge import FORGET_FILE, LAST_WEIGHTS
+    from vfmkit.methods.registry import run_job
+
+    ta, tb = teachers
+    kw = {"build_kwargs": {"teacher_a": ta, "teacher_b": tb}}
+    margs = {
+        "stage": "a_only",
+        "forget_probe_a": "builtin:flickr8k/heldout",
+        "forget_probe_b": "builtin:camvid/val",
+        "forget_n": 4,
+    }
+    over = {"train": {"steps": 4, "eval_every": 1, "ckpt_every": 1, "keep_ckpts": 10}, "optim": {"lr": 3e-3}}
+    _, res = run_job(_cfg(tmp_path / "last", {**margs, "keep": "last"}, **over), **kw)
+    assert "eval/forget/b" in res.final_logs and "eval/forget/a" in res.final_logs
+    rec = json.loads((tmp_path / "last" / FORGET_FILE).read_text())
+    curve = rec["curve"]
+    assert [e["step"] for e in curve] == [0, 1, 2, 3, 4] and rec["kept_step"] == 4
+    b = [e["b"] for e in curve]
+    assert b[0] < 1e-6 and curve[0]["b_agree"] == 1.0  # the initial model's Head_B is teacher B
+    assert all(x < y for x, y in zip(b, b[1:], strict=False)), b  # the forgetting curve rises
+    assert not (tmp_path / "last" / LAST_WEIGHTS).exists()
+
+    tol = 0.5 * (b[2] + b[3])
+    cut = tmp_path / "tol"  # interrupted after step 3 (its last checkpoint is step 2), then resumed
+    over_cut = {**over, "train": {**over["train"], "ckpt_every": 2}}
+    cfg_cut = _cfg(cut, {**margs, "keep": "tolerance", "forget_tol_b": tol}, **over_cut)
+    _, first = run_job(cfg_cut, stop_after=3, **kw)
+    assert first.step == 3 and not (cut / "model.safetensors").exists()
+    _, rest = run_job(cfg_cut, **kw)
+    assert rest.resumed_from == 2
+    rec2 = json.loads((cut / FORGET_FILE).read_text())
+    assert [e["b"] for e in rec2["curve"]] == b  # the same run, measured the same
+    assert rec2["kept_step"] == 2 and rec2["last_step"] == 4 and "step 3" in rec2["why"]
+    # model.safetensors is the step-2 weights (the engine's own step-2 checkpoint), the last step's are kept aside
+    ckpt = tmp_path / "last" / "checkpoints"
+    assert _same_weights(cut / "model.safetensors", ckpt / "step-000000002" / "model.safetensors")
+    assert _same_weights(cut / LAST_WEIGHTS, tmp_path / "last" / "model.safetensors")
+    assert not _same_weights(cut / "model.safetensors", cut / LAST_WEIGHTS)
+
+    # keep=best on B's forgetting alone: the rising curve keeps the initial weights
+    best = tmp_path / "best"
+    margs_b = {**margs, "keep": "best", "forget_w_a": 0.0, "forget_probe_a": ""}
+    run_job(_cfg(best, margs_b, **over), **kw)
+    assert json.loads((best / FORGET_FILE).read_text())["kept_step"] == 0
+    from vfmkit.methods.registry import build_job
+
+    init = build_job(_cfg(tmp_path / "init", {"stage": "a_only"}), _one_process(), **kw["build_kwargs"]).model
+    got = _tensors(best / "model.safetensors")
+    assert all(torch.equal(v, got[k]) for k, v in init.state_dict().items() if k in got)
+
+
+def _one_process():
+    from vfmkit.engine.distributed import DistInfo
+
+    return DistInfo()
+
+
+def test_choose_kept_and_forgetting_keys_are_checked(tmp_path):
+    from vfmkit.methods.merge import choose_kept, parse_args
+
+    curve = [
+        {"step": 0, "a": 0.8, "b": 0.0, "score": 0.8},
+        {"step": 10, "a": 0.5, "b": 0.01, "score": 0.51},
+        {"step": 20, "a": 0.4, "b": 0.05, "score": 0.45},
+        {"step": 30, "a": 0.39, "b": 0.2, "score": 0.59},
+    ]
+    assert choose_kept(curve, "last")[0] == 30
+    assert choose_kept(curve, "best")[0] == 20
+    assert choose_kept(curve, "tolerance", 0.03)[0] == 10
+    assert choose_kept(curve, "tolerance", 1.0)[0] == 30
+    ok = {"forget_probe_b": "builtin:camvid/val"}
+    every = {"train": {"eval_every": 5}}
+    with pytest.raises(ConfigError, match="method_args.keep"):
+        parse_args(_cfg(tmp_path, {**ok, "keep": "first"}, **every))
+    with pytest.raises(ConfigError, match="method_args.keep"):
+        parse_args(_cfg(tmp_path, {"keep": "best"}, **every))  # no probe
+    with pytest.raises(ConfigError, match="method_args.forget_probe_b"):
+        parse_args(_cfg(tmp_path, {"forget_probe_a": "x", "keep": "tolerance", "forget_tol_b": 0.1}, **every))
+    with pytest.raises(ConfigError, match="method_args.forget_tol_b"):
+        parse_args(_cfg(tmp_path, {**ok, "keep": "tolerance"}, **every))
+    with pytest.raises(ConfigError, match="train.eval_every"):
+        parse_args(_cfg(tmp_path, {**ok, "keep": "best"}))
+    with pytest.raises(ConfigError, match="method_args.forget_n"):
+        parse_args(_cfg(tmp_path, {**ok, "forget_n": 0}))
+
+
+def test_evaluation_scores_imagenette_zero_shot_with_head_a(teachers):
+    """A's second metric: zero-shot top-1 on the embedded Imagenette val (class-name prompts) of the merged
+    model's Head_A with A's text tower, equal to the argmax computed by hand, and teacher A's own above chance."""
+    import torch.nn.functional as F
+    from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES
+
+    from vfmkit.eval.features import encode_images_labels
+    from vfmkit.eval.zeroshot import class_names_for, zeroshot_eval_encoders
+    from vfmkit.eval.zeroshot_seg import class_text_embeddings
+    from vfmkit.methods.merge import evaluate_merged
+    from vfmkit.models.merge import build_merged_model, teacher_a_proj_init
+
+    ta, tb = teachers
+    spec = "builtin:imagenette/val"
+    names = class_names_for(spec)
+    assert len(names) == 10 and "tench" in names[0].lower()
+    m = build_merged_model(tb, ta.embed_dim, proj_init=teacher_a_proj_init(ta)).eval()
+    res = evaluate_merged(m, ta, zeroshot_cls=spec, image_size_a=64, batch_size=32)
+    assert set(res) >= {"a/zs_top1", "a/zs_top5"}
+    # by hand: Head_A's embeddings against the prompt-ensembled class embeddings of A's text tower
+    from torchvision.transforms.functional import pil_to_tensor
+
+    from vfmkit.data.decode import resize_center_crop
+
+    feats, labels = encode_images_labels(
+        lambda x: m(x, "a"), lambda im: resize_center_crop(pil_to_tensor(im), 64), spec, 32
+    )
+    texts = [t("{}") for t in OPENAI_IMAGENET_TEMPLATES]
+    cls = class_text_embeddings(ta.encode_text, names, texts)
+    top1 = float((F.normalize(feats, dim=-1) @ cls.T).argmax(1).eq(labels).float().mean()) * 100
+    assert res["a/zs_top1"] == pytest.approx(top1, abs=1e-6)
+    own = zeroshot_eval_encoders(ta.encode_image, ta.encode_text, spec, names, ta.image_size, ta.logit_scale)
+    assert own["top1"] > 30.0, own  # teacher A's own zero-shot skill (10 classes: chance is 10)

@@ -47,6 +47,23 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     r.add_argument(
         "--retrieval-max", type=int, default=0, help="score retrieval on the first N images (0: all)"
     )
+    r.add_argument(
+        "--zeroshot-val", default="builtin:imagenette/val", help="A's zero-shot top-1 class shards ('' : off)"
+    )
+    r.add_argument("--zeroshot-classes", default="", help="their classes file (default: found beside them)")
+    r.add_argument(
+        "--stage2-keep",
+        default="last",
+        choices=("last", "best", "tolerance"),
+        help="early stopping of Stage II on forgetting: which measured step the merged model is",
+    )
+    r.add_argument("--forget-every", type=int, default=0, help="measure forgetting every N Stage II steps")
+    r.add_argument("--forget-probe-a", default="", help="held-out image shards for A's forgetting")
+    r.add_argument("--forget-probe-b", default="", help="held-out dense shards for B's forgetting")
+    r.add_argument("--forget-n", type=int, default=32, help="probe images of each")
+    r.add_argument(
+        "--forget-tol-b", type=float, default=0.0, help="--stage2-keep tolerance: B's forgetting (KL) limit"
+    )
     r.set_defaults(func=_run)
 
 
@@ -58,7 +75,11 @@ def _run(args: argparse.Namespace) -> int:
         retrieval_val=args.retrieval_val, dense_train=args.dense_train, dense_val=args.dense_val, seed=args.seed,
         stage1_steps=args.stage1_steps, stage2_steps=args.stage2_steps, baseline_steps=args.baseline_steps,
         batch_a=args.batch_a, batch_b=args.batch_b, w_b=args.w_b, retrieval_max=args.retrieval_max,
+        zeroshot_val=args.zeroshot_val, zeroshot_classes=args.zeroshot_classes, stage2_keep=args.stage2_keep,
+        forget_every=args.forget_every, forget_probe_a=args.forget_probe_a, forget_probe_b=args.forget_probe_b,
+        forget_n=args.forget_n, forget_tol_b=args.forget_tol_b,
     )  # fmt: skip
     rep = run_merge(o)
-    print(json.dumps({k: rep[k] for k in ("teachers", "stage1", "merged", "interpolation")}))
+    keys = ("teachers", "stage1", "merged", "interpolation", "stage2_forgetting")
+    print(json.dumps({k: rep[k] for k in keys if k in rep}))
     return 0

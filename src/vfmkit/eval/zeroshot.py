@@ -7,6 +7,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from vfmkit.eval.classification import classification_metrics
 from vfmkit.eval.features import encode_images_labels
@@ -132,3 +133,59 @@ def zeroshot_eval(
     feats, labels = encode_images_labels(model.encode_image, preprocess, spec, batch_size, device)
     scale = float(model.logit_scale.exp()) if hasattr(model, "logit_scale") else 100.0
     return classification_metrics(scale * feats @ clf.cpu(), labels)
+
+
+class _Texts(list):
+    """Prompts passed through open_clip's classifier builder untokenised (it calls ``tokenizer(texts).to(dev)``)."""
+
+    def to(self, device) -> _Texts:
+        return self
+
+
+class EncoderPair:
+    """A model given as two encoders of the teacher interface (``encode_image(float images)``, ``encode_text(list
+    of strings)``) in the shape :func:`zeroshot_eval` takes: e.g. a merged model's Head_A with teacher A's text
+    tower. ``logit_scale`` is the (exp'd) scale of the logits (only NLL and ECE depend on it)."""
+
+    def __init__(self, encode_image: Callable, encode_text: Callable, logit_scale: float = 100.0) -> None:
+        import math
+
+        self._image, self._text = encode_image, encode_text
+        self.logit_scale = torch.tensor(math.log(logit_scale))
+
+    def eval(self) -> EncoderPair:
+        return self
+
+    def to(self, device) -> EncoderPair:
+        return self
+
+    def encode_image(self, x: torch.Tensor) -> torch.Tensor:
+        return self._image(x)
+
+    def encode_text(self, texts, normalize: bool = True) -> torch.Tensor:
+        e = self._text(list(texts)).float()
+        return F.normalize(e, dim=-1) if normalize else e
+
+
+def zeroshot_eval_encoders(
+    encode_image: Callable,
+    encode_text: Callable,
+    spec: str,
+    classnames: Sequence[str],
+    image_size: int,
+    logit_scale: float = 100.0,
+    templates: Sequence[Callable[[str], str]] | None = None,
+    batch_size: int = 64,
+) -> dict[str, float]:
+    """:func:`zeroshot_eval` for two encoders of the teacher interface: images resized (short side) and
+    centre-cropped to ``image_size``, float in [0, 1] (the teachers' retrieval view), open_clip's ImageNet
+    templates unless ``templates``."""
+    from torchvision.transforms.functional import pil_to_tensor
+
+    from vfmkit.data.decode import resize_center_crop
+
+    def preprocess(img):
+        return resize_center_crop(pil_to_tensor(img.convert("RGB")), image_size)
+
+    model = EncoderPair(encode_image, encode_text, logit_scale)
+    return zeroshot_eval(model, _Texts, preprocess, spec, classnames, templates, batch_size=batch_size)

@@ -51,10 +51,16 @@ __all__ = [
     "load_teacher_b",
     "evaluate_merged",
     "MERGE_META",
+    "ForgettingTracker",
+    "choose_kept",
 ]
 
 STAGES = ("probe", "multitask", "a_only")
+KEEPS = ("last", "best", "tolerance")
 MERGE_META = "merge.json"
+FORGET_FILE = "forgetting.json"  # the forgetting curve and the kept step (in the run folder)
+KEPT_WEIGHTS = "forgetting_kept.safetensors"  # the kept step's weights while the run goes on
+LAST_WEIGHTS = "last.safetensors"  # the last step's weights when another step is kept
 
 
 @dataclass
@@ -84,6 +90,17 @@ class MergeArgs:
     head_blocks: int = 1  # backbone blocks Head_A copies (Lite0's last stage is one block)
     proj_from_teacher: bool = True  # initialise Head_A's projection from teacher A's image head when it fits
     eval_batch_size: int = 16
+    zeroshot_cls: str = (
+        ""  # class shards for A's zero-shot top-1 in the eval hook (e.g. builtin:imagenette/val)
+    )
+    # early stopping on forgetting (ForgettingTracker): probes measured at build (step 0) and every eval_every
+    forget_probe_a: str = ""  # held-out image shards: A's forgetting = cosine distance of Head_A to teacher A
+    forget_probe_b: str = ""  # held-out dense shards: B's forgetting = per-pixel KL(teacher B || Head_B)
+    forget_n: int = 32  # the first N images of each probe (shard order)
+    keep: str = "last"  # which step's weights model.safetensors holds: last | best | tolerance
+    forget_tol_b: float = 0.0  # keep=tolerance: stop at the first step where B's forgetting exceeds this
+    forget_w_a: float = 1.0  # keep=best: score = forget_w_a * A's forgetting + forget_w_b * B's
+    forget_w_b: float = 1.0
 
 
 def parse_args(cfg: RunConfig) -> MergeArgs:
@@ -100,7 +117,33 @@ def parse_args(cfg: RunConfig) -> MergeArgs:
         raise ConfigError(f"config key 'method_args.batch_b': must be >= 1, got {a.batch_b}")
     if a.temperature <= 0:
         raise ConfigError(f"config key 'method_args.temperature': must be > 0, got {a.temperature}")
-    for key in ("w_a", "w_b", "lr_mult_backbone", "lr_mult_head_b", "lr_mult_head_a"):
+    if a.keep not in KEEPS:
+        raise ConfigError(f"config key 'method_args.keep': {a.keep!r} is not one of {', '.join(KEEPS)}")
+    if a.keep != "last" and not (a.forget_probe_a or a.forget_probe_b):
+        raise ConfigError(
+            f"config key 'method_args.keep': {a.keep!r} needs a forgetting probe "
+            "(method_args.forget_probe_a and/or method_args.forget_probe_b)"
+        )
+    if a.keep == "tolerance" and not a.forget_probe_b:
+        raise ConfigError("config key 'method_args.forget_probe_b': keep 'tolerance' needs B's probe shards")
+    if a.keep == "tolerance" and a.forget_tol_b <= 0:
+        raise ConfigError(f"config key 'method_args.forget_tol_b': must be > 0, got {a.forget_tol_b}")
+    if a.keep != "last" and cfg.train.eval_every < 1:
+        raise ConfigError(
+            f"config key 'train.eval_every': method_args.keep {a.keep!r} measures forgetting every eval_every "
+            "steps, so it must be >= 1"
+        )
+    if a.forget_n < 1:
+        raise ConfigError(f"config key 'method_args.forget_n': must be >= 1, got {a.forget_n}")
+    for key in (
+        "w_a",
+        "w_b",
+        "lr_mult_backbone",
+        "lr_mult_head_b",
+        "lr_mult_head_a",
+        "forget_w_a",
+        "forget_w_b",
+    ):
         if getattr(a, key) < 0:
             raise ConfigError(f"config key 'method_args.{key}': must be >= 0, got {getattr(a, key)}")
     if len(a.crop_b) != 2 or min(a.crop_b) < 1:
@@ -183,6 +226,197 @@ def dense_kd_loss(
         dice = 1 - ((2 * inter + 1) / (ps.sum((0, 2, 3)) + pt.sum((0, 2, 3)) + 1)).mean()
         return focal + dice
     raise ValueError(f"dense_kd_loss: kind must be 'kl' or 'focal_dice', got {kind!r}")
+
+
+# ------------------------------------------------------------------------------------------------ forgetting
+
+
+def choose_kept(curve: list[dict], keep: str, tol_b: float = 0.0) -> tuple[int, str]:
+    """The step whose weights a run keeps, from its forgetting curve (entries ``{"step", "a", "b", "score"}``
+    in step order) -> (step, why).
+
+    ``last``: the last step. ``best``: the lowest ``score`` (the earliest on a tie). ``tolerance``: early stopping
+    on B's forgetting: the step before the first one whose ``b`` exceeds ``tol_b`` (the last step when none
+    does; step 0 when the first measurement already does)."""
+    if not curve:
+        raise ValueError("choose_kept: an empty forgetting curve")
+    if keep == "last":
+        return int(curve[-1]["step"]), "last step"
+    if keep == "best":
+        best = min(curve, key=lambda e: (e["score"], e["step"]))
+        return int(best["step"]), f"lowest combined forgetting score {best['score']:.6g}"
+    if keep == "tolerance":
+        for i, e in enumerate(curve):
+            if e["b"] > tol_b:
+                kept = curve[max(i - 1, 0)]
+                return int(kept["step"]), (
+                    f"stopped: B's forgetting {e['b']:.6g} > tolerance {tol_b:g} at step {e['step']}"
+                )
+        return int(curve[-1]["step"]), f"B's forgetting stayed <= tolerance {tol_b:g}"
+    raise ValueError(f"choose_kept: keep must be one of {', '.join(KEEPS)}, got {keep!r}")
+
+
+class ForgettingTracker:
+    """Early stopping of a merge run on a forgetting metric, through the engine's eval hook and ``on_final``.
+
+    Forgetting of each teacher's skill on small held-out probes (label-free): A's is the mean cosine distance
+    ``1 - cos(Head_A(x), A(x))`` on ``forget_probe_a`` images (A's view), B's the mean per-pixel
+    ``KL(p_B || p_merged)`` of Head_B's logits to teacher B's on ``forget_probe_b`` images (resized to
+    ``crop_b``); the per-pixel argmax agreement with B is recorded beside it. Measured once on the initial
+    weights (step 0, at build) and by the eval hook every ``train.eval_every`` steps and at the end. Whenever
+    the step just measured is the one :func:`choose_kept` keeps so far, its weights go to
+    ``KEPT_WEIGHTS`` (atomically); at the end (``on_final``) ``model.safetensors`` becomes the kept step's
+    weights (copied from ``KEPT_WEIGHTS``, which stays), the last step's are moved to ``LAST_WEIGHTS``, and
+    ``FORGET_FILE`` says which step was kept and why.
+
+    The engine still runs its given steps (stopping selects the weights; it does not end the loop). Resume: the
+    curve is in ``FORGET_FILE``; the entries at or after the first step measured after a resume are measured
+    again (training resumes bit-identically, so they come out the same and the kept weights are rewritten).
+    """
+
+    def __init__(
+        self, args: MergeArgs, out_dir: Path, teacher_a, teacher_b, num_classes, void, is_main, fresh
+    ):
+        from vfmkit.methods.seg import ordered_dense_loader
+
+        self.args, self.out, self.is_main = args, Path(out_dir), is_main
+        self.curve: list[dict] = []
+        self.kept_file_step: int | None = None
+        self._trimmed = False
+        self.xa = self.ta = self.xb = self.tb = None
+        n = args.forget_n
+        if args.forget_probe_a:
+            xs = _first_images(ShardImages(args.forget_probe_a, _a_decoder(args.image_size_a)), n)
+            dev = teacher_a.mean.device if hasattr(teacher_a, "mean") else "cpu"
+            with torch.no_grad():
+                self.ta = torch.cat([teacher_a.encode_image(x.to(dev)).float().cpu() for x in xs.split(16)])
+            self.xa = xs
+        if args.forget_probe_b:
+            loader = ordered_dense_loader(args.forget_probe_b, 8, args.crop_b, num_classes, void)
+            xs = _first_images(loader, n)
+            dev = next(teacher_b.parameters()).device
+            with torch.no_grad():
+                self.tb = torch.cat([teacher_b(x.to(dev)).float().cpu() for x in xs.split(8)])
+            self.xb = xs
+        p = self.out / FORGET_FILE
+        if not fresh and p.is_file():
+            state = json.loads(p.read_text(encoding="utf-8"))
+            self.curve, self.kept_file_step = state["curve"], state.get("kept_file_step")
+        elif is_main:
+            for f in (p, self.out / KEPT_WEIGHTS, self.out / LAST_WEIGHTS):
+                f.unlink(missing_ok=True)  # a run that starts over keeps nothing of an older one
+
+    @torch.no_grad()
+    def measure(self, model: nn.Module) -> dict[str, float]:
+        was = model.training
+        model.eval()
+        dev = next(model.parameters()).device
+        res: dict[str, float] = {}
+        score = 0.0
+        if self.xa is not None:
+            emb = torch.cat([model(x.to(dev), "a").float().cpu() for x in self.xa.split(16)])
+            res["a"] = float((1 - (F.normalize(emb, dim=-1) * self.ta).sum(-1)).mean())
+            score += self.args.forget_w_a * res["a"]
+        if self.xb is not None:
+            kl, agree, n = 0.0, 0.0, 0
+            for x, t in zip(self.xb.split(8), self.tb.split(8), strict=True):
+                s = model(x.to(dev), "b").float().cpu()
+                kl += float(dense_kd_loss(s, t, "kl", 1.0)) * len(x)
+                agree += float((s.argmax(1) == t.argmax(1)).float().mean()) * len(x)
+                n += len(x)
+            res["b"], res["b_agree"] = kl / n, agree / n
+            score += self.args.forget_w_b * res["b"]
+        res["score"] = score
+        model.train(was)
+        return res
+
+    def record(self, model: nn.Module, step: int) -> dict[str, float]:
+        """Measure ``model`` at ``step``, add it to the curve, keep its weights when it is the kept step so far."""
+        if step > 0 and not self._trimmed:  # the first eval of this process: later entries predate a resume
+            self.curve = [e for e in self.curve if e["step"] < step]
+            self._trimmed = True
+        res = self.measure(model)
+        self.curve = sorted(
+            [e for e in self.curve if e["step"] != step] + [{"step": step, **res}], key=lambda e: e["step"]
+        )
+        kept, _ = choose_kept(self.curve, self.args.keep, self.args.forget_tol_b)
+        if self.is_main:
+            if kept == step:
+                _save_weights(model, self.out / KEPT_WEIGHTS)
+                self.kept_file_step = step
+            self._write()
+        return {f"forget/{k}": v for k, v in res.items()}
+
+    def _write(self, **extra) -> None:
+        from vfmkit.data.io import atomic_write_json
+
+        atomic_write_json(
+            self.out / FORGET_FILE,
+            {
+                "keep": self.args.keep,
+                "tol_b": self.args.forget_tol_b,
+                "w_a": self.args.forget_w_a,
+                "w_b": self.args.forget_w_b,
+                "curve": self.curve,
+                "kept_file_step": self.kept_file_step,
+                **extra,
+            },
+        )
+
+    def finalize(self, out: Path) -> None:
+        """``on_final``: the final weights are written; make ``model.safetensors`` the kept step's."""
+        import os
+        import shutil
+
+        last = int(self.curve[-1]["step"])
+        kept, why = choose_kept(self.curve, self.args.keep, self.args.forget_tol_b)
+        if kept != last:
+            if self.kept_file_step != kept or not (out / KEPT_WEIGHTS).is_file():
+                raise RuntimeError(
+                    f"merge: the kept step is {kept} but {out / KEPT_WEIGHTS} holds step {self.kept_file_step}"
+                )
+            os.replace(out / "model.safetensors", out / LAST_WEIGHTS)
+            tmp = out / f".{KEPT_WEIGHTS}.{os.getpid()}.tmp"
+            shutil.copyfile(out / KEPT_WEIGHTS, tmp)  # a copy: a rerun of the finished run finalises again
+            os.replace(tmp, out / "model.safetensors")
+        else:
+            (out / LAST_WEIGHTS).unlink(missing_ok=True)
+        self._write(kept_step=kept, last_step=last, why=why)
+        print(f"merge: model.safetensors holds step {kept} of {last} ({why})", flush=True)
+
+
+class ShardImages:
+    """Shards in shard order through ``decode`` (the probes' reader)."""
+
+    def __init__(self, spec: str, decode, batch_size: int = 16) -> None:
+        self.spec, self.decode, self.batch_size = spec, decode, batch_size
+
+    def __iter__(self):
+        from vfmkit.eval.features import ordered_loader
+
+        return iter(ordered_loader(self.spec, self.decode, self.batch_size))
+
+
+def _first_images(batches, n: int) -> Tensor:
+    got, total = [], 0
+    for b in batches:
+        got.append(b["image"])
+        total += len(b["image"])
+        if total >= n:
+            break
+    if not got:
+        raise ConfigError(
+            "config key 'method_args.forget_probe_a' / 'forget_probe_b': the probe shards are empty"
+        )
+    return torch.cat(got)[:n]
+
+
+def _save_weights(model: nn.Module, path: Path) -> None:
+    from vfmkit.data.io import atomic_save_safetensors
+    from vfmkit.engine.checkpoint import module_tensors
+
+    state, metadata = module_tensors(model)
+    atomic_save_safetensors(path, {k: v.detach().cpu() for k, v in state.items()}, metadata)
 
 
 # ------------------------------------------------------------------------------------------------ teachers
@@ -341,19 +575,37 @@ def build(
     if getattr(dist_info, "is_main", True):
         atomic_write_json(Path(cfg.out_dir) / MERGE_META, meta)
 
+    tracker = None
+    if args.forget_probe_a or args.forget_probe_b:
+        from vfmkit.engine.checkpoint import checkpoint_candidates
+
+        fresh = not (cfg.train.resume and checkpoint_candidates(Path(cfg.out_dir) / "checkpoints"))
+        tracker = ForgettingTracker(
+            args, Path(cfg.out_dir), teacher_a, teacher_b, k, void, getattr(dist_info, "is_main", True), fresh
+        )
+        tracker.record(model, 0)  # the initial weights (B's backbone and Head_B, or init_from's)
+
     eval_fn = None
-    if args.dense_val or cfg.data.val:
+    if args.dense_val or cfg.data.val or args.zeroshot_cls or tracker is not None:
 
         def eval_fn(m, step):
-            return evaluate_merged(
-                m,
-                teacher_a,
-                retrieval_val=cfg.data.val,
-                dense_val=args.dense_val or None,
-                image_size_a=args.image_size_a,
-                batch_size=args.eval_batch_size,
-                zeroshot=bool(args.dense_val),
-            )
+            res = {}
+            if tracker is not None:
+                res.update(tracker.record(m, step))
+            if args.dense_val or cfg.data.val or args.zeroshot_cls:
+                res.update(
+                    evaluate_merged(
+                        m,
+                        teacher_a,
+                        retrieval_val=cfg.data.val,
+                        dense_val=args.dense_val or None,
+                        image_size_a=args.image_size_a,
+                        batch_size=args.eval_batch_size,
+                        zeroshot=bool(args.dense_val),
+                        zeroshot_cls=args.zeroshot_cls or None,
+                    )
+                )
+            return res
 
     return Job(
         model,
@@ -361,7 +613,8 @@ def build(
         loader,
         eval_fn=eval_fn,
         groups=groups,
-        extra={"meta": meta, "teacher_a": teacher_a, "teacher_b": teacher_b},
+        extra={"meta": meta, "teacher_a": teacher_a, "teacher_b": teacher_b, "forgetting": tracker},
+        on_final=tracker.finalize if tracker is not None else None,
     )
 
 
@@ -404,9 +657,13 @@ def evaluate_merged(
     image_size_a: int = 160,
     batch_size: int = 16,
     zeroshot: bool = True,
+    zeroshot_cls: str | None = None,
+    zeroshot_classes: str | None = None,
 ) -> dict[str, float]:
-    """A's metric (retrieval mean R@1 with A's text tower), B's (dense val mIoU of Head_B) and zero-shot
-    segmentation mIoU from Head_A's dense features and the class names' text embeddings."""
+    """A's metrics (retrieval mean R@1 with A's text tower; with ``zeroshot_cls``, zero-shot classification
+    top-1 on those class shards, e.g. Imagenette val, Head_A + A's text tower, class-name prompts), B's (dense
+    val mIoU of Head_B) and zero-shot segmentation mIoU from Head_A's dense features and the class names' text
+    embeddings. ``zeroshot_classes``: a classes file for ``zeroshot_cls`` (``eval.zeroshot.class_names_for``)."""
     from vfmkit.data.dense import dense_info
     from vfmkit.eval.dense import evaluate_segmentation
     from vfmkit.eval.zeroshot_seg import class_text_embeddings, evaluate_zeroshot_seg
@@ -420,6 +677,19 @@ def evaluate_merged(
     if retrieval_val:
         r = retrieval_r1(lambda x: model(x.to(dev), "a"), teacher_a.encode_text, retrieval_val, image_size_a)
         out.update({f"a/{k}": v for k, v in r.items()})
+    if zeroshot_cls:
+        from vfmkit.eval.zeroshot import class_names_for, zeroshot_eval_encoders
+
+        z = zeroshot_eval_encoders(
+            lambda x: model(x.to(dev), "a").cpu(),
+            teacher_a.encode_text,
+            zeroshot_cls,
+            class_names_for(zeroshot_cls, zeroshot_classes),
+            image_size_a,
+            float(getattr(teacher_a, "logit_scale", 100.0)),
+            batch_size=batch_size,
+        )
+        out.update({f"a/zs_{k}": v for k, v in z.items()})
     if dense_val:
         info = dense_info(dense_val)
         k, void, names = int(info["num_classes"]), info["void"], info["classes"]

@@ -44,10 +44,23 @@ class MergeOptions:
     w_b: float = 10.0
     alphas: list[float] = field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0])
     retrieval_max: int = 0  # evaluate retrieval on the first N images only (0: all)
+    zeroshot_val: str = "builtin:imagenette/val"  # A's second metric: zero-shot top-1 on these class shards
+    zeroshot_classes: str = ""  # their classes file (eval.zeroshot.class_names_for); empty: found beside them
+    # Stage II early stopping on forgetting (methods.merge.ForgettingTracker): probes held out from the evaluation
+    stage2_keep: str = "last"  # last | best | tolerance
+    forget_every: int = 0  # measure forgetting every N Stage II steps (train.eval_every)
+    forget_probe_a: str = ""  # image shards: A's forgetting (cosine distance of Head_A to A)
+    forget_probe_b: str = ""  # dense shards: B's forgetting (per-pixel KL of Head_B to B)
+    forget_n: int = 32
+    forget_tol_b: float = 0.0
+    forget_w_a: float = 1.0
+    forget_w_b: float = 1.0
     method_args: dict = field(default_factory=dict)  # extra merge method args for every stage
 
 
-def _stage_cfg(o: MergeOptions, name: str, stage: str, steps: int, lr: float, margs: dict) -> Any:
+def _stage_cfg(
+    o: MergeOptions, name: str, stage: str, steps: int, lr: float, margs: dict, eval_every: int = 0
+) -> Any:
     recipe = {
         "method": "merge",
         "seed": o.seed,
@@ -61,7 +74,7 @@ def _stage_cfg(o: MergeOptions, name: str, stage: str, steps: int, lr: float, ma
             "tensorboard": False,
             "grad_clip": 1.0,
             "ckpt_every": max(10, steps // 4),
-            "eval_every": 0,
+            "eval_every": eval_every,
         },
         "method_args": {
             "teacher_a": o.teacher_a,
@@ -88,13 +101,14 @@ def run_merge(o: MergeOptions, log=print) -> dict:
 
     from vfmkit.data.dense import dense_info
     from vfmkit.eval.dense import evaluate_segmentation
+    from vfmkit.eval.zeroshot import class_names_for, zeroshot_eval_encoders
     from vfmkit.eval.zeroshot_seg import (
         class_text_embeddings,
         evaluate_zeroshot_seg,
         majority_baseline,
         teacher_dense_features,
     )
-    from vfmkit.methods.merge import evaluate_merged, load_teacher_b, retrieval_r1
+    from vfmkit.methods.merge import FORGET_FILE, evaluate_merged, load_teacher_b, retrieval_r1
     from vfmkit.methods.registry import run_job
     from vfmkit.methods.seg import ordered_dense_loader
     from vfmkit.models.teachers import load_teacher
@@ -121,6 +135,7 @@ def run_merge(o: MergeOptions, log=print) -> dict:
 
     class _TextA(torch.nn.Module):  # teacher A seen through the text cache
         embed_dim = ta.embed_dim
+        logit_scale = ta.logit_scale
 
         def encode_text(self, texts):
             return encode_text(texts)
@@ -144,6 +159,17 @@ def run_merge(o: MergeOptions, log=print) -> dict:
 
     def eval_teachers() -> dict:
         r = retrieval_r1(ta.encode_image, encode_text, val, ta.image_size)
+        zc = {}
+        if o.zeroshot_val:
+            z = zeroshot_eval_encoders(
+                ta.encode_image,
+                encode_text,
+                o.zeroshot_val,
+                class_names_for(o.zeroshot_val, o.zeroshot_classes or None),
+                ta.image_size,
+                ta.logit_scale,
+            )
+            zc = {f"a/zs_{k_}": v for k_, v in z.items()}
         seg = evaluate_segmentation(tb, dense_batches(), k, void, names)
         text = class_text_embeddings(encode_text, names)
         zs = evaluate_zeroshot_seg(teacher_dense_features(ta), dense_batches(), text, k, void, names)
@@ -156,6 +182,7 @@ def run_merge(o: MergeOptions, log=print) -> dict:
         return {
             "a/R@1": r["R@1"],
             "a/retrieval": r,
+            **zc,
             "b/mIoU": seg["mIoU"],
             "b/pixel_acc": seg["pixel_acc"],
             "zs_teacher_a/mIoU": zs["mIoU"],
@@ -165,8 +192,8 @@ def run_merge(o: MergeOptions, log=print) -> dict:
 
     report: dict[str, Any] = {"options": asdict(o), "teachers": cached("teachers", eval_teachers)}
 
-    def train_stage(name, stage, steps, lr, margs):
-        cfg = _stage_cfg(o, name, stage, steps, lr, margs)
+    def train_stage(name, stage, steps, lr, margs, eval_every=0):
+        cfg = _stage_cfg(o, name, stage, steps, lr, margs, eval_every)
         if not (Path(cfg.out_dir) / "model.safetensors").is_file():
             log(f"merge: stage {name} ({stage}, {steps} steps)")
             job, _ = run_job(cfg, build_kwargs=teachers)
@@ -181,14 +208,34 @@ def run_merge(o: MergeOptions, log=print) -> dict:
     def eval_model(model) -> dict:
         model.attach_text(text_a)
         return evaluate_merged(
-            model, text_a, retrieval_val=val, dense_val=o.dense_val, image_size_a=ta.image_size
+            model,
+            text_a,
+            retrieval_val=val,
+            dense_val=o.dense_val,
+            image_size_a=ta.image_size,
+            zeroshot_cls=o.zeroshot_val or None,
+            zeroshot_classes=o.zeroshot_classes or None,
         )
 
     s1 = train_stage("stage1", "probe", o.stage1_steps, o.lr_stage1, {})
     report["stage1"] = cached("stage1", lambda: eval_model(s1))
     init = {"init_from": str(out / "stage1")}
-    s2 = train_stage("stage2", "multitask", o.stage2_steps, o.lr_stage2, init)
+    forget = {}
+    if o.stage2_keep != "last" or o.forget_probe_a or o.forget_probe_b:
+        forget = {
+            "keep": o.stage2_keep,
+            "forget_probe_a": o.forget_probe_a,
+            "forget_probe_b": o.forget_probe_b,
+            "forget_n": o.forget_n,
+            "forget_tol_b": o.forget_tol_b,
+            "forget_w_a": o.forget_w_a,
+            "forget_w_b": o.forget_w_b,
+        }
+    s2 = train_stage("stage2", "multitask", o.stage2_steps, o.lr_stage2, {**init, **forget}, o.forget_every)
     report["merged"] = cached("stage2", lambda: eval_model(s2))
+    fj = out / "stage2" / FORGET_FILE
+    if fj.is_file():  # which Stage II step the merged model is, and the forgetting curve
+        report["stage2_forgetting"] = json.loads(fj.read_text(encoding="utf-8"))
     ft = train_stage(
         "a_only",
         "a_only",
