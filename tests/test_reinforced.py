@@ -305,7 +305,7 @@ def test_multimodal_replay_first_n_augmentations(tmp_path):
     assert meta.n_aug > 1
     dec = MultimodalReplay(meta, 32, seed=3, n_aug=1)
     loader = ReplayShardLoader(str(tmp_path / "dr"), dec, batch_size=2, shuffle_buffer=0, seed=3)
-    for epoch in range(4):
+    for _epoch in range(4):
         (batch,) = list(loader)
         assert batch["aug_index"].tolist() == [0, 0]
     with pytest.raises(ValueError, match="stores"):

@@ -34,7 +34,9 @@ class MobileClipArgs:
     caption_mode: str = "sum"  # "sum": real + synthetic branches; "mix": one caption per sample
     syn_ratio: float = 0.5  # with caption_mode "mix": probability of the synthetic caption
     use_syn: bool = True
-    n_aug: int = 0  # replay only the first n stored augmentations (0: all); the n_aug lever without regenerating
+    n_aug: int = (
+        0  # replay only the first n stored augmentations (0: all); the n_aug lever without regenerating
+    )
     reinforced: str = ""  # reinforced shards (vfmkit or DataCompDR layout)
     images: str = ""  # image shards joined by uid (public DataCompDR has no jpg)
     online_teachers: list[str] = field(default_factory=list)  # online distillation: teacher specs
