@@ -95,7 +95,8 @@ def test_run_dir_opens_in_plain_open_clip(tiny_run: Path, tmp_path: Path):
         e_i = b.model.encode_image(b.preprocess_val(Image.open(jpg).convert("RGB"))[None])
         e_t = b.model.encode_text(b.tokenizer(["a dog runs on the grass", "two children play"]))
     assert torch.equal(torch.tensor(theirs["image"]), e_i)
-    assert torch.equal(torch.tensor(theirs["text"]), e_t)
+    # vfmkit's text tower skips the padding after EOT (models/text_fast.py): equal up to float rounding
+    torch.testing.assert_close(torch.tensor(theirs["text"]), e_t, rtol=1e-5, atol=1e-6)
     # the trained weights, not a fresh init: they equal the run's model.safetensors and differ from step 0
     from safetensors.torch import load_file
 

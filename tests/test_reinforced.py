@@ -308,7 +308,7 @@ def test_multimodal_replay_first_n_augmentations(tmp_path):
     for _epoch in range(4):
         (batch,) = list(loader)
         assert batch["aug_index"].tolist() == [0, 0]
-    with pytest.raises(ValueError, match="stores"):
+    with pytest.raises(ValueError, match="store 3|store"):
         MultimodalReplay(meta, 32, n_aug=meta.n_aug + 1)
 
 

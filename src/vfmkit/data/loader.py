@@ -63,14 +63,14 @@ def _tar_samples(src: Iterator[dict]) -> Iterator[dict]:
     remote URLs, compressed and pax tars go through webdataset itself."""
     wds_stage = wds.tarfile_to_samples(handler=_shard_handler)
     for d in src:
-        fast = fast_tar_samples(d["url"])
-        if fast is None:
-            yield from wds_stage(iter([d]))
-            continue
         try:
-            yield from fast
+            fast = fast_tar_samples(d["url"])  # parses the headers: a truncated or corrupt tar raises here
+            if fast is not None:
+                yield from fast
         except ValueError as e:
             raise ShardError(f"cannot read shard: {e}") from e
+        if fast is None:
+            yield from wds_stage(iter([d]))
 
 
 class _SlotStream(IterableDataset):
