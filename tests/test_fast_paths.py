@@ -11,6 +11,7 @@ import tarfile
 import pytest
 import torch
 import webdataset as wds
+from open_clip.model import CLIP, CustomTextCLIP
 
 from vfmkit.data.shards import fast_tar_samples, iter_shard, list_shards
 from vfmkit.models.factory import create_clip
@@ -36,7 +37,8 @@ def test_bucketed_text_equals_open_clip(name, cls):
     fast = b.model
     assert type(fast) is cls  # create_clip switched it on
     ref = copy.deepcopy(fast)
-    ref.__class__ = cls.__mro__[1]  # open_clip's own CLIP / CustomTextCLIP
+    ref.__class__ = cls.__mro__[2]  # open_clip's own CLIP / CustomTextCLIP (after the mixin)
+    assert type(ref) in (CLIP, CustomTextCLIP)  # the reference really is open_clip's path
     assert type(copy.deepcopy(fast)) is cls and fast.state_dict().keys() == ref.state_dict().keys()
     tok = b.tokenizer(_captions(70))  # real captions of many lengths; 70 rows -> 4 buckets, one odd-sized
     lengths = tok.argmax(-1) + 1

@@ -151,26 +151,23 @@ def _last_block_at_eot(blk: ResidualAttentionBlock, x: Tensor, idx: Tensor) -> T
     return y[:, 0]
 
 
-class BucketedCLIP(CLIP):
+class _BucketedText:
+    """``encode_text`` through :func:`bucketed_text_features` where that is exact, else open_clip's own."""
+
+    def encode_text(self, text: Tensor, normalize: bool = False) -> Tensor:
+        parts = None if _exporting() else _parts(self)
+        if parts is None:
+            return super().encode_text(text, normalize=normalize)
+        x = bucketed_text_features(self, parts, text)
+        return F.normalize(x, dim=-1) if normalize else x
+
+
+class BucketedCLIP(_BucketedText, CLIP):
     """open_clip's ``CLIP`` with exact length-bucketed ``encode_text`` (see the module docstring)."""
 
-    def encode_text(self, text: Tensor, normalize: bool = False) -> Tensor:
-        parts = None if _exporting() else _parts(self)
-        if parts is None:
-            return super().encode_text(text, normalize=normalize)
-        x = bucketed_text_features(self, parts, text)
-        return F.normalize(x, dim=-1) if normalize else x
 
-
-class BucketedCustomTextCLIP(CustomTextCLIP):
+class BucketedCustomTextCLIP(_BucketedText, CustomTextCLIP):
     """open_clip's ``CustomTextCLIP`` with exact length-bucketed ``encode_text``."""
-
-    def encode_text(self, text: Tensor, normalize: bool = False) -> Tensor:
-        parts = None if _exporting() else _parts(self)
-        if parts is None:
-            return super().encode_text(text, normalize=normalize)
-        x = bucketed_text_features(self, parts, text)
-        return F.normalize(x, dim=-1) if normalize else x
 
 
 _SUB = {CLIP: BucketedCLIP, CustomTextCLIP: BucketedCustomTextCLIP}
