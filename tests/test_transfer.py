@@ -203,3 +203,69 @@ def test_swapped_teacher_and_transfer_set(arms, tmp_path):
     assert names == sorted(p.name for p in (s_dir / "reinforced").glob("*.tar"))
     for n in names:  # same teacher, same images, same seed: the same stored outputs
         assert (got / n).read_bytes() == (s_dir / "reinforced" / n).read_bytes()
+
+
+def test_feature_memo_equals_recomputed_teacher_features(arms):
+    """The task-agnostic arm memoises the frozen teacher's features by (uid, stored augmentation): a replayed
+    view is the same tensor in every epoch, so the memo's answer equals running the teacher again."""
+    from vfmkit.config import load_config
+    from vfmkit.engine.distributed import DistInfo
+    from vfmkit.methods import dr
+    from vfmkit.methods.transfer import FeatureMemo
+
+    out, reports = arms
+    rein = str(Path(reports["task"]["stages"]["build-transfer-set"]["dir"]) / "reinforced")
+    cfg = load_config(
+        {
+            "method": "dr",
+            "out_dir": str(out / "memo"),
+            "model": {"name": "resnet10t"},
+            "data": {"train": rein, "batch_size": 8, "image_size": 32},
+            "method_args": {"mode": "reinforced", "reinforced": rein, "p": 1.0},
+        }
+    )
+    args = dr.parse_args(cfg)
+    loader = dr.make_train_loader(
+        cfg, args, dr.resolve_setup(args, 32), 32, ((0.5,) * 3, (0.5,) * 3), DistInfo()
+    )
+    torch.manual_seed(0)
+    proj = torch.nn.Conv2d(3, 5, 3)
+    teacher = lambda x: proj(x).mean((2, 3))  # noqa: E731  a deterministic stand-in for the frozen tower
+    memo, seen, n_batches = FeatureMemo(teacher, capacity=10_000), {}, 0
+    for epoch in range(3):
+        loader.set_epoch(epoch)
+        for batch in loader:
+            x, uids, augs = batch["image"], batch["uid"], batch["aug_index"].tolist()
+            with torch.no_grad():
+                got, direct = memo(x, uids, augs), teacher(x)
+            torch.testing.assert_close(got, direct, rtol=0, atol=1e-6)
+            for i, key in enumerate(zip(uids, augs, strict=True)):
+                if key in seen:  # the premise: the same (uid, aug) replays the identical view
+                    assert torch.equal(seen[key], x[i])
+                seen[key] = x[i].clone()
+            n_batches += 1
+    assert n_batches > 2 and memo.computed == len(seen) == len(memo.store)
+    assert len(seen) < 3 * reports["task"]["stages"]["build-transfer-set"]["composition"]["n"]
+
+
+def test_clip_pretrained_student_arm(arms):
+    """distill=clip: CLIP pretraining of the student's timm trunk on the embedded captions, then fine-tuning;
+    the student's trunk starts from the CLIP run's weights, its head from the seeded fresh init."""
+    from vfmkit.models.factory import load_state_dict
+    from vfmkit.pipelines.transfer import load_student, run_transfer
+
+    out, reports = arms
+    opts = _opts(out, distill="clip")
+    rep = run_transfer(opts)
+    assert "finetune-teacher" not in rep["stages"] and 0.0 <= rep["top1"] <= 100.0
+    d_dir = Path(rep["stages"]["distill"]["dir"])
+    clip_state = load_state_dict(str(d_dir / "model.safetensors"))
+    student = load_student(opts, 10, d_dir)
+    fresh = load_student(opts, 10, None)
+    for k, v in student.state_dict().items():
+        if k.startswith("fc."):
+            assert torch.equal(v, fresh.state_dict()[k])
+        else:
+            assert torch.equal(v, clip_state["visual.trunk." + k]), k
+    with pytest.raises(ValueError, match="timm"):
+        run_transfer(_opts(out / "bad", distill="clip", clip_model="vfm-tiny-vit"))

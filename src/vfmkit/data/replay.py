@@ -215,6 +215,7 @@ class ClassificationReplay(_EpochDecoder):
             "target": target,
             "label": label,
             "aug_index": a,
+            "uid": uid,
         }
 
 

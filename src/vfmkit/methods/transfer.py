@@ -13,7 +13,9 @@ Method ``transfer`` (``method_args.mode``), each on modules and data a pipeline 
   ``dr.kl_loss`` per image).
 - ``feature``: the task-agnostic baseline: the student's pooled features, through a linear projection, regress
   the frozen foundation model's pooled features (``1 - cosine``), on the very views ``dr`` replays from the same
-  reinforced set (``method_args.reinforced``), so the two distillations see identical images.
+  reinforced set (``method_args.reinforced``), so the two distillations see identical images. A replayed view
+  is a pure function of (uid, stored augmentation index), so the teacher's features of each are computed once
+  and memoised (:class:`FeatureMemo`): after the first epoch the arm costs what the task arm costs.
 """
 
 from __future__ import annotations
@@ -39,6 +41,9 @@ class TransferArgs:
     flip: bool = True  # finetune/kd: seeded random horizontal flips
     reinforced: str | None = None  # feature: the reinforced transfer set whose views are replayed
     label_smoothing: float = 0.0  # finetune
+    # feature: the frozen teacher's features of each replayed view, memoised by (uid, stored augmentation): a
+    # view is a pure function of the two, so a repeat is read back, not recomputed (0: no memo; entries)
+    feature_cache: int = 200_000
 
 
 # ---------------------------------------------------------------------------------------------- losses
@@ -60,6 +65,30 @@ def task_kl(logits: Tensor, target: Tensor, temperature: float = 1.0, ignore: Te
 def feature_loss(student_feat: Tensor, teacher_feat: Tensor) -> Tensor:
     """``1 - cos(student, teacher)`` averaged over the batch."""
     return (1.0 - F.cosine_similarity(student_feat.float(), teacher_feat.float(), dim=-1)).mean()
+
+
+class FeatureMemo:
+    """``teacher_features`` of each (uid, augmentation index) computed once: ``__call__(x01, uids, augs)`` runs
+    the teacher on the views not seen before only and returns the features of all, in batch order (CPU float32;
+    at most ``capacity`` are kept, later ones are computed every time)."""
+
+    def __init__(self, teacher_features: Callable[[Tensor], Tensor], capacity: int) -> None:
+        self.fn, self.capacity = teacher_features, int(capacity)
+        self.store: dict[tuple[str, int], Tensor] = {}
+        self.computed = 0  # views the teacher ran on (a test reads it)
+
+    def __call__(self, x01: Tensor, uids: list[str], augs: list[int]) -> Tensor:
+        keys = list(zip((str(u) for u in uids), (int(a) for a in augs), strict=True))
+        miss = [i for i, k in enumerate(keys) if k not in self.store]
+        fresh: dict[int, Tensor] = {}
+        if miss:
+            feats = self.fn(x01[miss]).float().cpu()
+            self.computed += len(miss)
+            for j, i in enumerate(miss):
+                fresh[i] = feats[j]
+                if len(self.store) < self.capacity:
+                    self.store[keys[i]] = feats[j]
+        return torch.stack([fresh[i] if i in fresh else self.store[k] for i, k in enumerate(keys)])
 
 
 def _flip(x: Tensor, step: int, seed: int, dims: tuple[int, ...] = (-1,)) -> tuple[Tensor, Tensor]:
@@ -96,6 +125,8 @@ def build(
         raise ConfigError(f"config key 'method_args.mode': {args.mode!r} is not one of {', '.join(MODES)}")
     if args.temperature <= 0:
         raise ConfigError(f"config key 'method_args.temperature': {args.temperature} must be > 0")
+    if args.feature_cache < 0:
+        raise ConfigError(f"config key 'method_args.feature_cache': {args.feature_cache} must be >= 0")
     if model is None:
         raise ConfigError(
             "config key 'method': 'transfer' trains a module handed to it (vfmkit transfer run, or "
@@ -118,12 +149,16 @@ def build(
         loader = dr.make_train_loader(cfg, dargs, setup, size, (mean, std), dist_info)
         m_t = torch.tensor(mean).view(1, 3, 1, 1)
         s_t = torch.tensor(std).view(1, 3, 1, 1)
+        memo = FeatureMemo(teacher_features, args.feature_cache) if args.feature_cache > 0 else None
 
         def loss_fn(m: nn.Module, batch: dict, step: int):
             x = batch["image"]
             with torch.no_grad():
                 x01 = (x * s_t.to(x.device) + m_t.to(x.device)).clamp(0, 1)
-                target = teacher_features(x01)
+                if memo is None:
+                    target = teacher_features(x01)
+                else:
+                    target = memo(x01, batch["uid"], batch["aug_index"].tolist())
             loss = feature_loss(m(x), target.to(x.device))
             return loss, {}
 

@@ -18,8 +18,9 @@ Swappable: ``teacher_weights`` brings an already fine-tuned teacher (a ``model.s
   composition in ``composition.json``. The teacher's outputs on it are stored once with the classification
   reinforcement machinery (``vfmkit reinforce classify``: ``n_aug`` stored augmentations per image).
 - distill: ``task`` (method ``dr``, reinforced mode, p=1: KL to the stored teacher outputs), ``feature`` (method
-  ``transfer`` mode ``feature``: the frozen, un-tuned foundation model's pooled features, same replayed views) or
-  ``none`` (scratch).
+  ``transfer`` mode ``feature``: the frozen, un-tuned foundation model's pooled features, same replayed views),
+  ``clip`` (method ``clip`` on caption shards with an open_clip model whose image trunk is the student's timm
+  architecture: the CLIP-pretraining baseline; no teacher, no transfer set) or ``none`` (scratch).
 - finetune-student: method ``transfer`` mode ``finetune`` on the labels (scratch: for distill + finetune steps,
   so every arm trains the same number of steps); val top-1 before and after.
 """
@@ -73,7 +74,13 @@ class TransferOptions:
     knn_backend: str = "auto"  # auto | exact | faiss
     n_aug: int = 4  # stored teacher outputs per image
     # student
-    distill: str = "task"  # task | feature | none
+    distill: str = "task"  # task | feature | clip | none
+    # distill=clip (the "web-scale CLIP pretraining" stand-in): CLIP-pretrain an open_clip model whose image
+    # tower is the student's timm architecture on caption shards, for distill_steps; its trunk starts the
+    # student's fine-tuning
+    clip_model: str = "vfm-tiny-cnn"
+    clip_data: str = "builtin:flickr8k/train"
+    clip_lr: float = 1e-3
     student: str = "resnet10t"
     image_size: int = 64
     distill_steps: int = 200
@@ -86,8 +93,8 @@ class TransferOptions:
     def __post_init__(self) -> None:
         if self.curation not in ("retrieval", "random", "all"):
             raise ValueError(f"curation must be retrieval, random or all, got {self.curation!r}")
-        if self.distill not in ("task", "feature", "none"):
-            raise ValueError(f"distill must be task, feature or none, got {self.distill!r}")
+        if self.distill not in ("task", "feature", "clip", "none"):
+            raise ValueError(f"distill must be task, feature, clip or none, got {self.distill!r}")
         if self.per_class < 1 or self.k < 1 or self.n_aug < 1:
             raise ValueError("per_class, k and n_aug must be >= 1")
         if min(self.distill_steps, self.finetune_steps, self.teacher_lp_steps, self.teacher_ft_steps) < 0:
@@ -542,6 +549,43 @@ def _lite_norm_float(x01: Tensor) -> Tensor:
     return (x01 - m) / s
 
 
+def clip_pretrain(folder: Path, o: TransferOptions) -> dict:
+    """CLIP pretraining (method ``clip``, open_clip loss) of ``clip_model`` on ``clip_data`` for
+    ``distill_steps``; its image trunk must be the student's timm architecture (checked before training)."""
+    from vfmkit.methods.registry import run_job
+    from vfmkit.models.factory import create_clip
+
+    trunk = getattr(create_clip(o.clip_model, image_size=o.image_size).model.visual, "trunk", None)
+    student = _student(o, 1)
+    want = set(student.state_dict()) - _head_keys(student)
+    if trunk is None or set(trunk.state_dict()) != want:
+        raise ValueError(
+            f"clip_model {o.clip_model!r}: its image tower is not a timm {o.student!r} trunk (distill=clip "
+            "needs an open_clip config with vision_cfg.timm_model_name equal to the student)"
+        )
+    cfg = _config(
+        folder,
+        "clip",
+        model={"name": o.clip_model},
+        data={"train": o.clip_data, "image_size": o.image_size, "shuffle_buffer": 500},
+        method_args={"loss": "clip", "caption": "random"},
+        steps=o.distill_steps,
+        lr=o.clip_lr,
+        batch=o.batch_size,
+        seed=o.seed,
+        wd=0.1,
+    )
+    job, res = run_job(cfg)
+    return {"final_loss": res.final_logs.get("loss"), "steps": res.step}
+
+
+def _head_keys(model: nn.Module) -> set[str]:
+    """The state-dict keys of a timm classifier's head (what a pretrained trunk does not have)."""
+    head = model.get_classifier()
+    names = {id(p): n for n, p in model.named_parameters()}
+    return {names[id(p)] for p in head.parameters()}
+
+
 def load_student(o: TransferOptions, n_cls: int, distill_dir: Path | None) -> nn.Module:
     from vfmkit.models.factory import load_state_dict
 
@@ -550,6 +594,10 @@ def load_student(o: TransferOptions, n_cls: int, distill_dir: Path | None) -> nn
         state = load_state_dict(str(distill_dir / "model.safetensors"))
         if o.distill == "feature":
             state = {k[len("student.") :]: v for k, v in state.items() if k.startswith("student.")}
+        if o.distill == "clip":  # the CLIP image trunk; the task head stays the seeded fresh one
+            pre = "visual.trunk."
+            state = {k[len(pre) :]: v for k, v in state.items() if k.startswith(pre)}
+            state = {**{k: v for k, v in model.state_dict().items() if k in _head_keys(model)}, **state}
         model.load_state_dict(state)
     return model
 
@@ -600,6 +648,19 @@ def run_transfer(o: TransferOptions, stop_after: str | None = None) -> dict:
     report: dict[str, Any] = {"options": asdict(o), "stages": {}}
     if o.distill == "none":  # scratch: no teacher, no transfer set
         return _student_stage(o, out, report, lab_samples, val_samples, n_cls, None, None)
+    if o.distill == "clip":  # CLIP pretraining on captions: no teacher, no transfer set
+        c_cfg = {
+            **_student_cfg(o),
+            "clip_model": o.clip_model,
+            "clip_data": o.clip_data,
+            "clip_lr": o.clip_lr,
+            "steps": o.distill_steps,
+        }
+        d_dir, d_res = run_stage(out, "distill-clip", c_cfg, lambda f: clip_pretrain(f, o))
+        report["stages"]["distill"] = {**d_res, "dir": str(d_dir)}
+        if stop_after in ("finetune-teacher", "build-transfer-set", "distill"):
+            return report
+        return _student_stage(o, out, report, lab_samples, val_samples, n_cls, d_dir, _hash(c_cfg))
 
     data_cfg = {
         "labelled": o.labelled,
