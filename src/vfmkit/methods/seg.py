@@ -50,6 +50,9 @@ class SegArgs:
     image_size: int = 240  # EfficientNet-Lite0's static 'same' padding is computed for this side
     eval_batch_size: int = 16
     tower_lr_mult: float = 1.0  # fine-tuning: the tower's learning rate relative to optim.lr (the head's)
+    # a ``.safetensors`` of this very model (tower + head state dict) that starts it, loaded strictly (e.g. a
+    # distilled student: pipelines.transfer_seg); None: the seeded fresh init
+    init: str | None = None
 
 
 def parse_args(cfg: RunConfig) -> SegArgs:
@@ -117,6 +120,10 @@ def build(cfg: RunConfig, dist_info: DistInfo) -> Job:
         args.image_size,
         reinit=args.random_init,
     )
+    if args.init:
+        from vfmkit.models.factory import load_state_dict
+
+        model.load_state_dict(load_state_dict(args.init), strict=True)
     if getattr(dist_info, "is_main", True):
         atomic_write_json(Path(cfg.out_dir) / DENSE_META, _meta(args, info))
 

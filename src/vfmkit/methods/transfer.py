@@ -16,6 +16,10 @@ Method ``transfer`` (``method_args.mode``), each on modules and data a pipeline 
   reinforced set (``method_args.reinforced``), so the two distillations see identical images. A replayed view
   is a pure function of (uid, stored augmentation index), so the teacher's features of each are computed once
   and memoised (:class:`FeatureMemo`): after the first epoch the arm costs what the task arm costs.
+- ``dense_feature``: the dense task-agnostic baseline on handed tensors ``{"image", "target"}``: the handed
+  model's feature map ``[B, D, h, w]`` regresses ``target [B, D, h, w]`` (the frozen foundation model's dense
+  features), ``1 - cosine`` per location (:func:`feature_loss` over channels), averaged
+  (``pipelines.transfer_seg``).
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ from vfmkit.config import ConfigError, RunConfig, parse_section
 from vfmkit.engine.distributed import DistInfo
 from vfmkit.methods.registry import Job
 
-MODES = ("finetune", "kd", "feature")
+MODES = ("finetune", "kd", "feature", "dense_feature")
 
 
 @dataclass
@@ -186,6 +190,8 @@ def build(
         t = batch["target"]
         if args.flip and t.dim() == 4:  # per-pixel targets flip with their image
             t = torch.where(flipped.view(-1, 1, 1, 1).to(t.device), t.flip(-1), t)
+        if args.mode == "dense_feature":  # 1 - cosine over channels at each location
+            return feature_loss(logits.movedim(1, -1), t.to(logits.device).movedim(1, -1)), {}
         return task_kl(logits, t, args.temperature), {}
 
     return Job(model, loss_fn, loader)

@@ -110,9 +110,10 @@ def label_sample(raw: dict, experts: list[Expert], args: PseudoLabelArgs) -> dic
     return out
 
 
-def run_shard(url: str, out_dir: Path, experts: list[Expert], args: PseudoLabelArgs) -> dict:
+def run_shard(url: str, out_dir: Path, experts: list[Expert], args: PseudoLabelArgs, label_fn=None) -> dict:
     """Label one input shard into ``out_dir/<same name>`` atomically, then its done marker (reinforcement's
-    layout: ``{"name", "count", "sha256", "skipped"}``)."""
+    layout: ``{"name", "count", "sha256", "skipped"}``). ``label_fn(raw) -> sample`` replaces
+    :func:`label_sample` (another store of dense teacher outputs in this layout: ``pipelines.transfer_seg``)."""
     from vfmkit.data.io import atomic_write_json
     from vfmkit.data.shards import ShardWriter, iter_shard, sha256_file
 
@@ -124,7 +125,7 @@ def run_shard(url: str, out_dir: Path, experts: list[Expert], args: PseudoLabelA
         with ShardWriter(work, prefix="part", max_count=1 << 60) as writer:
             for raw in iter_shard(url):
                 try:
-                    sample = label_sample(raw, experts, args)
+                    sample = label_fn(raw) if label_fn else label_sample(raw, experts, args)
                 except Exception as e:  # a corrupt input: named and counted, not labelled
                     skipped.append(f"{name}/{raw.get('__key__')}: {type(e).__name__}: {e}")
                     continue
