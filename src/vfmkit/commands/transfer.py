@@ -4,10 +4,16 @@
     vfmkit transfer run --config arm.yaml --set distill=feature --set curation=random --out runs/transfer
     vfmkit transfer run --set teacher_weights=runs/t/model.safetensors --set transfer_set=my_shards
     vfmkit transfer run --stop-after finetune-teacher --out runs/transfer
+    vfmkit transfer seg --set distill=feature --out runs/transfer_seg  # segmentation: CamVid teacher -> student
 
 Stages (each cached in OUT/<stage>-<hash>/stage.json with the config that made it; arms sharing a stage reuse
 it; a killed run resumes): finetune-teacher -> build-transfer-set -> distill -> finetune-student. Options: the
 fields of vfmkit.pipelines.transfer.TransferOptions (a YAML mapping in --config, or --set KEY=VALUE).
+
+``seg``: the segmentation arm (vfmkit.pipelines.transfer_seg, options SegTransferOptions): a given dense teacher
+(default the CamVid teacher run) -> transfer-set (its per-pixel outputs on n_aug stored views of unlabelled
+images, stored once) -> distill (task: per-pixel KL; feature: dense features of the frozen ImageNet Lite0;
+none: scratch) -> finetune-student (method seg on the labels, then val mIoU).
 """
 
 from __future__ import annotations
@@ -37,6 +43,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     r.add_argument("--stop-after", default=None, help="end after this stage")
     r.add_argument("--out", default=None, help="output folder (overrides the option 'out')")
     r.set_defaults(func=_run)
+    s = sub.add_parser("seg", help="run (or resume) one segmentation arm's stages")
+    s.add_argument("--config", default=None, help="YAML mapping of SegTransferOptions fields")
+    s.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="an option, e.g. --set distill=feature (repeatable; values read as YAML)",
+    )
+    s.add_argument("--stop-after", default=None, help="end after this stage")
+    s.add_argument("--out", default=None, help="output folder (overrides the option 'out')")
+    s.set_defaults(func=_seg)
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -56,4 +75,13 @@ def _run(args: argparse.Namespace) -> int:
             default=str,
         )
     )
+    return 0
+
+
+def _seg(args: argparse.Namespace) -> int:
+    from vfmkit.pipelines.transfer_seg import options_from, run_seg_transfer
+
+    opts = options_from(args.config, args.overrides, args.out)
+    report = run_seg_transfer(opts, stop_after=args.stop_after)
+    print(json.dumps({"mIoU": report.get("mIoU"), **report["stages"]}, default=str))
     return 0
