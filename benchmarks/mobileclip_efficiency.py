@@ -67,12 +67,13 @@ def reinforce_train(cache: Path, train: Path, teacher: str, n_aug: int, recipe: 
     from vfmkit.pipelines.reinforce import ReinforceArgs, reinforce
 
     tag = f"{recipe['name']}{recipe.get('scale', [0.08])[0]:g}"
-    out = cache / f"{train.name}_reinforced_{tag}_a{n_aug}_{teacher.replace(':', '_').replace('/', '_')}"
+    name = "+".join(Path(t).name if "/" in t else t.replace(":", "_") for t in teacher.split(","))
+    out = cache / f"{train.name}_reinforced_{tag}_a{n_aug}_{name}"
     caps = cache / f"{train.name}_captions.jsonl"
     n_syn = write_caption_pool(str(train), caps)
     args = ReinforceArgs(
         mode="clip",
-        teachers=[teacher],
+        teachers=teacher.split(","),
         n_aug=n_aug,
         recipe=recipe,
         images=True,
@@ -283,7 +284,9 @@ def main() -> int:
     ap.add_argument("--lam", type=float, default=0.5)
     ap.add_argument("--n-aug", type=int, default=5)
     ap.add_argument("--train-images", type=int, default=2000, help="images per transfer subset")
-    ap.add_argument("--teacher", default="offline")
+    ap.add_argument(
+        "--teacher", default="offline", help="teacher spec, or a comma-separated ensemble (offline,DIR)"
+    )
     ap.add_argument(
         "--threads",
         type=int,
@@ -327,7 +330,7 @@ def main() -> int:
     recipe = aug_recipe(a)  # the same --aug / --aug-scale flags as vfmkit quickstart
     # Transfer sets exclude the images the offline teacher was aligned on: on those its targets are nearly
     # one-hot (it memorised them), so there would be little knowledge to transfer (see docs/mobileclip.md).
-    seen = teacher_seen([a.teacher])
+    seen = teacher_seen(a.teacher.split(","))
     results, t_data = {}, 0.0
     for k in a.subsets:
         t1 = time.perf_counter()

@@ -62,14 +62,14 @@ def _brute(q, p, k):
 
 def test_knn_blockwise_equals_brute_force_on_real_embeddings(arms):
     from vfmkit.data.samples import decode_images, read_samples
-    from vfmkit.pipelines.transfer import _lite_norm, load_teacher_weights
+    from vfmkit.pipelines.transfer import _tnorm, load_teacher_weights
 
     out, reports = arms
     t_dir = Path(reports["task"]["stages"]["finetune-teacher"]["dir"])
-    teacher = load_teacher_weights(t_dir / "model.safetensors", 10, 64)
+    teacher = load_teacher_weights(t_dir / "model.safetensors", "efficientnet-lite0@64", 10)
     x, _ = decode_images(read_samples("builtin:imagenette/val", limit=90), 64)
     with torch.no_grad():
-        emb = teacher.features(_lite_norm(x))
+        emb = teacher.features(_tnorm(teacher, x))
     q, p = emb[:10], emb[10:]
     want = _brute(q, p, 7)
     for block in (3, 16, 1000):
@@ -269,3 +269,33 @@ def test_clip_pretrained_student_arm(arms):
             assert torch.equal(v, clip_state["visual.trunk." + k]), k
     with pytest.raises(ValueError, match="timm"):
         run_transfer(_opts(out / "bad", distill="clip", clip_model="vfm-tiny-vit"))
+
+
+@pytest.mark.parametrize("spec", ["timm:resnet10t:random@32", "offline"])
+def test_other_teachers_fine_tune_and_store_outputs(spec, tmp_path):
+    """A timm tower and the offline CLIP teacher's image side run the same stages as Lite0: their own input
+    normalisation, a trainable tower (fine-tuning moves it) and stored outputs of the transfer set."""
+    from vfmkit.models.factory import load_state_dict
+    from vfmkit.pipelines.transfer import build_teacher, run_transfer
+
+    fresh = build_teacher(spec, 10)
+    assert all(p.requires_grad for p in fresh.parameters())
+    if spec == "offline":  # the shipped CLIP teacher's image side: Lite0 at its 160 px + the aligned head
+        from vfmkit.models.base import LITE_MEAN
+
+        assert fresh.image_size == 160 and fresh.mean == pytest.approx(LITE_MEAN) and fresh.dim == 512
+    else:
+        assert fresh.image_size == 32 and fresh.mean == pytest.approx((0.485, 0.456, 0.406))
+    rep = run_transfer(
+        _opts(tmp_path, teacher=spec, teacher_lp_steps=5, teacher_ft_steps=3, pool_limits=[20, 20], k=2),
+        stop_after="build-transfer-set",
+    )
+    t_dir = Path(rep["stages"]["finetune-teacher"]["dir"])
+    tuned = load_state_dict(str(t_dir / "model.safetensors"))
+    moved = [
+        k for k, v in fresh.state_dict().items() if k.startswith("backbone.") and not torch.equal(v, tuned[k])
+    ]
+    assert moved, "fine-tuning left the tower unchanged"
+    s_dir = Path(rep["stages"]["build-transfer-set"]["dir"])
+    meta = json.loads((s_dir / "reinforced" / "reinforced.json").read_text())
+    assert meta["kind"] == "classification" and spec in json.dumps(meta)

@@ -452,14 +452,21 @@ def run_quickstart(opts: QuickstartOptions) -> tuple[str, str, Path, float]:
 
 
 def teacher_seen(teachers: list[str]) -> frozenset[str]:
-    """Images the shipped offline teacher was aligned on (empty for any other teacher ensemble).
+    """Images the ensemble's offline teachers (the shipped one, ``offline``, or a saved offline-teacher
+    directory) were aligned on: the union over them (empty when none is an offline teacher).
 
     Why: on the images its small heads were trained on for many epochs, the offline teacher's image-text
     similarities are nearly one-hot (they equal the labels), so distilling on them transfers almost nothing;
     a real large teacher does not memorise its training set this way."""
     from vfmkit.models.offline_teacher import teacher_train_images
 
-    return teacher_train_images() if list(teachers) == ["offline"] else frozenset()
+    seen: set[str] = set()
+    for spec in teachers:
+        if spec == "offline":
+            seen |= teacher_train_images()
+        elif (Path(spec) / "teacher.json").is_file():
+            seen |= teacher_train_images(spec)
+    return frozenset(seen)
 
 
 def reinforce_with(

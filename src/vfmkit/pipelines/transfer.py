@@ -10,8 +10,10 @@ checkpoints in their folder, the teacher-output store (``pipelines.reinforce``) 
 Swappable: ``teacher_weights`` brings an already fine-tuned teacher (a ``model.safetensors`` of this stage),
 ``transfer_set`` a ready shard folder (images, unlabelled).
 
-- finetune-teacher: the real EfficientNet-Lite0 (``efficientnet-lite0@SIZE``) with a new task head: linear probe
-  on frozen features, then full fine-tuning (LP-FT), both through the engine; val top-1 of both recorded.
+- finetune-teacher: any image tower the project can name (:func:`build_teacher`: ``efficientnet-lite0@SIZE``, the
+  real ImageNet Lite0, by default; ``timm:NAME[:SOURCE]``, ``openclip:NAME[:TAG_OR_PATH]``, ``offline`` or an
+  offline-teacher directory) with a new task head: linear probe on frozen features, then full fine-tuning (LP-FT),
+  both through the engine; val top-1 of both recorded.
 - build-transfer-set: ``retrieval`` (each labelled image queries its ``k`` nearest pool images in the fine-tuned
   teacher's pooled-feature space: :func:`vfmkit.data.curate.curate`, balanced, deduplicated), ``random`` (a
   seeded random subset of the pool of ``transfer_size``) or ``all``; the set is written as shards, its
@@ -30,6 +32,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -246,21 +249,30 @@ def _norm(x: Tensor, mean, std) -> Tensor:
 
 
 # ---------------------------------------------------------------------------------------------- teacher
-class LiteTeacher(nn.Module):
-    """EfficientNet-Lite0 with a task head: normalised images -> logits; :meth:`features` -> pooled [B, 1280]."""
+class TaskTeacher(nn.Module):
+    """A foundation model's image tower with a task head: normalised images -> logits; :meth:`features` ->
+    pooled ``[B, dim]``. Built from a spec by :func:`build_teacher` (Lite0, timm, open_clip or offline CLIP
+    teacher); ``mean``/``std``/``image_size`` are the tower's input normalisation and side."""
 
-    def __init__(self, num_classes: int, image_size: int) -> None:
+    def __init__(
+        self,
+        backbone: nn.Module,
+        features_fn: Callable[[nn.Module, Tensor], Tensor],
+        dim: int,
+        num_classes: int,
+        image_size: int,
+        mean: Sequence[float],
+        std: Sequence[float],
+    ) -> None:
         super().__init__()
-        from vfmkit.models.base import build_efficientnet_lite0
-
-        self.image_size = int(image_size)
-        self.backbone = build_efficientnet_lite0(image_size)
+        self.backbone, self._features_fn = backbone, features_fn
+        self.dim, self.image_size = int(dim), int(image_size)
+        self.mean, self.std = tuple(float(v) for v in mean), tuple(float(v) for v in std)
         for p in self.backbone.parameters():
             p.requires_grad_(True)
-        self.backbone._fc = nn.Identity()
-        self.head = nn.Linear(LITE_DIM, int(num_classes))
+        self.head = nn.Linear(self.dim, int(num_classes))
 
-    def train(self, mode: bool = True) -> LiteTeacher:
+    def train(self, mode: bool = True) -> TaskTeacher:
         """Batch-norm statistics stay the pretrained ones while fine-tuning (a few labels make tiny batches)."""
         super().train(mode)
         for m in self.modules():
@@ -269,11 +281,104 @@ class LiteTeacher(nn.Module):
         return self
 
     def features(self, x: Tensor) -> Tensor:
-        b = self.backbone
-        return b._avg_pooling(b.extract_features(x)).flatten(1)
+        return self._features_fn(self.backbone, x).flatten(1)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.head(self.backbone._dropout(self.features(x)))
+        drop = getattr(self.backbone, "_dropout", None)  # Lite0's own pre-classifier dropout
+        f = self.features(x)
+        return self.head(drop(f) if drop is not None else f)
+
+
+class _ClipImage(nn.Module):
+    """The image side of an image-text teacher (open_clip ``visual`` or the offline teacher's Lite0 + image
+    head): normalised images -> embedding; the text tower is left out (not fine-tuned, not saved)."""
+
+    def __init__(self, teacher: nn.Module) -> None:
+        super().__init__()
+        if hasattr(teacher, "image_model"):  # the offline teacher
+            self.image_model, self.image_head = teacher.image_model, teacher.heads.image_head
+        else:
+            self.visual = teacher.model.visual
+
+    def forward(self, x: Tensor) -> Tensor:
+        if hasattr(self, "visual"):
+            return self.visual(x)
+        from vfmkit.models.offline_teacher import lite0_features
+
+        return self.image_head(lite0_features(self.image_model, x))
+
+
+def _lite0_pooled(b: nn.Module, x: Tensor) -> Tensor:
+    return b._avg_pooling(b.extract_features(x))
+
+
+def _call(b: nn.Module, x: Tensor) -> Tensor:
+    return b(x)
+
+
+def teacher_size(spec: str) -> int:
+    """The input side a teacher spec is run at: its ``@SIZE``, else the model's own (224 for Lite0 / timm)."""
+    from vfmkit.models.spec import parse_model_spec
+
+    ms = parse_model_spec(spec)
+    if ms.size:
+        return int(ms.size)
+    if ms.kind in ("offline", "path"):
+        from vfmkit.models.offline_teacher import load_offline_heads, shipped_teacher_dir
+
+        return int(
+            load_offline_heads(shipped_teacher_dir() if ms.kind == "offline" else ms.name)[1]["image_size"]
+        )
+    if ms.kind == "openclip":
+        from vfmkit.models.teachers import load_openclip_teacher
+
+        return int(load_openclip_teacher(ms.name, ms.source).image_size)
+    return 224
+
+
+def build_teacher(spec: str, num_classes: int) -> TaskTeacher:
+    """A fresh task teacher from a model spec (``vfmkit.models.spec``): ``efficientnet-lite0[@S]`` (ImageNet
+    weights, offline), ``timm:NAME[:SOURCE][@S]`` (timm hub tag, local file, ``pretrained`` or ``random``),
+    ``openclip:NAME[:TAG_OR_PATH][@S]`` or ``offline[@S]`` / an offline-teacher directory (the image side of the
+    CLIP teacher). Every parameter of the tower is trainable (LP-FT fine-tunes it)."""
+    from vfmkit.models.spec import parse_model_spec
+
+    ms = parse_model_spec(spec).require(
+        "efficientnet-lite0", "timm", "openclip", "offline", "path", what="transfer teacher"
+    )
+    size = teacher_size(spec)
+    if ms.kind == "efficientnet-lite0":
+        from vfmkit.models.base import LITE_MEAN, LITE_STD, build_efficientnet_lite0
+
+        b = build_efficientnet_lite0(size)
+        b._fc = nn.Identity()
+        return TaskTeacher(b, _lite0_pooled, LITE_DIM, num_classes, size, LITE_MEAN, LITE_STD)
+    if ms.kind == "timm":
+        from vfmkit.models.factory import create_classifier
+
+        src = ms.source
+        pre = None if src in (None, "random") else (True if src == "pretrained" else src)
+        if src == "random":
+            torch.manual_seed(0)  # a seeded init: the same "random" teacher in every arm and rerun
+        b = create_classifier(ms.name, 0, pretrained=pre)
+        cfg = getattr(b, "pretrained_cfg", {}) or {}
+        mean, std = cfg.get("mean", (0.485, 0.456, 0.406)), cfg.get("std", (0.229, 0.224, 0.225))
+        return TaskTeacher(b, _call, int(b.num_features), num_classes, size, mean, std)
+    if ms.kind == "openclip":
+        from vfmkit.models.teachers import load_openclip_teacher
+
+        t = load_openclip_teacher(ms.name, ms.source)
+    else:
+        from vfmkit.models.offline_teacher import OfflineTeacher, load_offline_heads, shipped_teacher_dir
+
+        heads, cfg = load_offline_heads(shipped_teacher_dir() if ms.kind == "offline" else ms.name)
+        t = OfflineTeacher(heads, size, float(cfg["logit_scale"]))
+    enc = _ClipImage(t)
+    with torch.no_grad():
+        dim = int(enc.eval()(torch.zeros(1, 3, size, size)).shape[-1])
+    mean = t.mean.flatten().tolist()
+    std = t.std.flatten().tolist()
+    return TaskTeacher(enc, _call, dim, num_classes, size, mean, std)
 
 
 @torch.no_grad()
@@ -285,16 +390,15 @@ def _top1(logits: Tensor, labels: Tensor) -> float:
     return round(100.0 * float((logits.argmax(1) == labels).float().mean()), 2)
 
 
-def _lite_norm(x: Tensor) -> Tensor:
-    from vfmkit.models.base import LITE_MEAN, LITE_STD
+def _tnorm(teacher: TaskTeacher, x: Tensor) -> Tensor:
+    """uint8 images -> the teacher's normalised input."""
+    return _norm(x, teacher.mean, teacher.std)
 
-    return _norm(x, LITE_MEAN, LITE_STD)
 
-
-def load_teacher_weights(path: str | Path, num_classes: int, image_size: int) -> LiteTeacher:
+def load_teacher_weights(path: str | Path, spec: str, num_classes: int) -> TaskTeacher:
     from vfmkit.models.factory import load_state_dict
 
-    t = LiteTeacher(num_classes, image_size)
+    t = build_teacher(spec, num_classes)
     t.load_state_dict(load_state_dict(str(path)))
     return t.eval()
 
@@ -302,15 +406,15 @@ def load_teacher_weights(path: str | Path, num_classes: int, image_size: int) ->
 def finetune_teacher(
     folder: Path, o: TransferOptions, lab: LabelledData, val: LabelledData, size: int
 ) -> dict:
-    """LP then FT of Lite0 on the labelled images; writes ``model.safetensors``."""
+    """LP then FT of the teacher on the labelled images; writes ``model.safetensors``."""
     from vfmkit.data.io import atomic_save_safetensors
     from vfmkit.eval.probe import fit_linear_head
     from vfmkit.methods.registry import run_job
 
     n_cls = int(lab.labels.max()) + 1
     torch.manual_seed(o.seed)
-    teacher = LiteTeacher(n_cls, size)
-    x, vx = _lite_norm(lab.images), _lite_norm(val.images)
+    teacher = build_teacher(o.teacher, n_cls)
+    x, vx = _tnorm(teacher, lab.images), _tnorm(teacher, val.images)
     teacher.eval()
     feats, vfeats = _batched(teacher.features, x), _batched(teacher.features, vx)
     lp_cfg = _config(
@@ -396,7 +500,7 @@ def write_transfer_shards(folder: Path, samples, sources: list[str]) -> int:
 
 
 def build_transfer_set(
-    folder: Path, o: TransferOptions, teacher: LiteTeacher, lab: LabelledData, size: int
+    folder: Path, o: TransferOptions, teacher: TaskTeacher, lab: LabelledData, size: int
 ) -> dict:
     from vfmkit.data.curate import curate
     from vfmkit.data.io import atomic_write_json
@@ -412,8 +516,8 @@ def build_transfer_set(
         chosen = list(range(len(pool)))
     else:
         px, _ = _decode(pool, size)
-        emb = _batched(teacher.features, _lite_norm(px))
-        qemb = _batched(teacher.features, _lite_norm(lab.images))
+        emb = _batched(teacher.features, _tnorm(teacher, px))
+        qemb = _batched(teacher.features, _tnorm(teacher, lab.images))
         cur = curate(
             qemb,
             lab.labels,
@@ -442,10 +546,9 @@ def build_transfer_set(
 
 
 def reinforce_transfer_set(
-    folder: Path, o: TransferOptions, teacher: LiteTeacher, shards: str, size: int
+    folder: Path, o: TransferOptions, teacher: TaskTeacher, shards: str, size: int
 ) -> dict:
     """The teacher's outputs on the transfer set, stored once (``vfmkit reinforce classify`` layout)."""
-    from vfmkit.models.base import LITE_MEAN, LITE_STD
     from vfmkit.models.teachers import ClassifierEnsemble, ClassifierTeacher
     from vfmkit.pipelines.reinforce import ReinforceArgs, Reinforcer, reinforce
 
@@ -463,7 +566,7 @@ def reinforce_transfer_set(
         topk=10,
     )
     ct = ClassifierTeacher(
-        f"lite0-finetuned@{size}", teacher, size, LITE_MEAN, LITE_STD, None, "bicubic", 1.0
+        f"finetuned:{o.teacher}@{size}", teacher, size, teacher.mean, teacher.std, None, "bicubic", 1.0
     )
     ens = ClassifierEnsemble([ct])
     res = reinforce(
@@ -517,8 +620,8 @@ def distill(folder: Path, o: TransferOptions, reinforced: str, n_cls: int) -> di
         return {"final_loss": res.final_logs.get("loss"), "steps": res.step}
     from vfmkit.methods.transfer import PooledFeatures
 
-    tsize = int(o.teacher.split("@")[1]) if "@" in o.teacher else 224
-    frozen = LiteTeacher(n_cls, tsize).eval()  # the un-tuned foundation model (its head is unused)
+    frozen = build_teacher(o.teacher, n_cls).eval()  # the un-tuned foundation model (its head is unused)
+    tsize = frozen.image_size
     for p in frozen.parameters():
         p.requires_grad_(False)
 
@@ -526,9 +629,11 @@ def distill(folder: Path, o: TransferOptions, reinforced: str, n_cls: int) -> di
         x = torch.nn.functional.interpolate(
             x01, size=(tsize, tsize), mode="bilinear", antialias=True, align_corners=False
         )
-        return frozen.features(_lite_norm_float(x))
+        m = torch.tensor(frozen.mean, device=x.device).view(1, 3, 1, 1)
+        s = torch.tensor(frozen.std, device=x.device).view(1, 3, 1, 1)
+        return frozen.features((x - m) / s)
 
-    model = PooledFeatures(_student(o, n_cls), LITE_DIM)
+    model = PooledFeatures(_student(o, n_cls), frozen.dim)
     cfg = _config(
         folder,
         "transfer",
@@ -539,14 +644,6 @@ def distill(folder: Path, o: TransferOptions, reinforced: str, n_cls: int) -> di
     )
     job, res = run_job(cfg, build_kwargs={"model": model, "teacher_features": teacher_features})
     return {"final_loss": res.final_logs.get("loss"), "steps": res.step}
-
-
-def _lite_norm_float(x01: Tensor) -> Tensor:
-    from vfmkit.models.base import LITE_MEAN, LITE_STD
-
-    m = torch.tensor(LITE_MEAN, device=x01.device).view(1, 3, 1, 1)
-    s = torch.tensor(LITE_STD, device=x01.device).view(1, 3, 1, 1)
-    return (x01 - m) / s
 
 
 def clip_pretrain(folder: Path, o: TransferOptions) -> dict:
@@ -637,9 +734,7 @@ def run_transfer(o: TransferOptions, stop_after: str | None = None) -> dict:
         raise ValueError(f"stop_after must be one of {', '.join(STAGES)}, got {stop_after!r}")
     torch.manual_seed(o.seed)
     out = Path(o.out)
-    tsize = int(o.teacher.split("@")[1]) if "@" in o.teacher else 224
-    if not o.teacher.startswith("efficientnet-lite0"):
-        raise ValueError(f"teacher {o.teacher!r}: this pipeline fine-tunes 'efficientnet-lite0@SIZE'")
+    tsize = teacher_size(o.teacher)
     lab_samples = select_labelled(_samples(o.labelled), o.per_class, o.label_seed)
     val_samples = _samples(o.val)[:: max(1, o.val_every)]
     lab_t = LabelledData([s.key for s in lab_samples], *_decode(lab_samples, tsize))
@@ -688,7 +783,7 @@ def run_transfer(o: TransferOptions, stop_after: str | None = None) -> dict:
     report["stages"]["finetune-teacher"] = {**t_res, "dir": str(t_dir)}
     if stop_after == "finetune-teacher":
         return report
-    teacher = load_teacher_weights(t_path, n_cls, tsize)
+    teacher = load_teacher_weights(t_path, o.teacher, n_cls)
 
     s_cfg = {
         "teacher": t_hash,
