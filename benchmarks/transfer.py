@@ -102,6 +102,13 @@ def main() -> int:
     ap.add_argument(
         "--clip-images", type=int, default=0, help="Flickr8k train images for the CLIP arm (0: all)"
     )
+    ap.add_argument(
+        "--finetune-keep",
+        default="better",
+        choices=["always", "better"],
+        help="better: keep the student's fine-tuning only if it helps on val[2::val_every] (disjoint from "
+        "the reported val[::val_every])",
+    )
     ap.add_argument("--teacher-ft-steps", type=int, default=100)
     ap.add_argument("--teacher-ft-lr", type=float, default=3e-4)
     ap.add_argument("--cache", default=str(ROOT / "benchmarks" / ".cache" / "transfer"))
@@ -134,6 +141,8 @@ def main() -> int:
             finetune_steps=a.finetune_steps,
             batch_size=a.batch_size,
             teacher_ft_steps=a.teacher_ft_steps,
+            finetune_keep=a.finetune_keep,
+            select_offset=2,
             teacher_ft_lr=a.teacher_ft_lr,
         )
         arms = {
@@ -163,8 +172,8 @@ def main() -> int:
         f"{a.finetune_steps} steps (scratch: {a.distill_steps + a.finetune_steps}), batch {a.batch_size}; "
         f"val every {a.val_every}th Imagenette val image; seeds {seeds}",
         "| seed | teacher LP | teacher LP-FT | task (curated) | task (random) | task-agnostic | CLIP-pretrained | "
-        "scratch | task before student FT | curated set |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "scratch | task before student FT | student FT kept | curated set |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     floors = {"task_vs_agnostic": [], "task_vs_scratch": [], "curated_vs_random": []}
     for s in seeds:
@@ -172,11 +181,14 @@ def main() -> int:
         t = r["task"]["stages"]
         comp = t["build-transfer-set"]["composition"]
         top = {k: (v["top1"] if v else None) for k, v in r.items()}
+        kept = ", ".join(
+            f"{k}: {v['stages']['finetune-student'].get('kept', 'finetuned')}" for k, v in r.items() if v
+        )
         lines.append(
             f"| {s} | {t['finetune-teacher'].get('lp_top1')} | {t['finetune-teacher'].get('ft_top1')} | "
             f"{top['task']} | {top['random'] or 'not run'} | {top['feature'] or 'not run'} | "
             f"{top['clip'] or 'not run'} | {top['scratch'] or 'not run'} | {t['finetune-student']['top1_before_finetune']} | "
-            f"{comp['n']} ({json.dumps(comp['per_source'])}) |"
+            f"{kept} | {comp['n']} ({json.dumps(comp['per_source'])}) |"
         )
         for key, other in (
             ("task_vs_agnostic", "feature"),

@@ -299,3 +299,25 @@ def test_other_teachers_fine_tune_and_store_outputs(spec, tmp_path):
     s_dir = Path(rep["stages"]["build-transfer-set"]["dir"])
     meta = json.loads((s_dir / "reinforced" / "reinforced.json").read_text())
     assert meta["kind"] == "classification" and spec in json.dumps(meta)
+
+
+def test_validated_student_finetune(arms):
+    """finetune_keep=better: the fine-tuned student is kept only if it beats the distilled one on selection
+    images disjoint from the reported ones; the reported top-1 is the kept model's, saved as student.safetensors."""
+    from vfmkit.models.factory import load_state_dict
+    from vfmkit.pipelines.transfer import TransferOptions, run_transfer
+
+    out, reports = arms
+    rep = run_transfer(_opts(out, distill="task", finetune_keep="better", select_offset=1))
+    f = rep["stages"]["finetune-student"]
+    assert rep["stages"]["distill"]["cached"] and not f["cached"]  # only the student stage is new
+    assert f["top1_after_finetune"] == reports["task"]["top1"]  # the same fine-tuning as the "always" run
+    want = "distilled" if f["select_before"] > f["select_after"] else "finetuned"
+    assert f["kept"] == want
+    assert rep["top1"] == (f["top1_before_finetune"] if want == "distilled" else f["top1_after_finetune"])
+    kept = load_state_dict(str(Path(f["dir"]) / "student.safetensors"))
+    tuned = load_state_dict(str(Path(f["dir"]) / "model.safetensors"))
+    same = all(torch.equal(kept[k], tuned[k]) for k in tuned)
+    assert same == (want == "finetuned")
+    with pytest.raises(ValueError, match="select_offset"):
+        TransferOptions(finetune_keep="better", val_every=1)

@@ -91,6 +91,11 @@ class TransferOptions:
     batch_size: int = 64
     lr: float = 2e-3
     finetune_lr: float = 1e-3
+    # The paper: the student's final fine-tuning on the few labels is optional, it can hurt: validate it.
+    # "better" keeps the fine-tuned student only if it beats the distilled one on the selection images
+    # val[select_offset::val_every], disjoint from the reported val[::val_every]; "always" keeps it.
+    finetune_keep: str = "always"
+    select_offset: int = 1
     weight_decay: float = 0.05
 
     def __post_init__(self) -> None:
@@ -98,6 +103,13 @@ class TransferOptions:
             raise ValueError(f"curation must be retrieval, random or all, got {self.curation!r}")
         if self.distill not in ("task", "feature", "clip", "none"):
             raise ValueError(f"distill must be task, feature, clip or none, got {self.distill!r}")
+        if self.finetune_keep not in ("always", "better"):
+            raise ValueError(f"finetune_keep must be always or better, got {self.finetune_keep!r}")
+        if self.finetune_keep == "better" and not 1 <= self.select_offset < self.val_every:
+            raise ValueError(
+                f"finetune_keep=better selects on val[select_offset::val_every], disjoint from the reported "
+                f"val[::val_every]: needs 1 <= select_offset < val_every (got {self.select_offset}, {self.val_every})"
+            )
         if self.per_class < 1 or self.k < 1 or self.n_aug < 1:
             raise ValueError("per_class, k and n_aug must be >= 1")
         if min(self.distill_steps, self.finetune_steps, self.teacher_lp_steps, self.teacher_ft_steps) < 0:
@@ -700,14 +712,26 @@ def load_student(o: TransferOptions, n_cls: int, distill_dir: Path | None) -> nn
 
 
 def finetune_student(
-    folder: Path, o: TransferOptions, model: nn.Module, lab: LabelledData, val: LabelledData, steps: int
+    folder: Path,
+    o: TransferOptions,
+    model: nn.Module,
+    lab: LabelledData,
+    val: LabelledData,
+    steps: int,
+    select: LabelledData | None = None,
 ) -> dict:
+    """Fine-tune on the labels; with ``select`` (finetune_keep=better) keep whichever of the distilled and the
+    fine-tuned student scores higher on it. The kept weights go to ``student.safetensors``."""
+    from vfmkit.data.io import atomic_save_safetensors
     from vfmkit.methods.registry import run_job
 
     mean, std = _student_norm(model)
     x, vx = _norm(lab.images, mean, std), _norm(val.images, mean, std)
+    sx = _norm(select.images, mean, std) if select is not None else None
     model.eval()
     before = _top1(_batched(model, vx), val.labels)
+    before_state = {k: v.clone() for k, v in model.state_dict().items()} if select is not None else None
+    sel_before = _top1(_batched(model, sx), select.labels) if select is not None else None
     cfg = _config(
         folder,
         "transfer",
@@ -723,7 +747,20 @@ def finetune_student(
         run_job(cfg, build_kwargs={"model": model, "tensors": {"image": x, "label": lab.labels}})
         _reload(model, folder)
     model.eval()
-    return {"top1_before_finetune": before, "top1": _top1(_batched(model, vx), val.labels)}
+    res: dict[str, Any] = {
+        "top1_before_finetune": before,
+        "top1_after_finetune": _top1(_batched(model, vx), val.labels),
+    }
+    res["kept"] = "finetuned"
+    if select is not None:
+        sel_after = _top1(_batched(model, sx), select.labels)
+        res.update(select_before=sel_before, select_after=sel_after, n_select=len(select.keys))
+        if steps > 0 and sel_before > sel_after:
+            model.load_state_dict(before_state)
+            res["kept"] = "distilled"
+    res["top1"] = res["top1_before_finetune"] if res["kept"] == "distilled" else res["top1_after_finetune"]
+    atomic_save_safetensors(folder / "student.safetensors", model)
+    return res
 
 
 # ---------------------------------------------------------------------------------------------- driver
@@ -854,15 +891,21 @@ def _student_stage(o, out, report, lab_samples, val_samples, n_cls, d_dir, set_h
         "finetune_lr": o.finetune_lr,
         "labels": data_cfg,
     }
+    if o.finetune_keep != "always":  # (so the "always" stages keep the hashes they had)
+        f_cfg.update(keep=o.finetune_keep, select_offset=o.select_offset)
     # scratch trains for distill + finetune steps, so every arm trains the same number of steps
     steps = o.finetune_steps if d_dir is not None else o.distill_steps + o.finetune_steps
     lab = LabelledData([s.key for s in lab_samples], *_decode(lab_samples, o.image_size))
     val = LabelledData([s.key for s in val_samples], *_decode(val_samples, o.image_size))
+    select = None
+    if o.finetune_keep == "better":
+        sel = _samples(o.val)[o.select_offset :: o.val_every]
+        select = LabelledData([s.key for s in sel], *_decode(sel, o.image_size))
     f_dir, f_res = run_stage(
         out,
         "student",
         f_cfg,
-        lambda f: finetune_student(f, o, load_student(o, n_cls, d_dir), lab, val, steps),
+        lambda f: finetune_student(f, o, load_student(o, n_cls, d_dir), lab, val, steps, select),
     )
     report["stages"]["finetune-student"] = {**f_res, "dir": str(f_dir)}
     report["top1"] = f_res["top1"]
