@@ -1,5 +1,6 @@
 """Task-oriented knowledge transfer for segmentation (arXiv:2311.18237, vfmkit issue 14 item 5): CamVid val mIoU
-of a small student (timm resnet10t from scratch + a light ASPP head) after
+of a small student (timm resnet10t from scratch + a light ASPP head fusing its stride-8 map, logits at stride 8;
+``--no-low-level``: its stride-32 map only) after
 
 - task-oriented transfer: per-pixel KL to the CamVid-fine-tuned Lite0 teacher's stored outputs on the unlabelled
   CamVid train images (``n_aug`` views each), then supervised fine-tuning on the CamVid train labels;
@@ -65,7 +66,8 @@ def seg_rows(data_root, cache, seeds, **kw) -> tuple[dict, str]:
     lines += [
         f"transfer set: CamVid train images ({data_root / 'camvid_train'}, labels unused), {o.n_aug} stored views "
         f"each ({o.view[0]}x{o.view[1]} student, {o.teacher_view[0]}x{o.teacher_view[1]} teacher); teacher "
-        f"{o.teacher_dir}; student timm {o.student} from scratch + ASPP head (width {o.width}); distill "
+        f"{o.teacher_dir}; student timm {o.student} from scratch + ASPP head (width {o.width}"
+        f"{', stride-8 map fused: logits at stride 8' if o.low_level else ', stride-32 map only'}); distill "
         f"{o.distill_steps} + finetune {o.finetune_steps} steps (scratch: {o.distill_steps + o.finetune_steps}), "
         f"batch {o.batch_size}; labelled: CamVid train "
         f"{'all' if not o.labelled_limit else o.labelled_limit}; val mIoU on CamVid val at "
@@ -103,6 +105,9 @@ def main() -> int:
     ap.add_argument("--n-aug", type=int, default=4)
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--labelled-limit", type=int, default=0)
+    ap.add_argument(
+        "--no-low-level", action="store_true", help="the student's stride-32 map only (no stride-8 fusion)"
+    )
     ap.add_argument("--cache", default=str(ROOT / ".cache" / "transfer_seg"))
     ap.add_argument("--no-record", action="store_true")
     a = ap.parse_args()
@@ -122,6 +127,7 @@ def main() -> int:
         n_aug=a.n_aug,
         batch_size=a.batch_size,
         labelled_limit=a.labelled_limit,
+        low_level=not a.no_low_level,
     )
     mg = res["margins"]
     met = bool(mg["task_vs_agnostic"]) and all(d > 0 for d in mg["task_vs_agnostic"])

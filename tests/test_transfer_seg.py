@@ -95,6 +95,10 @@ def test_three_arms_end_to_end(arms):
 
     m = load_dense_model(r["task"]["stages"]["finetune-student"]["dir"])
     assert m(torch.zeros(1, 3, 48, 64, dtype=torch.uint8)).shape == (1, 11, 48, 64)
+    # the default student fuses its stride-8 map: recorded, rebuilt, and its head predicts at stride 8
+    assert m.meta["timm_low_level"] is True and m.head.low is not None
+    with torch.no_grad():
+        assert m.head(m.tower(torch.zeros(1, 3, 48, 64, dtype=torch.uint8))).shape == (1, 11, 6, 8)
 
 
 def test_every_arm_starts_from_the_same_seeded_student(arms):
@@ -112,13 +116,23 @@ def test_every_arm_starts_from_the_same_seeded_student(arms):
         lr=1e-3,
         batch=4,
         seed=o.seed,
-        method_args={"tower": f"timm:{o.student}", "head": "aspp", "finetune": True, "width": o.width},
+        method_args={
+            "tower": f"timm:{o.student}",
+            "head": "aspp",
+            "finetune": True,
+            "width": o.width,
+            "timm_low_level": o.low_level,
+        },
         data={"train": TRAIN, "val": VAL},
     )
     seg_init = build_job(cfg, DistInfo()).model.state_dict()
-    mine = build_student(o, 11).state_dict()
+    student = build_student(o, 11)
+    mine = student.state_dict()
+    assert o.low_level and student.head.low is not None  # the default student has the stride-8 fusion
     assert set(seg_init) == set(mine)
     assert all(torch.equal(seg_init[k], mine[k]) for k in mine)
+    # off: the stride-32-only student (the head has no low-level branch)
+    assert build_student(_opts(out, teacher, low_level=False), 11).head.low is None
 
 
 def test_rerun_reads_every_stage_from_cache(arms):

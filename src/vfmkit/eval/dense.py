@@ -11,6 +11,8 @@
   - ``openclip:NAME`` (random init) / ``openclip:NAME:TAG_OR_CHECKPOINT_OR_RUN_DIR``: the image tower of a
     vfmkit / open_clip CLIP model (``vfm-tiny-cnn``, ``vfm-tiny-vit``, ``ViT-B-16``, ...);
   - ``timm:NAME[:random]`` (random init), ``timm:NAME:pretrained`` (timm hub, needs network), ``timm:NAME:CKPT``;
+    its only map is its last, unless ``timm_low_level=True`` (opt-in, recorded in ``dense.json``): then its
+    deepest stride-8 intermediate (timm ``feature_info``, via ``forward_intermediates``) is ``low`` as well;
   - a directory: a segmentation run of the ``seg`` method (e.g. the CamVid teacher): its fine-tuned tower.
 
   ``reinit=True`` gives any of them with fresh random weights (the random-tower baseline).
@@ -172,9 +174,15 @@ class OpenClipTower(SpatialTower):
 
 
 class TimmTower(SpatialTower):
-    """A timm backbone: its last intermediate feature map (NCHW for CNNs and ViTs alike)."""
+    """A timm backbone: its last intermediate feature map (NCHW for CNNs and ViTs alike) as ``out``.
 
-    def __init__(self, spec: str, name: str, weights: str | None) -> None:
+    ``low_level=True`` also returns, as ``low``, its deepest intermediate of stride 8 (the ``feature_info`` entry
+    with ``reduction == 8``: for a ResNet ``layer2``), the stride-8 map a DeepLabV3+-style head fuses, as the Lite0
+    tower's; ValueError naming the reductions when the model has none (e.g. a ViT). Off by default: a tower built
+    without it is the one saved runs were trained with.
+    """
+
+    def __init__(self, spec: str, name: str, weights: str | None, low_level: bool = False) -> None:
         import timm
 
         model = timm.create_model(name, pretrained=weights == "pretrained", num_classes=0)
@@ -192,17 +200,33 @@ class TimmTower(SpatialTower):
         if hasattr(model, "patch_embed") and not getattr(model.patch_embed, "dynamic_img_size", False):
             s = model.patch_embed.img_size
             size = tuple(s) if isinstance(s, (tuple, list)) else (s, s)
+        self._take: list[int] | None = None  # forward_intermediates indices [stride-8, last] when low_level
+        low_channels = None
+        if low_level:
+            info = list(getattr(model, "feature_info", None) or [])
+            eights = [i for i, f in enumerate(info) if int(f.get("reduction", 0)) == 8]
+            if not eights:
+                raise ValueError(
+                    f"tower {spec!r}: timm {name} has no stride-8 feature map for low_level (feature_info "
+                    f"reductions: {[f.get('reduction') for f in info]})"
+                )
+            self._take = [eights[-1], len(info) - 1]
+            low_channels = int(info[eights[-1]]["num_chs"])
         super().__init__(
             spec,
             model.num_features,
             cfg.get("mean", (0.485, 0.456, 0.406)),
             cfg.get("std", (0.229, 0.224, 0.225)),
+            low_channels=low_channels,
             input_size=size,
         )
         self.model = model
 
     def _features(self, x: Tensor) -> dict[str, Tensor]:
-        return {"out": self.model.forward_intermediates(x, indices=1, intermediates_only=True)[-1]}
+        if self._take is None:
+            return {"out": self.model.forward_intermediates(x, indices=1, intermediates_only=True)[-1]}
+        low, out = self.model.forward_intermediates(x, indices=self._take, intermediates_only=True)
+        return {"out": out, "low": low}
 
 
 def _tokens_to_map(tokens: Tensor, n_prefix: int) -> Tensor:
@@ -213,22 +237,27 @@ def _tokens_to_map(tokens: Tensor, n_prefix: int) -> Tensor:
     return t.transpose(1, 2).reshape(t.shape[0], t.shape[2], side, side)
 
 
-def load_tower(spec: str, image_size: int = 240, reinit: bool = False) -> SpatialTower:
+def load_tower(
+    spec: str, image_size: int = 240, reinit: bool = False, timm_low_level: bool = False
+) -> SpatialTower:
     """A :class:`SpatialTower` from a model spec (``vfmkit.models.spec`` grammar; see the module docstring).
 
     ``reinit=True`` gives the same architecture with freshly initialised weights (the "random tower" baseline;
     seeded by torch's generator). A spec of a kind no tower loader takes raises ``ModelSpecError`` naming it.
+    ``timm_low_level=True`` (``timm:`` specs only, else ValueError) gives a timm tower its stride-8 ``low`` map.
     """
     from vfmkit.models.spec import parse_model_spec
 
     ms = parse_model_spec(spec).require("efficientnet-lite0", "openclip", "timm", "path", what="tower")
+    if timm_low_level and ms.kind != "timm":
+        raise ValueError(f"tower {spec!r}: timm_low_level applies to timm: towers only")
     if ms.kind == "efficientnet-lite0":
         tower: SpatialTower = Lite0Tower(spec, pretrained=not reinit, image_size=ms.size or image_size)
         return tower
     if ms.kind == "openclip":
         tower = OpenClipTower(spec, ms.name, ms.source)
     elif ms.kind == "timm":
-        tower = TimmTower(spec, ms.name, None if ms.source == "random" else ms.source)
+        tower = TimmTower(spec, ms.name, None if ms.source == "random" else ms.source, timm_low_level)
     elif (Path(ms.name) / "open_clip_config.json").is_file():  # a CLIP run folder: its image tower
         tower = OpenClipTower(spec, f"local-dir:{ms.name}", None)
     else:
@@ -378,8 +407,11 @@ def build_seg_model(
     low_level: bool = True,
     image_size: int = 240,
     reinit: bool = False,
+    timm_low_level: bool = False,
 ) -> SegModel:
-    t = load_tower(tower, image_size, reinit) if isinstance(tower, str) else tower
+    """Tower (a spec or a built :class:`SpatialTower`) + head; ``low_level`` fuses the tower's stride-8 map into
+    an ``aspp`` head when the tower has one; ``timm_low_level`` gives a ``timm:`` spec's tower that map."""
+    t = load_tower(tower, image_size, reinit, timm_low_level) if isinstance(tower, str) else tower
     low = t.low_channels if (low_level and head == "aspp") else None
     return SegModel(t, DenseHead(t.channels, num_classes, head, width, low), finetune)
 
@@ -391,7 +423,8 @@ def load_dense_model(run_dir: str | Path) -> SegModel:
     """A trained segmentation model from a ``seg`` run directory (``dense.json`` + ``model.safetensors``).
 
     ``dense.json`` holds what rebuilds the model (``tower``, ``head``, ``num_classes``, ``width``, ``low_level``,
-    ``image_size``) and the data's ``classes``/``void``; the weights are loaded strictly, weights only.
+    ``image_size``, ``timm_low_level``: absent in runs saved before it existed, i.e. off) and the data's
+    ``classes``/``void``; the weights are loaded strictly, weights only.
     """
     from safetensors.torch import load_file
 
@@ -402,7 +435,12 @@ def load_dense_model(run_dir: str | Path) -> SegModel:
             raise FileNotFoundError(f"dense run {str(d)!r}: no {p.name}")
     meta = json.loads(meta_path.read_text(encoding="utf-8"))
     # reinit: the weights all come from the checkpoint (no need to load ImageNet's or a CLIP run's first)
-    tower = load_tower(meta["tower"], int(meta.get("image_size", 240)), reinit=True)
+    tower = load_tower(
+        meta["tower"],
+        int(meta.get("image_size", 240)),
+        reinit=True,
+        timm_low_level=bool(meta.get("timm_low_level", False)),
+    )
     model = build_seg_model(
         tower,
         int(meta["num_classes"]),

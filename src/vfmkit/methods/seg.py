@@ -42,6 +42,8 @@ class SegArgs:
     finetune: bool = False  # train the tower too
     width: int = 128  # aspp head channels
     low_level: bool = True  # aspp: fuse the tower's stride-8 map when it has one
+    # a timm: tower also gives its stride-8 map (eval.dense.TimmTower low_level; recorded in dense.json)
+    timm_low_level: bool = False
     cache_features: bool = True  # frozen tower: run it once over the un-augmented train set
     crop: list[int] = field(default_factory=lambda: [180, 240])  # augmented training crop (H, W)
     scale: list[float] = field(default_factory=lambda: [0.25, 1.0])  # crop area range (of the source)
@@ -92,6 +94,7 @@ def _meta(args: SegArgs, info: dict) -> dict:
         "finetune": args.finetune,
         "width": args.width,
         "low_level": args.low_level,
+        "timm_low_level": args.timm_low_level,
         "image_size": args.image_size,
         "input_size": args.input_size,
         "num_classes": info["num_classes"],
@@ -119,6 +122,7 @@ def build(cfg: RunConfig, dist_info: DistInfo) -> Job:
         args.low_level,
         args.image_size,
         reinit=args.random_init,
+        timm_low_level=args.timm_low_level,
     )
     if args.init:
         from vfmkit.models.factory import load_state_dict

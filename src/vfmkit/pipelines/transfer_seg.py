@@ -25,6 +25,8 @@ checkpoints in its folder).
   student (``seg`` ``init``), then val mIoU (``evaluate_segmentation``) at ``eval_size``. Scratch trains for
   distill + finetune steps, so every arm trains the same number of steps. Every arm starts from the same seeded
   student (``timm:<student>`` from scratch + an ASPP head of ``width``), the one ``seg`` builds for ``seed``.
+  With ``low_level`` (default) the student's tower also hands its stride-8 map to the head (DeepLabV3+-like,
+  ``eval.dense.TimmTower``), so its logits are at stride 8, as the teacher's; off: its stride-32 map only.
 """
 
 from __future__ import annotations
@@ -70,6 +72,7 @@ class SegTransferOptions:
     distill: str = "task"  # task | feature | none
     student: str = "resnet10t"  # a timm architecture, from scratch
     width: int = 64  # the student's ASPP head channels
+    low_level: bool = True  # the student's head also fuses its tower's stride-8 map (logits at stride 8)
     distill_steps: int = 150
     finetune_steps: int = 150
     batch_size: int = 16
@@ -307,7 +310,9 @@ def build_student(o: SegTransferOptions, num_classes: int) -> nn.Module:
     from vfmkit.eval.dense import build_seg_model
 
     torch.manual_seed(o.seed)
-    return build_seg_model(f"timm:{o.student}", num_classes, "aspp", True, o.width, True)
+    return build_seg_model(
+        f"timm:{o.student}", num_classes, "aspp", True, o.width, True, timm_low_level=o.low_level
+    )
 
 
 class DenseFeatureStudent(nn.Module):
@@ -424,6 +429,7 @@ def finetune_student(
         "finetune": True,
         "width": o.width,
         "low_level": True,
+        "timm_low_level": o.low_level,
         "crop": list(o.view),
         "scale": list(o.scale),
         "jitter": o.jitter,
@@ -487,6 +493,8 @@ def run_seg_transfer(o: SegTransferOptions, stop_after: str | None = None) -> di
         "batch": o.batch_size,
         "seed": o.seed,
         "wd": o.weight_decay,
+        # only when on, so the stride-32 student's cached stages keep their hashes
+        **({"low_level": True} if o.low_level else {}),
     }
     d_dir, d_hash = None, None
     if o.distill != "none":
