@@ -45,13 +45,39 @@ def one_seed(a: argparse.Namespace, seed: int) -> None:
         dense_val=str(s / "camvid_val"),
         seed=seed,
         stage1_steps=a.stage1_steps,
+        stage1_epochs=a.stage1_epochs,
+        batch_stage1=a.batch_stage1,
+        stage1_cache="" if a.no_stage1_cache else str(Path(a.work) / "stage1_cache"),  # shared by the seeds
+        stage1_eval_every=a.stage1_eval_every,
         stage2_steps=a.stage2_steps,
         baseline_steps=a.baseline_steps,
         batch_a=a.batch_a,
         batch_b=a.batch_b,
         retrieval_max=a.retrieval_max,
+        stage2_keep=a.stage2_keep,
+        forget_every=a.forget_every,
+        forget_probe_a=_probe_a(a),
+        forget_probe_b=_probe_b(a),
+        forget_n=a.forget_n,
+        forget_tol_b=a.forget_tol_b,
+        forget_w_a=a.forget_w_a,
+        forget_w_b=a.forget_w_b,
     )
     run_merge(o, log=lambda m: print(f"[seed {seed}] {m}", flush=True))
+
+
+def _forgetting_on(a: argparse.Namespace) -> bool:
+    return a.stage2_keep != "last" or a.forget_every > 0
+
+
+def _probe_a(a: argparse.Namespace) -> str:
+    """A's forgetting probe: Flickr8k val images after the ``--retrieval-max`` the evaluation scores."""
+    return str(Path(a.work) / f"probe_a_{a.retrieval_max}_{a.forget_n}") if _forgetting_on(a) else ""
+
+
+def _probe_b(a: argparse.Namespace) -> str:
+    """B's forgetting probe: CamVid train images (labels unused; the evaluation scores CamVid val only)."""
+    return str(Path(a.shards) / "camvid_train") if _forgetting_on(a) else ""
 
 
 def main() -> None:
@@ -61,6 +87,22 @@ def main() -> None:
     p.add_argument("--work", default=str(ROOT / "benchmarks" / ".cache" / "merge"))
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     p.add_argument("--stage1-steps", type=int, default=30)
+    p.add_argument("--stage1-epochs", type=float, default=0.0, help="> 0: Stage I epochs (overrides steps)")
+    p.add_argument("--batch-stage1", type=int, default=0, help="Stage I batch (0: --batch-a)")
+    p.add_argument(
+        "--no-stage1-cache",
+        action="store_true",
+        help="Stage I without the cached maps (full forward per step)",
+    )
+    p.add_argument(
+        "--stage1-eval-every", type=int, default=0, help="A's R@1 every N Stage I steps (the curve)"
+    )
+    p.add_argument("--stage2-keep", default="last", choices=("last", "best", "tolerance"))
+    p.add_argument("--forget-every", type=int, default=0, help="measure forgetting every N Stage II steps")
+    p.add_argument("--forget-n", type=int, default=32)
+    p.add_argument("--forget-tol-b", type=float, default=0.0)
+    p.add_argument("--forget-w-a", type=float, default=1.0)
+    p.add_argument("--forget-w-b", type=float, default=1.0)
     p.add_argument("--stage2-steps", type=int, default=60)
     p.add_argument("--baseline-steps", type=int, default=30)
     p.add_argument("--batch-a", type=int, default=8)
@@ -76,6 +118,10 @@ def main() -> None:
             sys.exit(
                 f"benchmarks/merge.py: no shards {Path(a.shards) / need} (vfmkit data import, docs/merge.md)"
             )
+    if _forgetting_on(a):  # the held-out A probe, made once before the seeds start
+        from vfmkit.pipelines.merge import held_out_slice
+
+        held_out_slice(str(Path(a.shards) / "flickr_val"), a.retrieval_max, a.forget_n, _probe_a(a))
     t0 = time.time()
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     procs = [
@@ -100,9 +146,23 @@ def _zs(m: dict) -> str:
 def report(a, reports, wall: float) -> None:
     from _record import machine, now, record
 
+    r0 = reports[0]
+    s1_steps = r0.get("stage1_steps", a.stage1_steps)
+    b1 = a.batch_stage1 or a.batch_a
+    s1_what = f"{s1_steps} steps of batch {b1}" + (
+        f" ({a.stage1_epochs:g} epochs)" if a.stage1_epochs > 0 else ""
+    )
+    cache = r0.get("stage1_cache")
+    s1_what += f" on cached maps of {cache['n']} images" if cache else " (uncached: full forward per step)"
+    keep = (
+        f"; Stage II keep={a.stage2_keep} on forgetting every {a.forget_every} steps"
+        if _forgetting_on(a)
+        else ""
+    )
     lines = [
-        f"SAM-CLIP-style merge on CPU: Stage I {a.stage1_steps} steps, Stage II {a.stage2_steps}, A-only baseline "
-        f"{a.baseline_steps} (batch A {a.batch_a}, B {a.batch_b}); seeds {a.seeds}; wall {wall / 60:.1f} min",
+        f"SAM-CLIP-style merge on CPU: Stage I {s1_what}, lr 8e-4; Stage II {a.stage2_steps} steps, A-only "
+        f"baseline {a.baseline_steps} (batch A {a.batch_a}, B {a.batch_b}){keep}; seeds {a.seeds}; "
+        f"wall {wall / 60:.1f} min",
         "",
         "| seed | model | A R@1 (keep) | A Imagenette zero-shot top-1 | B mIoU (keep) | zero-shot mIoU |",
         "|---|---|---|---|---|---|",
@@ -183,6 +243,30 @@ def report(a, reports, wall: float) -> None:
         + ", ".join(f"alpha {c['alpha']:g}: {c['keep_a']:.3f}/{c['keep_b']:.3f}" for c in curve),
         *[f"floor {'met' if v else 'MISSED'}: {k}" for k, v in floors.items()],
     ]
+    lines += ["", "Stage I probe curve (A's mean R@1 on the retrieval val, keep = / teacher A's):"]
+    for s, r in zip(a.seeds, reports, strict=True):
+        ra = r["teachers"]["a/R@1"]
+        pts = [e for e in r.get("stage1_curve", []) if "eval/a/R@1" in e]
+        if pts:
+            lines.append(
+                f"  seed {s}: "
+                + ", ".join(
+                    f"step {e['step']} (epoch {e['step'] * b1 / cache['n']:.1f}): {e['eval/a/R@1']:.2f} "
+                    f"({e['eval/a/R@1'] / ra:.3f})"
+                    if cache
+                    else f"step {e['step']}: {e['eval/a/R@1']:.2f} ({e['eval/a/R@1'] / ra:.3f})"
+                    for e in pts
+                )
+            )
+    lines += ["", "stage wall times (s, per seed; the seeds ran in parallel on the shared cores):"]
+    for s, r in zip(a.seeds, reports, strict=True):
+        t = r.get("times", {})
+        c = r.get("stage1_cache") or {}
+        lines.append(
+            f"  seed {s}: "
+            + ", ".join(f"{k} {v:.0f}" for k, v in t.items())
+            + (f"; Stage I cache built once for both seeds in {c['build_s']:.0f}" if c.get("build_s") else "")
+        )
     text = "\n".join(lines)
     print(text)
     record(
@@ -202,6 +286,18 @@ def report(a, reports, wall: float) -> None:
             "imagenette_zeroshot_top1_teacher_a": zs_top1_a,
             "interpolation_curve": curve,
             "interpolation_alphas_keeping_both": both_interp,
+            "stage1": {
+                "steps": s1_steps,
+                "batch": b1,
+                "epochs": a.stage1_epochs,
+                "cache": cache,
+                "curves": {str(s): r.get("stage1_curve", []) for s, r in zip(a.seeds, reports, strict=True)},
+            },
+            "stage2_forgetting": {
+                str(s): r.get("stage2_forgetting") for s, r in zip(a.seeds, reports, strict=True)
+            },
+            "times": {str(s): r.get("times") for s, r in zip(a.seeds, reports, strict=True)},
+            "args": vars(a),
             "per_seed": per,
             "wall_s": wall,
             "date": now(),

@@ -414,3 +414,107 @@ def test_evaluation_scores_imagenette_zero_shot_with_head_a(teachers):
     assert res["a/zs_top1"] == pytest.approx(top1, abs=1e-6)
     own = zeroshot_eval_encoders(ta.encode_image, ta.encode_text, spec, names, ta.image_size, ta.logit_scale)
     assert own["top1"] > 30.0, own  # teacher A's own zero-shot skill (10 classes: chance is 10)
+
+
+# ------------------------------------------------------------------------------------------------ Stage I cache
+
+
+@pytest.fixture(scope="module")
+def few_images(tmp_path_factory) -> str:
+    """The first 12 embedded Flickr8k train images as their own shards (a small real stream A)."""
+    from vfmkit.pipelines.merge import held_out_slice
+
+    return held_out_slice("builtin:flickr8k/train", 0, 12, tmp_path_factory.mktemp("few") / "flickr12")
+
+
+def _probe_cfg(tmp: Path, data: str, cache: str = "", **train) -> object:
+    margs = {"stage": "probe", **({"probe_cache": cache, "cache_part": 5} if cache else {})}
+    return _cfg(
+        tmp,
+        margs,
+        data={"train": data, "batch_size": 4, "shuffle_buffer": 0},
+        train={"steps": 3, **train},
+    )
+
+
+def test_cached_stage_one_batch_has_the_uncached_loss(tmp_path, teachers, few_images):
+    """A cached Stage I batch holds the backbone's maps at the split and A's embeddings of the very images the
+    uncached stream reads first (shard order), and its loss equals the uncached path's (1e-5)."""
+    from vfmkit.engine.distributed import DistInfo
+    from vfmkit.methods.registry import build_job
+
+    ta, tb = teachers
+    kw = {"teacher_a": ta, "teacher_b": tb}
+    plain = build_job(_probe_cfg(tmp_path / "plain", few_images), DistInfo(), **kw)
+    cached = build_job(_probe_cfg(tmp_path / "cached", few_images, str(tmp_path / "cache")), DistInfo(), **kw)
+    assert len(cached.loader) == 3 and cached.loader.n == 12  # 12 images in parts of 5, 5, 2
+    assert sorted(p.name for p in (tmp_path / "cache").glob("part-*")) == [
+        f"part-00000{i}.safetensors" for i in range(3)
+    ]
+    bp, bc = next(iter(plain.loader)), next(iter(cached.loader))
+    x = bp["a"]["image"]
+    assert set(bc) == {"h", "target"} and len(x) == len(bc["h"]) == 4
+    m = plain.model.eval()
+    with torch.no_grad():
+        assert torch.allclose(bc["h"], m.trunk(x)[0], atol=1e-5)
+        assert torch.allclose(bc["target"], ta.encode_image(x), atol=1e-6)
+        for a, b in zip(plain.model.state_dict().values(), cached.model.state_dict().values(), strict=True):
+            assert torch.equal(a, b)  # the same initial model (seeded)
+        lp, _ = plain.loss_fn(m, bp, 0)
+        lc, _ = cached.loss_fn(m, bc, 0)
+    assert 0.05 < float(lp) < 2.0 and abs(float(lp) - float(lc)) < 1e-5, (float(lp), float(lc))
+
+
+def test_cached_stage_one_trains_the_same_head_a(tmp_path, teachers, few_images):
+    """Three engine steps of Stage I on the cached maps give the Head_A of three steps on the full forward; the
+    backbone and Head_B stay B's in both."""
+    from vfmkit.methods.registry import run_job
+
+    ta, tb = teachers
+    kw = {"build_kwargs": {"teacher_a": ta, "teacher_b": tb}}
+    run_job(_probe_cfg(tmp_path / "plain", few_images), **kw)
+    run_job(_probe_cfg(tmp_path / "cached", few_images, str(tmp_path / "cache")), **kw)
+    a, b = (
+        _tensors(tmp_path / "plain" / "model.safetensors"),
+        _tensors(tmp_path / "cached" / "model.safetensors"),
+    )
+    assert set(a) == set(b)
+    head = [k for k in a if k.startswith("head_a.") and a[k].is_floating_point()]
+    worst = max(float((a[k] - b[k]).abs().max()) for k in head)
+    assert worst < 1e-6, worst
+    from vfmkit.methods.registry import build_job
+
+    init = build_job(_probe_cfg(tmp_path / "init", few_images), _one_process(), **kw["build_kwargs"]).model
+    moved = max(float((init.state_dict()[k] - a[k]).abs().max()) for k in head)
+    assert moved > 1e-4  # Head_A did train (lr 1e-3), so the comparison above is not vacuous
+    frozen = [k for k in a if not k.startswith("head_a.")]
+    assert all(torch.equal(a[k], b[k]) and torch.equal(a[k], init.state_dict()[k]) for k in frozen)
+
+
+def test_probe_cache_resumes_and_refuses_another_view(tmp_path, teachers, few_images):
+    """A killed cache build (its last part and the done flag lost) resumes at the missing part and gives the
+    same tensors; a cache folder made for another view is refused."""
+    from vfmkit.methods.merge import PROBE_CACHE_META, build_probe_cache
+    from vfmkit.models.merge import build_merged_model
+
+    ta, tb = teachers
+    m = build_merged_model(tb, ta.embed_dim)
+    folder = tmp_path / "cache"
+    logs: list[str] = []
+    full = build_probe_cache(m, ta, few_images, 64, folder, part=5, log=logs.append)
+    assert full["h"].shape[0] == 12 and full["h"].dtype == torch.float32 and "12 computed now" in logs[-1]
+    meta = json.loads((folder / PROBE_CACHE_META).read_text())
+    assert meta["done"] and meta["parts"] == 3 and meta["build_s"] > 0
+    first = (folder / "part-000000.safetensors").stat().st_mtime_ns
+    (folder / "part-000002.safetensors").unlink()  # as a kill during the last part leaves it
+    (folder / PROBE_CACHE_META).write_text(json.dumps({**meta, "done": False}))
+    again = build_probe_cache(m, ta, few_images, 64, folder, part=5, log=logs.append)
+    assert "2 computed now" in logs[-1]  # only the missing part
+    assert (folder / "part-000000.safetensors").stat().st_mtime_ns == first
+    assert all(torch.equal(full[k], again[k]) for k in full)
+    with pytest.raises(ConfigError, match="method_args.probe_cache"):
+        build_probe_cache(m, ta, few_images, 96, folder, part=5)
+    from vfmkit.methods.merge import parse_args
+
+    with pytest.raises(ConfigError, match="method_args.probe_cache"):
+        parse_args(_cfg(tmp_path, {"stage": "multitask", "probe_cache": str(folder)}))

@@ -39,6 +39,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     r.add_argument("--dense-val", default="builtin:camvid/val", help="dense val shards (B's mIoU, zero-shot)")
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--stage1-steps", type=int, default=100)
+    r.add_argument(
+        "--stage1-epochs", type=float, default=0.0, help="> 0: Stage I epochs (overrides its steps)"
+    )
+    r.add_argument("--batch-stage1", type=int, default=0, help="Stage I batch (0: --batch-a)")
+    r.add_argument(
+        "--stage1-cache",
+        default="auto",
+        help="Stage I on maps computed once per image: 'auto' (OUT/stage1_cache), a folder, or '' (none)",
+    )
+    r.add_argument("--stage1-eval-every", type=int, default=0, help="A's R@1 every N Stage I steps")
     r.add_argument("--stage2-steps", type=int, default=200)
     r.add_argument("--baseline-steps", type=int, default=100)
     r.add_argument("--batch-a", type=int, default=16)
@@ -64,6 +74,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     r.add_argument(
         "--forget-tol-b", type=float, default=0.0, help="--stage2-keep tolerance: B's forgetting (KL) limit"
     )
+    r.add_argument(
+        "--forget-w-a", type=float, default=1.0, help="--stage2-keep best: weight of A's forgetting"
+    )
+    r.add_argument(
+        "--forget-w-b", type=float, default=1.0, help="--stage2-keep best: weight of B's forgetting"
+    )
     r.set_defaults(func=_run)
 
 
@@ -77,9 +93,11 @@ def _run(args: argparse.Namespace) -> int:
         batch_a=args.batch_a, batch_b=args.batch_b, w_b=args.w_b, retrieval_max=args.retrieval_max,
         zeroshot_val=args.zeroshot_val, zeroshot_classes=args.zeroshot_classes, stage2_keep=args.stage2_keep,
         forget_every=args.forget_every, forget_probe_a=args.forget_probe_a, forget_probe_b=args.forget_probe_b,
-        forget_n=args.forget_n, forget_tol_b=args.forget_tol_b,
+        forget_n=args.forget_n, forget_tol_b=args.forget_tol_b, forget_w_a=args.forget_w_a,
+        forget_w_b=args.forget_w_b, stage1_epochs=args.stage1_epochs, batch_stage1=args.batch_stage1,
+        stage1_cache=args.stage1_cache, stage1_eval_every=args.stage1_eval_every,
     )  # fmt: skip
     rep = run_merge(o)
-    keys = ("teachers", "stage1", "merged", "interpolation", "stage2_forgetting")
+    keys = ("teachers", "stage1", "stage1_curve", "merged", "interpolation", "stage2_forgetting", "times")
     print(json.dumps({k: rep[k] for k in keys if k in rep}))
     return 0

@@ -53,6 +53,8 @@ __all__ = [
     "MERGE_META",
     "ForgettingTracker",
     "choose_kept",
+    "build_probe_cache",
+    "cosine_distill_loss",
 ]
 
 STAGES = ("probe", "multitask", "a_only")
@@ -101,6 +103,13 @@ class MergeArgs:
     forget_tol_b: float = 0.0  # keep=tolerance: stop at the first step where B's forgetting exceeds this
     forget_w_a: float = 1.0  # keep=best: score = forget_w_a * A's forgetting + forget_w_b * B's
     forget_w_b: float = 1.0
+    # Stage I cache (stage probe): with the backbone frozen and stream A's one fixed view (the centre view, no
+    # augmentation), Head_A's input (the backbone's map at the split) and A's target embedding are functions of
+    # the image alone; they are computed ONCE per image into this folder (build_probe_cache: atomic parts,
+    # resumable, shared by runs with the same backbone / teacher A / data / view) and Head_A trains on them for
+    # as many epochs as wanted (a TensorLoader). "" : no cache (the full forward of both models every step)
+    probe_cache: str = ""
+    cache_part: int = 512  # images per cache part (the unit of resume)
 
 
 def parse_args(cfg: RunConfig) -> MergeArgs:
@@ -133,6 +142,13 @@ def parse_args(cfg: RunConfig) -> MergeArgs:
             f"config key 'train.eval_every': method_args.keep {a.keep!r} measures forgetting every eval_every "
             "steps, so it must be >= 1"
         )
+    if a.probe_cache and a.stage != "probe":
+        raise ConfigError(
+            f"config key 'method_args.probe_cache': only stage 'probe' (frozen backbone) can train on cached "
+            f"maps, not {a.stage!r}"
+        )
+    if a.cache_part < 1:
+        raise ConfigError(f"config key 'method_args.cache_part': must be >= 1, got {a.cache_part}")
     if a.forget_n < 1:
         raise ConfigError(f"config key 'method_args.forget_n': must be >= 1, got {a.forget_n}")
     for key in (
@@ -199,6 +215,145 @@ class TwoStreamLoader:
             raise ValueError(f"loader state has no position for stream(s) {', '.join(sorted(missing))}")
         for k, s in self.streams.items():
             s.load_state_dict(state[k])
+
+
+# ------------------------------------------------------------------------------------------------ Stage I cache
+
+PROBE_CACHE_META = "cache.json"  # the cache folder's fingerprint and progress
+
+
+def _digest(*tensors_of: dict[str, Tensor]) -> str:
+    """sha256 over named tensors (names, shapes, dtypes and bytes): what the cached maps were computed from."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for d in tensors_of:
+        for k in sorted(d):
+            v = d[k].detach().cpu().contiguous()
+            h.update(f"{k}|{tuple(v.shape)}|{v.dtype}|".encode())
+            h.update(v.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def probe_cache_fingerprint(model: nn.Module, teacher_a: nn.Module, spec: str, size: int, part: int) -> dict:
+    """What a Stage I cache is a function of: the backbone's weights (and its input normalisation) up to the
+    split, teacher A's weights, the shards (paths and byte sizes), the view (A's centre view at ``size``) and
+    the part size."""
+    import os
+
+    from vfmkit.data.shards import list_shards
+
+    tower = model.tower
+    norm = {"mean": tower.mean, "std": tower.std}
+    urls = [os.path.abspath(u) if os.path.exists(u) else u for u in list_shards(spec)]
+    return {
+        "format": "vfmkit-merge-probe-cache/1",
+        "shards": [[u, os.path.getsize(u) if os.path.exists(u) else None] for u in urls],
+        "view": f"centre view {size}",
+        "split": int(model.split),
+        "input_size": list(tower.input_size) if tower.input_size is not None else None,
+        "backbone_sha256": _digest(tower.state_dict(), norm),
+        "teacher_a_sha256": _digest(teacher_a.state_dict()),
+        "part": int(part),
+        "dtype": "float32",
+    }
+
+
+@torch.no_grad()
+def build_probe_cache(
+    model: nn.Module,
+    teacher_a: nn.Module,
+    spec: str,
+    size: int,
+    folder: str | Path,
+    *,
+    part: int = 512,
+    batch_size: int = 32,
+    on_corrupt: str = "skip",
+    device: str | torch.device = "cpu",
+    log=print,
+) -> dict[str, Tensor]:
+    """Stage I's inputs, computed once per image: ``{"h": [N, C, h, w] the backbone's map at the split (what
+    Head_A's copied stage consumes), "target": [N, D] teacher A's image embedding}``, float32, in shard order.
+
+    Every ``part`` images are one ``part-NNNNNN.safetensors`` written atomically, so a killed build resumes at
+    the first missing part (the shards are read in order again; finished parts are not recomputed).
+    ``cache.json`` holds the fingerprint (:func:`probe_cache_fingerprint`); a folder holding another one is
+    refused; it also records ``build_s``, the wall seconds spent building (over resumes). A file lock makes
+    concurrent runs on one folder (e.g. two seeds) build it once: the second waits, then reads it."""
+    import fcntl
+
+    from safetensors.torch import load_file
+
+    from vfmkit.data.io import atomic_save_safetensors, atomic_write_json
+    from vfmkit.eval.features import ordered_loader
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    fp = probe_cache_fingerprint(model, teacher_a, spec, size, part)
+    meta_p = folder / PROBE_CACHE_META
+    with open(folder / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        meta = json.loads(meta_p.read_text(encoding="utf-8")) if meta_p.is_file() else None
+        if meta is not None and meta["fingerprint"] != fp:
+            raise ConfigError(
+                f"config key 'method_args.probe_cache': {folder} holds the Stage I cache of another backbone, "
+                f"teacher A, data or view ({PROBE_CACHE_META}); use a new folder"
+            )
+        if meta is None or not meta.get("done"):
+            import time
+
+            t0, before = time.perf_counter(), float((meta or {}).get("build_s", 0.0))
+            atomic_write_json(meta_p, {"fingerprint": fp, "done": False, "build_s": before})
+            was = model.training
+            model.eval()
+            n_parts, n, n_new, buf = 0, 0, 0, []
+
+            def flush(images: list[Tensor]) -> None:
+                nonlocal n_parts, n, n_new
+                path = folder / f"part-{n_parts:06d}.safetensors"
+                x = torch.cat(images)
+                if not path.is_file():
+                    hs, ts = [], []
+                    for xb in x.split(batch_size):
+                        xb = xb.to(device)
+                        hs.append(model.trunk(xb)[0].float().cpu())
+                        ts.append(teacher_a.encode_image(xb).float().cpu())
+                    atomic_save_safetensors(path, {"h": torch.cat(hs), "target": torch.cat(ts)})
+                    n_new += len(x)
+                    spent = before + time.perf_counter() - t0  # wall seconds building, over resumes
+                    atomic_write_json(meta_p, {"fingerprint": fp, "done": False, "build_s": spent})
+                n_parts, n = n_parts + 1, n + len(x)
+
+            have = 0
+            for b in ordered_loader(spec, _a_decoder(size), batch_size, on_corrupt=on_corrupt):
+                buf.append(b["image"])
+                have += len(b["image"])
+                while have >= part:
+                    x = torch.cat(buf)
+                    flush([x[:part]])
+                    buf, have = ([x[part:]] if len(x) > part else []), len(x) - part
+            if have:
+                flush(buf)
+            model.train(was)
+            if n == 0:
+                raise ConfigError(f"config key 'data.train': no images in {spec} for the Stage I cache")
+            spent = before + time.perf_counter() - t0
+            atomic_write_json(
+                meta_p, {"fingerprint": fp, "done": True, "parts": n_parts, "n": n, "build_s": spent}
+            )
+            log(f"merge: Stage I cache {folder}: {n} images ({n_new} computed now) in {n_parts} parts")
+        meta = json.loads(meta_p.read_text(encoding="utf-8"))
+    parts = [load_file(str(folder / f"part-{i:06d}.safetensors")) for i in range(int(meta["parts"]))]
+    out = {k: torch.cat([p[k] for p in parts]) for k in ("h", "target")}
+    if len(out["h"]) != int(meta["n"]):
+        raise RuntimeError(f"merge: the Stage I cache {folder} holds {len(out['h'])} images, not {meta['n']}")
+    return out
+
+
+def cosine_distill_loss(emb: Tensor, target: Tensor) -> Tensor:
+    """``L_A``: the mean of ``1 - <emb, target>`` (Head_A's normalised embedding against A's)."""
+    return (1 - (emb * target).sum(-1)).mean()
 
 
 # ------------------------------------------------------------------------------------------------ losses
@@ -502,7 +657,32 @@ def build(
 
     rank, world = getattr(dist_info, "rank", 0), getattr(dist_info, "world_size", 1)
     streams: dict[str, Any] = {}
-    if args.w_a > 0 or args.stage == "probe":
+    cached = None
+    if args.probe_cache:  # Stage I on maps computed once per image (the backbone is frozen in this stage)
+        from vfmkit.data.loader import TensorLoader
+
+        cached = build_probe_cache(
+            model,
+            teacher_a,
+            cfg.data.train,
+            args.image_size_a,
+            args.probe_cache,
+            part=args.cache_part,
+            batch_size=args.eval_batch_size,
+            on_corrupt=cfg.data.on_corrupt,
+            device=device,
+        )
+        n = len(cached["h"])
+        loader: Any = TensorLoader(
+            cached,
+            batch_size=min(cfg.data.batch_size, n),
+            seed=cfg.seed,
+            shuffle=cfg.data.shuffle_buffer
+            > 0,  # shuffle_buffer 0: shard order, as the uncached stream reads
+            rank=rank,
+            world_size=world,
+        )
+    elif args.w_a > 0 or args.stage == "probe":
         streams["a"] = ShardLoader.from_config(cfg, _a_decoder(args.image_size_a), dist_info)
     if args.stage == "multitask" and args.w_b > 0:
         aug = DenseAugment(size=tuple(args.crop_b), scale=tuple(args.scale_b), jitter=args.jitter_b)
@@ -519,9 +699,10 @@ def build(
             on_corrupt=cfg.data.on_corrupt,
             drop_last=True,
         )
-    if not streams:
-        raise ConfigError("config key 'method_args.w_a': stage a_only needs w_a > 0")
-    loader = TwoStreamLoader(streams)
+    if cached is None:
+        if not streams:
+            raise ConfigError("config key 'method_args.w_a': stage a_only needs w_a > 0")
+        loader = TwoStreamLoader(streams)
 
     groups = None
     if args.stage == "probe":
@@ -543,11 +724,15 @@ def build(
     def loss_fn(m, batch, step):
         total: Tensor | float = 0.0
         logs: dict[str, Any] = {}
+        if "h" in batch:  # a cached Stage I batch: the backbone's maps and A's targets, read, not recomputed
+            la = cosine_distill_loss(m(batch["h"], "a_trunk"), batch["target"])
+            total = total + args.w_a * la
+            logs["loss_a"] = la.detach()
         if "a" in batch:
             x = batch["a"]["image"]
             with torch.no_grad():
                 target = teacher_a.encode_image(x)
-            la = (1 - (m(x, "a") * target).sum(-1)).mean()
+            la = cosine_distill_loss(m(x, "a"), target)
             total = total + args.w_a * la
             logs["loss_a"] = la.detach()
         if "b" in batch:
@@ -567,6 +752,7 @@ def build(
         "pool": args.pool,
         "hidden": args.hidden,
         "head_blocks": args.head_blocks,
+        "probe_cache": args.probe_cache,
         "embed_dim": teacher_a.embed_dim,
         "num_classes": k,
         "void": void,
@@ -587,6 +773,7 @@ def build(
 
     eval_fn = None
     if args.dense_val or cfg.data.val or args.zeroshot_cls or tracker is not None:
+        text_a = TextMemo(teacher_a)  # the val captions and prompts are embedded once per run, not per eval
 
         def eval_fn(m, step):
             res = {}
@@ -596,7 +783,7 @@ def build(
                 res.update(
                     evaluate_merged(
                         m,
-                        teacher_a,
+                        text_a,
                         retrieval_val=cfg.data.val,
                         dense_val=args.dense_val or None,
                         image_size_a=args.image_size_a,
@@ -619,6 +806,24 @@ def build(
 
 
 # ------------------------------------------------------------------------------------------------ evaluation
+
+
+class TextMemo:
+    """Teacher A's frozen text tower with its embeddings kept: each caption or prompt is embedded once."""
+
+    def __init__(self, teacher: nn.Module) -> None:
+        self.teacher, self.memo = teacher, {}
+        self.embed_dim = getattr(teacher, "embed_dim", None)
+        self.logit_scale = float(getattr(teacher, "logit_scale", 100.0))
+
+    @torch.no_grad()
+    def encode_text(self, texts: list[str]) -> Tensor:
+        todo = [t for t in dict.fromkeys(texts) if t not in self.memo]
+        for s in range(0, len(todo), 256):
+            chunk = todo[s : s + 256]
+            for t, e in zip(chunk, self.teacher.encode_text(chunk), strict=True):
+                self.memo[t] = e
+        return torch.stack([self.memo[t] for t in texts])
 
 
 @torch.no_grad()

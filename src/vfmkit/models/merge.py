@@ -13,8 +13,9 @@
   :meth:`MergedModel.attach_text`, :meth:`MergedModel.encode_text`.
 
 ``forward(images, task)`` with ``task`` in ``"a"`` (L2-normalised embeddings [B, D]), ``"b"`` (B's logits
-[B, K, H, W] at the input size) and ``"dense_a"`` (per-location embeddings [B, D, h, w], not normalised) so the
-engine's wrapped model (DDP) serves every path through one ``forward``.
+[B, K, H, W] at the input size), ``"dense_a"`` (per-location embeddings [B, D, h, w], not normalised) and
+``"a_trunk"`` (the input is the backbone's map at the split, ``trunk(images)[0]``, e.g. read from the Stage I
+cache: ``"a"`` without the backbone) so the engine's wrapped model (DDP) serves every path through one ``forward``.
 """
 
 from __future__ import annotations
@@ -113,6 +114,10 @@ class MergedModel(nn.Module):
         return F.interpolate(logits, size=list(size), mode="bilinear", align_corners=False)
 
     def forward(self, images: Tensor, task: str = "a") -> Tensor:
+        if (
+            task == "a_trunk"
+        ):  # ``images`` is already the backbone's map at the split (a cached Stage I input)
+            return F.normalize(self.head_a.pooled(self.head_a.dense(images)), dim=-1)
         h, low = self.trunk(images)
         if task == "b":
             return self.logits_b(h, low, images.shape[-2:])
@@ -121,7 +126,7 @@ class MergedModel(nn.Module):
             return dense
         if task == "a":
             return F.normalize(self.head_a.pooled(dense), dim=-1)
-        raise ValueError(f"task must be 'a', 'b' or 'dense_a', got {task!r}")
+        raise ValueError(f"task must be 'a', 'b', 'dense_a' or 'a_trunk', got {task!r}")
 
     # ---- teacher A's frozen text tower ----
     def attach_text(self, teacher: nn.Module) -> MergedModel:

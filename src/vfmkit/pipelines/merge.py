@@ -12,6 +12,7 @@ checkpoint and skips finished ones; every evaluation is stored (``eval/<name>.js
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,7 @@ import torch
 from vfmkit.config import load_config
 from vfmkit.data.io import atomic_write_json
 
-__all__ = ["MergeOptions", "run_merge", "interpolate"]
+__all__ = ["MergeOptions", "run_merge", "interpolate", "held_out_slice", "stage1_steps_for"]
 
 
 @dataclass
@@ -35,6 +36,12 @@ class MergeOptions:
     dense_val: str = "builtin:camvid/val"  # B's metric and zero-shot segmentation
     seed: int = 0
     stage1_steps: int = 100
+    stage1_epochs: float = 0.0  # > 0: Stage I runs this many epochs of `train` (overrides stage1_steps)
+    batch_stage1: int = 0  # Stage I batch (0: batch_a)
+    # Stage I on maps computed once per image (method_args.probe_cache): "auto" = OUT/stage1_cache, "" = none
+    # (the full forward every step), or a folder (shared by runs with the same backbone, teacher A and data)
+    stage1_cache: str = "auto"
+    stage1_eval_every: int = 0  # > 0: A's retrieval R@1 every N Stage I steps (the probe's curve, log.jsonl)
     stage2_steps: int = 200
     baseline_steps: int = 100
     batch_a: int = 16
@@ -59,13 +66,24 @@ class MergeOptions:
 
 
 def _stage_cfg(
-    o: MergeOptions, name: str, stage: str, steps: int, lr: float, margs: dict, eval_every: int = 0
+    o: MergeOptions,
+    name: str,
+    stage: str,
+    steps: int,
+    lr: float,
+    margs: dict,
+    eval_every: int = 0,
+    batch: int = 0,
+    val: str | None = None,
 ) -> Any:
+    data = {"train": o.train, "batch_size": batch or o.batch_a, "shuffle_buffer": 200}
+    if val:
+        data["val"] = val
     recipe = {
         "method": "merge",
         "seed": o.seed,
         "out_dir": str(Path(o.out_dir) / name),
-        "data": {"train": o.train, "batch_size": o.batch_a, "shuffle_buffer": 200},
+        "data": data,
         "optim": {"lr": lr, "weight_decay": 1e-4, "warmup_steps": max(1, steps // 10)},
         "train": {
             "steps": steps,
@@ -192,11 +210,17 @@ def run_merge(o: MergeOptions, log=print) -> dict:
 
     report: dict[str, Any] = {"options": asdict(o), "teachers": cached("teachers", eval_teachers)}
 
-    def train_stage(name, stage, steps, lr, margs, eval_every=0):
-        cfg = _stage_cfg(o, name, stage, steps, lr, margs, eval_every)
+    times_p = out / "times.json"  # wall seconds of each stage's training run (the first, uninterrupted run)
+    times: dict[str, float] = json.loads(times_p.read_text(encoding="utf-8")) if times_p.is_file() else {}
+
+    def train_stage(name, stage, steps, lr, margs, eval_every=0, batch=0, val=None):
+        cfg = _stage_cfg(o, name, stage, steps, lr, margs, eval_every, batch, val)
         if not (Path(cfg.out_dir) / "model.safetensors").is_file():
             log(f"merge: stage {name} ({stage}, {steps} steps)")
+            t0 = time.perf_counter()
             job, _ = run_job(cfg, build_kwargs=teachers)
+            times[name] = time.perf_counter() - t0
+            atomic_write_json(times_p, times)
             model = job.model
         else:
             from vfmkit.methods.registry import build_job
@@ -217,8 +241,31 @@ def run_merge(o: MergeOptions, log=print) -> dict:
             zeroshot_classes=o.zeroshot_classes or None,
         )
 
-    s1 = train_stage("stage1", "probe", o.stage1_steps, o.lr_stage1, {})
+    b1 = o.batch_stage1 or o.batch_a
+    s1_steps = o.stage1_steps
+    if o.stage1_epochs > 0:
+        s1_steps = stage1_steps_for(o.train, o.stage1_epochs, b1)
+    s1_margs = {}
+    cache_dir = None
+    if o.stage1_cache:
+        cache_dir = out / "stage1_cache" if o.stage1_cache == "auto" else Path(o.stage1_cache)
+        s1_margs["probe_cache"] = str(cache_dir)
+    s1 = train_stage(
+        "stage1",
+        "probe",
+        s1_steps,
+        o.lr_stage1,
+        s1_margs,
+        o.stage1_eval_every,
+        b1,
+        val if o.stage1_eval_every else None,
+    )
     report["stage1"] = cached("stage1", lambda: eval_model(s1))
+    report["stage1_steps"] = s1_steps
+    report["stage1_curve"] = _eval_curve(out / "stage1" / "log.jsonl")
+    if cache_dir is not None and (cache_dir / "cache.json").is_file():
+        c = json.loads((cache_dir / "cache.json").read_text(encoding="utf-8"))
+        report["stage1_cache"] = {"dir": str(cache_dir), "n": c.get("n"), "build_s": c.get("build_s")}
     init = {"init_from": str(out / "stage1")}
     forget = {}
     if o.stage2_keep != "last" or o.forget_probe_a or o.forget_probe_b:
@@ -258,8 +305,33 @@ def run_merge(o: MergeOptions, log=print) -> dict:
         curve.append({"alpha": alpha, **res})
     s1.load_state_dict(sd0)
     report["interpolation"] = curve
+    report["times"] = times
     atomic_write_json(out / "report.json", report)
     return report
+
+
+def stage1_steps_for(train: str, epochs: float, batch: int) -> int:
+    """Steps of ``epochs`` epochs over the shards ``train`` at ``batch`` (full batches, as the loaders drop the
+    last partial one)."""
+    from vfmkit.data.shards import list_shards, shard_counts
+
+    counts = shard_counts(list_shards(train))
+    if counts is None:
+        raise ValueError(
+            f"merge: stage1_epochs needs sample counts for {train} (a manifest); set stage1_steps"
+        )
+    per_epoch = sum(counts.values()) // batch
+    if per_epoch < 1:
+        raise ValueError(f"merge: {train} holds fewer than one batch of {batch}")
+    return max(1, round(epochs * per_epoch))
+
+
+def _eval_curve(log_path: Path) -> list[dict]:
+    """The eval lines of a stage's log.jsonl (step and metrics), in step order."""
+    if not log_path.is_file():
+        return []
+    rows = [json.loads(line) for line in log_path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return [r for r in rows if any(k.startswith("eval/") for k in r)]
 
 
 def _one_process():
@@ -268,18 +340,26 @@ def _one_process():
     return DistInfo()
 
 
-def _first_n(spec: str, n: int, out: Path) -> str:
-    """The first ``n`` samples of ``spec`` (shard order) as shards in ``out`` (written once)."""
+def _first_n(spec: str, n: int, out: Path, skip: int = 0) -> str:
+    """Samples ``skip`` .. ``skip + n - 1`` of ``spec`` (shard order) as shards in ``out`` (written once): the
+    first ``n`` by default (the retrieval subset); with ``skip``, e.g. a held-out forgetting probe after it."""
     from vfmkit.data.shards import ShardWriter, iter_shard, list_shards
 
     if (out / "sizes.json").is_file():
         return str(out)
     with ShardWriter(out, max_count=100000) as w:
-        left = n
+        i = 0
         for url in list_shards(spec):
             for s in iter_shard(url):
-                if left == 0:
+                if i >= skip + n:
                     break
-                w.write({k: v for k, v in s.items() if k == "__key__" or not k.startswith("__")})
-                left -= 1
+                if i >= skip:
+                    w.write({k: v for k, v in s.items() if k == "__key__" or not k.startswith("__")})
+                i += 1
     return str(out)
+
+
+def held_out_slice(spec: str, skip: int, n: int, out: str | Path) -> str:
+    """Samples ``skip`` .. ``skip + n - 1`` of ``spec`` as shards in ``out`` (e.g. a forgetting probe from the
+    val images a ``retrieval_max`` evaluation does not score)."""
+    return _first_n(spec, n, Path(out), skip)
