@@ -1,15 +1,17 @@
 """Task-oriented knowledge transfer benchmark (issue 14, arXiv:2311.18237).
 
 Imagenette with ``--per-class`` labels per class (fixed by the seed), evaluated on Imagenette val (every
-``--val-every``-th image); teacher = the real EfficientNet-Lite0 fine-tuned on those labels (LP-FT); student = a
-small timm model (``--student``) from scratch at ``--image-size``; pool = Flickr8k train (``--flickr`` images)
-mixed with a minority of unlabelled Imagenette train (``--imagenette-pool`` images, none of them labelled).
-Arms, same steps for every arm (distill + finetune; scratch trains on the labels for the sum):
-task-oriented on the retrieval-curated set, task-oriented on a random pool subset of the same size,
-task-agnostic (feature distillation) on the curated set, scratch. Every stage is cached under
-``benchmarks/.cache/transfer`` (a rerun resumes).
+``--val-every``-th image from offset 0; the student's optional fine-tuning is validated on the images at offset 2,
+disjoint); teacher = the real EfficientNet-Lite0 fine-tuned on those labels (LP-FT); student = a small timm model
+(``--student``) from scratch at ``--image-size``; pool = Flickr8k train (``--flickr`` images) mixed with a minority
+of unlabelled Imagenette train (``--imagenette-pool`` images, none of them labelled). Arms, same steps for every
+arm (distill + finetune; scratch trains on the labels for the sum): task-oriented on the retrieval-curated set,
+task-oriented on a random pool subset of the same size, task-agnostic (feature distillation from the un-tuned
+Lite0) on the curated set, CLIP-pretrained (open_clip CLIP on Flickr8k train captions with the student's trunk),
+scratch. Every stage is cached under ``benchmarks/.cache/transfer`` (a rerun resumes). The CamVid segmentation
+rows come from ``benchmarks/transfer_seg.py`` (its latest record is quoted).
 
-    python benchmarks/transfer.py [DATA_ROOT] --seeds 0
+    python benchmarks/transfer.py [DATA_ROOT] [--seeds 0,1,2]
 """
 
 from __future__ import annotations
@@ -85,7 +87,7 @@ def import_clip_data(data: Path, cache: Path, limit: int) -> str:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("data", nargs="?", default=str(ROOT.parent / "shared" / "data"))
-    ap.add_argument("--seeds", default="0")
+    ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--per-class", type=int, default=10)
     ap.add_argument("--flickr", type=int, default=3000)
     ap.add_argument("--imagenette-pool", type=int, default=600)
@@ -93,10 +95,10 @@ def main() -> int:
     ap.add_argument("--teacher-size", type=int, default=128)
     ap.add_argument("--student", default="resnet10t")
     ap.add_argument("--image-size", type=int, default=64)
-    ap.add_argument("--distill-steps", type=int, default=150)
+    ap.add_argument("--distill-steps", type=int, default=400)
     ap.add_argument("--finetune-steps", type=int, default=50)
-    ap.add_argument("--k", type=int, default=15)
-    ap.add_argument("--n-aug", type=int, default=2)
+    ap.add_argument("--k", type=int, default=40)
+    ap.add_argument("--n-aug", type=int, default=8)
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--arms", default="task,random,feature,clip,scratch")
     ap.add_argument(
@@ -207,6 +209,12 @@ def main() -> int:
         arm for arm in ("task", "random", "feature", "clip", "scratch") if arm not in a.arms.split(",")
     ]
     lines.append(f"not run: arms {missing}")
+    seg_path = ROOT / "benchmarks" / "results" / "transfer_seg.json"
+    seg = json.loads(seg_path.read_text()) if seg_path.is_file() else None
+    lines.append(
+        "segmentation rows (CamVid val mIoU; benchmarks/transfer_seg.py, recorded "
+        f"{seg['date'] if seg else 'never'}): {seg['headline'] if seg else 'not run'}"
+    )
     text = "\n".join(lines)
     print(text)
 
@@ -233,6 +241,11 @@ def main() -> int:
             }
             for (s, arm), r in rows.items()
         },
+        "segmentation": (
+            {k: seg.get(k) for k in ("headline", "floor", "floor_met", "date", "mIoU", "margins")}
+            if seg
+            else None
+        ),
         "date": now(),
         "machine": machine(),
     }
