@@ -121,40 +121,27 @@ class TransferOptions:
 
 
 def options_from(
-    config: str | None = None, overrides: list[str] | None = None, out: str | None = None
-) -> TransferOptions:
-    """Options from a YAML mapping file and ``KEY=VALUE`` overrides (values read with ``yaml.safe_load``);
-    an unknown key or a bad value is a ConfigError naming it."""
-    from pathlib import Path as _P
+    config: str | None = None,
+    overrides: list[str] | None = None,
+    out: str | None = None,
+    cls: type | None = None,
+    section: str = "transfer",
+) -> Any:
+    """Options (``cls``, default :class:`TransferOptions`) from a YAML mapping file and ``KEY=VALUE`` overrides
+    (values read with ``yaml.safe_load``: ``config.load_yaml`` / ``config.parse_overrides``); an unknown key or
+    a bad value is a ConfigError naming it."""
+    from vfmkit.config import ConfigError, load_yaml, parse_overrides, parse_section
 
-    import yaml
-
-    from vfmkit.config import ConfigError, parse_section
-
-    d: dict = {}
-    if config:
-        try:
-            d = yaml.safe_load(_P(config).read_text()) or {}
-        except (OSError, yaml.YAMLError) as e:
-            raise ConfigError(f"transfer config {config!r}: {e}") from e
-        if not isinstance(d, dict):
-            raise ConfigError(f"transfer config {config!r}: expected a mapping")
-    for item in overrides or []:
-        key, eq, value = item.partition("=")
-        if not eq or not key:
-            raise ConfigError(f"override {item!r}: expected KEY=VALUE")
-        try:
-            d[key.strip()] = yaml.safe_load(value)
-        except yaml.YAMLError as e:
-            raise ConfigError(f"override {item!r}: {e}") from e
+    d: dict = load_yaml(config) if config else {}
+    d.update(parse_overrides(overrides))
     if out:
         d["out"] = out
     try:
-        return parse_section(TransferOptions, d, "transfer")
+        return parse_section(cls or TransferOptions, d, section)
+    except ConfigError:
+        raise
     except ValueError as e:
-        if isinstance(e, ConfigError):
-            raise
-        raise ConfigError(f"transfer options: {e}") from e
+        raise ConfigError(f"{section} options: {e}") from e
 
 
 # ---------------------------------------------------------------------------------------------- stage cache
@@ -342,6 +329,12 @@ def teacher_size(spec: str) -> int:
             load_offline_heads(shipped_teacher_dir() if ms.kind == "offline" else ms.name)[1]["image_size"]
         )
     if ms.kind == "openclip":
+        import open_clip
+
+        vision = (open_clip.get_model_config(ms.name) or {}).get("vision_cfg", {})
+        if "image_size" in vision:  # the model's config: no weights loaded just to read its size
+            side = vision["image_size"]
+            return int(side[0] if isinstance(side, (list, tuple)) else side)
         from vfmkit.models.teachers import load_openclip_teacher
 
         return int(load_openclip_teacher(ms.name, ms.source).image_size)
@@ -358,7 +351,7 @@ def build_teacher(spec: str, num_classes: int) -> TaskTeacher:
     ms = parse_model_spec(spec).require(
         "efficientnet-lite0", "timm", "openclip", "offline", "path", what="transfer teacher"
     )
-    size = teacher_size(spec)
+    size = int(ms.size or 224)  # Lite0 / timm; the CLIP teachers' own size is read below
     if ms.kind == "efficientnet-lite0":
         from vfmkit.models.base import LITE_MEAN, LITE_STD, build_efficientnet_lite0
 
@@ -384,8 +377,9 @@ def build_teacher(spec: str, num_classes: int) -> TaskTeacher:
         from vfmkit.models.offline_teacher import OfflineTeacher, load_offline_heads, shipped_teacher_dir
 
         heads, cfg = load_offline_heads(shipped_teacher_dir() if ms.kind == "offline" else ms.name)
-        t = OfflineTeacher(heads, size, float(cfg["logit_scale"]))
+        t = OfflineTeacher(heads, int(ms.size or cfg["image_size"]), float(cfg["logit_scale"]))
     enc = _ClipImage(t)
+    size = int(ms.size or t.image_size)
     with torch.no_grad():
         dim = int(enc.eval()(torch.zeros(1, 3, size, size)).shape[-1])
     mean = t.mean.flatten().tolist()
@@ -706,7 +700,8 @@ def load_student(o: TransferOptions, n_cls: int, distill_dir: Path | None) -> nn
         if o.distill == "clip":  # the CLIP image trunk; the task head stays the seeded fresh one
             pre = "visual.trunk."
             state = {k[len(pre) :]: v for k, v in state.items() if k.startswith(pre)}
-            state = {**{k: v for k, v in model.state_dict().items() if k in _head_keys(model)}, **state}
+            head = _head_keys(model)
+            state = {**{k: v for k, v in model.state_dict().items() if k in head}, **state}
         model.load_state_dict(state)
     return model
 

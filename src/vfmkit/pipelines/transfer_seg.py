@@ -98,35 +98,10 @@ class SegTransferOptions:
 def options_from(
     config: str | None = None, overrides: list[str] | None = None, out: str | None = None
 ) -> SegTransferOptions:
-    """Options from a YAML mapping file and ``KEY=VALUE`` overrides (as ``pipelines.transfer.options_from``)."""
-    import yaml
+    """Options from a YAML mapping file and ``KEY=VALUE`` overrides (``pipelines.transfer.options_from``)."""
+    from vfmkit.pipelines.transfer import options_from as _options_from
 
-    from vfmkit.config import ConfigError, parse_section
-
-    d: dict = {}
-    if config:
-        try:
-            d = yaml.safe_load(Path(config).read_text()) or {}
-        except (OSError, yaml.YAMLError) as e:
-            raise ConfigError(f"transfer seg config {config!r}: {e}") from e
-        if not isinstance(d, dict):
-            raise ConfigError(f"transfer seg config {config!r}: expected a mapping")
-    for item in overrides or []:
-        key, eq, value = item.partition("=")
-        if not eq or not key:
-            raise ConfigError(f"override {item!r}: expected KEY=VALUE")
-        try:
-            d[key.strip()] = yaml.safe_load(value)
-        except yaml.YAMLError as e:
-            raise ConfigError(f"override {item!r}: {e}") from e
-    if out:
-        d["out"] = out
-    try:
-        return parse_section(SegTransferOptions, d, "transfer seg")
-    except ValueError as e:
-        if isinstance(e, ConfigError):
-            raise
-        raise ConfigError(f"transfer seg options: {e}") from e
+    return _options_from(config, overrides, out, cls=SegTransferOptions, section="transfer seg")
 
 
 # ---------------------------------------------------------------------------------------------- views
