@@ -62,28 +62,35 @@ def import_split(cache: Path, split: str, limit: int, exclude: frozenset[str] = 
     return out
 
 
-def reinforce_train(cache: Path, train: Path, teacher: str, n_aug: int, recipe: dict) -> Path:
+def reinforce_clip(data: str, out: Path, caps: Path, teachers: list[str], n_aug: int, recipe: dict) -> Path:
+    """Reinforce ``data`` into ``out`` once (resumable, reused) as quickstart does: the jpg stored, ``n_aug``
+    augmentations, the teachers' embeddings, the other human captions (pool written to ``caps``)."""
     from vfmkit.pipelines.quickstart import write_caption_pool
     from vfmkit.pipelines.reinforce import ReinforceArgs, reinforce
 
-    tag = f"{recipe['name']}{recipe.get('scale', [0.08])[0]:g}"
-    name = "+".join(Path(t).name if "/" in t else t.replace(":", "_") for t in teacher.split(","))
-    out = cache / f"{train.name}_reinforced_{tag}_a{n_aug}_{name}"
-    caps = cache / f"{train.name}_captions.jsonl"
-    n_syn = write_caption_pool(str(train), caps)
+    n_syn = write_caption_pool(data, caps)
     args = ReinforceArgs(
         mode="clip",
-        teachers=teacher.split(","),
+        teachers=teachers,
         n_aug=n_aug,
         recipe=recipe,
         images=True,
         captions=str(caps),
         n_syn=n_syn,
     )
-    res = reinforce(str(train), out, args, progress=False)
+    res = reinforce(data, out, args, progress=False)
     if res["manifest"] is None:
         raise RuntimeError(f"reinforcement into {out} incomplete")
     return out
+
+
+def reinforce_train(cache: Path, train: Path, teacher: str, n_aug: int, recipe: dict) -> Path:
+    tag = f"{recipe['name']}{recipe.get('scale', [0.08])[0]:g}"
+    name = "+".join(Path(t).name if "/" in t else t.replace(":", "_") for t in teacher.split(","))
+    out = cache / f"{train.name}_reinforced_{tag}_a{n_aug}_{name}"
+    return reinforce_clip(
+        str(train), out, cache / f"{train.name}_captions.jsonl", teacher.split(","), n_aug, recipe
+    )
 
 
 class ValSet:

@@ -38,24 +38,11 @@ FLOOR = 0.90  # the recipe's reinforced samples/s >= 90% of plain's (issue 20: a
 
 def reinforced_data(cache: Path, teacher: str, n_aug: int, data: str, recipe: dict) -> Path:
     """Reinforce ``data`` once (resumable, reused across runs) with the jpg stored, as quickstart does."""
-    from vfmkit.pipelines.quickstart import write_caption_pool
-    from vfmkit.pipelines.reinforce import ReinforceArgs, reinforce
+    from mobileclip_efficiency import reinforce_clip
 
     tag = f"{recipe['name']}{recipe.get('scale', [0.08])[0]:g}"
     out = cache / f"reinforced_{teacher.replace(':', '_').replace('/', '_')}_{tag}_a{n_aug}"
-    caps = cache / "captions.jsonl"
-    n_syn = write_caption_pool(data, caps)
-    args = ReinforceArgs(
-        mode="clip",
-        teachers=[teacher],
-        n_aug=n_aug,
-        recipe=recipe,
-        images=True,
-        captions=str(caps),
-        n_syn=n_syn,
-    )
-    reinforce(data, out, args, progress=False)
-    return out
+    return reinforce_clip(data, out, cache / "captions.jsonl", [teacher], n_aug, recipe)
 
 
 def main() -> int:

@@ -114,6 +114,8 @@ def main() -> int:
     )
     ap.add_argument("--no-record", action="store_true")
     ap.add_argument("--jobs", type=int, default=1, help="run the seeds in this many single-thread processes")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="a recipe override for every strategy (e.g. optim.lr=3e-3); part of the cache folder name")  # fmt: skip
     a = ap.parse_args()
     torch.set_num_threads(1)
 
@@ -123,13 +125,17 @@ def main() -> int:
 
     # the mix format is in the folder name: runs trained on mixes in another order are not reused
     out = Path(a.out) / f"C{a.steps}-s{a.image_size}-b{a.batch_size}-{MIX_ORDER.replace('/', '')}"
+    if a.set:  # runs under other settings are not reused either
+        import hashlib
+
+        out = out.with_name(out.name + "-" + hashlib.sha256("|".join(sorted(a.set)).encode()).hexdigest()[:8])
     stream_dir = Path(a.out) / "stream"
     t0 = time.perf_counter()
     s = prepare(stream_dir, emoji=Path(a.data) / "emoji")
     t_prep = time.perf_counter() - t0
     cfg = load_config("tic_emoji", [f"method_args.stream={stream_dir}", f"train.steps={a.steps}",
                                     f"data.image_size={a.image_size}", f"data.batch_size={a.batch_size}",
-                                    "train.ckpt_every=20"])  # fmt: skip
+                                    "train.ckpt_every=20", *a.set])  # fmt: skip
     if a.measure:
         t0, c0 = time.perf_counter(), cpu_s()
         r = run_strategy(cfg, "cumulative-all", out)
@@ -164,6 +170,7 @@ def main() -> int:
             "--out",
             a.out,
             "--no-record",
+            *[x for kv in a.set for x in ("--set", kv)],
         ]
         env = {**os.environ, "OMP_NUM_THREADS": "1"}
         todo = list(seeds)
@@ -185,7 +192,7 @@ def main() -> int:
         "retrieval R@1 = mean of image->text and text->image R@1 on each step's held-out set (mean+-std over seeds);"
         " zs = zero-shot category top-1 of the final model, mean over steps; compute = cumulative training FLOPs",
         format_table(rows)]  # fmt: skip
-    res: dict = {"rows": rows, "steps": s["steps"], "C": a.steps, "image_size": a.image_size,
+    res: dict = {"rows": rows, "steps": s["steps"], "C": a.steps, "image_size": a.image_size, "overrides": a.set,
                  "batch_size": a.batch_size, "seeds": seeds, "wall_s": wall, "cpu_s": cpu}  # fmt: skip
     floors = []
     if {"sequential", "cumulative-all"} <= rows.keys():

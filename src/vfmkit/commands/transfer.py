@@ -30,32 +30,23 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     sub = p.add_subparsers(dest="transfer_cmd", required=True)
-    r = sub.add_parser("run", help="run (or resume) one arm's stages")
-    r.add_argument("--config", default=None, help="YAML mapping of TransferOptions fields")
-    r.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="an option, e.g. --set distill=feature (repeatable; values read as YAML)",
-    )
-    r.add_argument("--stop-after", default=None, help="end after this stage")
-    r.add_argument("--out", default=None, help="output folder (overrides the option 'out')")
-    r.set_defaults(func=_run)
-    s = sub.add_parser("seg", help="run (or resume) one segmentation arm's stages")
-    s.add_argument("--config", default=None, help="YAML mapping of SegTransferOptions fields")
-    s.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="an option, e.g. --set distill=feature (repeatable; values read as YAML)",
-    )
-    s.add_argument("--stop-after", default=None, help="end after this stage")
-    s.add_argument("--out", default=None, help="output folder (overrides the option 'out')")
-    s.set_defaults(func=_seg)
+    for name, what, fields, func in (
+        ("run", "one arm's stages", "TransferOptions", _run),
+        ("seg", "one segmentation arm's stages", "SegTransferOptions", _seg),
+    ):
+        r = sub.add_parser(name, help=f"run (or resume) {what}")
+        r.add_argument("--config", default=None, help=f"YAML mapping of {fields} fields")
+        r.add_argument(
+            "--set",
+            dest="overrides",
+            action="append",
+            default=[],
+            metavar="KEY=VALUE",
+            help="an option, e.g. --set distill=feature (repeatable; values read as YAML)",
+        )
+        r.add_argument("--stop-after", default=None, help="end after this stage")
+        r.add_argument("--out", default=None, help="output folder (overrides the option 'out')")
+        r.set_defaults(func=func)
 
 
 def _run(args: argparse.Namespace) -> int:

@@ -72,8 +72,9 @@ def metadata(experts: list[Expert], args: PseudoLabelArgs) -> dict:
     }
 
 
-def label_sample(raw: dict, experts: list[Expert], args: PseudoLabelArgs) -> dict:
-    """One input sample -> the output sample (its members + ``labels.json`` + each expert's output)."""
+def open_sample(raw: dict, aug, seed: int, n_aug: int):
+    """A raw shard sample -> ``(jpg bytes, uint8 image [3, H, W], uid, n_aug augmentation params)``: what every
+    store of per-view teacher outputs (this module's experts, ``pipelines.transfer_seg``) starts from."""
     from vfmkit.data.decode import decode_uint8
 
     jpg = raw.get("jpg") or raw.get("jpeg") or raw.get("png")
@@ -83,8 +84,27 @@ def label_sample(raw: dict, experts: list[Expert], args: PseudoLabelArgs) -> dic
     meta = json.loads(raw["json"]) if "json" in raw else {}
     uid = str(meta.get("uid", raw["__key__"]))
     H, W = int(image.shape[-2]), int(image.shape[-1])
-    aug = args.augment()
-    params = [aug.sample_for(args.seed, uid, a, (H, W)) for a in range(args.n_aug)]
+    return jpg, image, uid, [aug.sample_for(seed, uid, a, (H, W)) for a in range(n_aug)]
+
+
+def labels_record(uid: str, jpg: bytes, image, experts: dict, params: list) -> bytes:
+    """The ``labels.json`` member: the sample's uid and image hash, size, experts and stored augmentations."""
+    return json.dumps(
+        {
+            "uid": uid,
+            "sha256": hashlib.sha256(jpg).hexdigest(),
+            "height": int(image.shape[-2]),
+            "width": int(image.shape[-1]),
+            "experts": experts,
+            "paug": [p.to_json() for p in params],
+        },
+        sort_keys=True,
+    ).encode()
+
+
+def label_sample(raw: dict, experts: list[Expert], args: PseudoLabelArgs) -> dict:
+    """One input sample -> the output sample (its members + ``labels.json`` + each expert's output)."""
+    jpg, image, uid, params = open_sample(raw, args.augment(), args.seed, args.n_aug)
     out = {k: v for k, v in raw.items() if not k.startswith("__")}
     out["__key__"] = raw["__key__"]
     entries = {}
@@ -96,17 +116,7 @@ def label_sample(raw: dict, experts: list[Expert], args: PseudoLabelArgs) -> dic
         else:
             out[label_ext(e)] = encode_output(e.kind, e(image))
         entries[e.name] = {"kind": e.kind, "crop": e.crop}
-    out[LABELS] = json.dumps(
-        {
-            "uid": uid,
-            "sha256": hashlib.sha256(jpg).hexdigest(),
-            "height": H,
-            "width": W,
-            "experts": entries,
-            "paug": [p.to_json() for p in params],
-        },
-        sort_keys=True,
-    ).encode()
+    out[LABELS] = labels_record(uid, jpg, image, entries, params)
     return out
 
 

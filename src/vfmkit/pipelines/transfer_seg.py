@@ -156,10 +156,9 @@ def _weights_sha(run_dir: str | Path) -> str:
 
 def store_teacher_outputs(folder: Path, o: SegTransferOptions, teacher: nn.Module, teacher_id: str) -> dict:
     """The teacher's outputs on every stored view, once, into ``folder/store`` (pseudo-label shard layout)."""
-    from vfmkit.data.decode import decode_uint8
     from vfmkit.data.lock import FolderLock, probe_writable
     from vfmkit.data.shards import list_shards
-    from vfmkit.pipelines.pseudolabel import PseudoLabelArgs, run_shard
+    from vfmkit.pipelines.pseudolabel import PseudoLabelArgs, labels_record, open_sample, run_shard
     from vfmkit.pipelines.reinforce import (
         check_or_write_meta,
         out_name,
@@ -180,31 +179,15 @@ def store_teacher_outputs(folder: Path, o: SegTransferOptions, teacher: nn.Modul
     }
 
     def label(raw: dict) -> dict:
-        jpg = raw.get("jpg") or raw.get("jpeg") or raw.get("png")
-        if jpg is None:
-            raise KeyError("jpg (no image member)")
-        image = decode_uint8(raw)
-        info = json.loads(raw["json"]) if "json" in raw else {}
-        uid = str(info.get("uid", raw["__key__"]))
-        H, W = int(image.shape[-2]), int(image.shape[-1])
-        params = [aug.sample_for(o.seed, uid, a, (H, W)) for a in range(o.n_aug)]
+        jpg, image, uid, params = open_sample(raw, aug, o.seed, o.n_aug)
         views = torch.stack([render_view(image, p, o.teacher_view) for p in params])
         logits = teacher_logits(teacher, views)
         # the images and their metadata only: the transfer set is unlabelled (no seg.png)
         sample = {k: v for k, v in raw.items() if k in ("__key__", "jpg", "jpeg", "png", "json")}
         for a in range(o.n_aug):
             sample[f"{TEACHER_NAME}.{a}.npy"] = _npy(logits[a])
-        sample["labels.json"] = json.dumps(
-            {
-                "uid": uid,
-                "sha256": hashlib.sha256(jpg).hexdigest(),
-                "height": H,
-                "width": W,
-                "experts": {TEACHER_NAME: {"kind": "logits", "crop": True, "id": teacher_id}},
-                "paug": [p.to_json() for p in params],
-            },
-            sort_keys=True,
-        ).encode()
+        experts = {TEACHER_NAME: {"kind": "logits", "crop": True, "id": teacher_id}}
+        sample["labels.json"] = labels_record(uid, jpg, image, experts, params)
         return sample
 
     urls = list_shards(o.transfer)
