@@ -2,6 +2,7 @@
 
     python benchmarks/tic.py [DATA_ROOT] [--steps C] [--seeds 0,1,2] [--strategies all] [--out DIR] [--no-record]
     python benchmarks/tic.py --measure        # one strategy, one seed: time it before sizing C
+    python benchmarks/tic.py --steps 100 --seeds 0 --strategies oracle,cumulative-all --set optim.lr=5e-4 --no-record
 
 DATA_ROOT defaults to ../shared/data relative to the repository root (its ``emoji/`` folder). The same student
 (``vfm-tiny-vit`` at 32 px, batch 64) and the same per-step budget C (optimizer steps) for every strategy; Oracle
@@ -188,7 +189,7 @@ def main() -> int:
     lines = [f"emoji stream: {len(s['steps'])} steps " + ", ".join(
         f"{st['label']} ({st['n_train']} train / {st['n_eval']} eval)" for st in s["steps"]),
         f"student vfm-tiny-vit @ {a.image_size} px, batch {a.batch_size}, C = {a.steps} steps per time step, "
-        f"seeds {seeds}; this invocation {wall / 60:.1f} min wall, {cpu / 60:.1f} CPU-min (finished steps are reused)",
+        f"seeds {seeds}{'; overrides ' + ' '.join(a.set) if a.set else ''}; this invocation {wall / 60:.1f} min wall, {cpu / 60:.1f} CPU-min (finished steps are reused)",
         "retrieval R@1 = mean of image->text and text->image R@1 on each step's held-out set (mean+-std over seeds);"
         " zs = zero-shot category top-1 of the final model, mean over steps; compute = cumulative training FLOPs",
         format_table(rows)]  # fmt: skip
