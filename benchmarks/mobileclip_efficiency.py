@@ -184,7 +184,9 @@ def run_arm(arm: str, seed: int, a: argparse.Namespace, train: Path, rdir: Path,
     cfg = load_config("mobileclip_tiny", over)
     if arm == "plain":
         cfg.method, cfg.method_args = "clip", {"loss": "clip", "caption": "random"}
-    key = hashlib.sha256(json.dumps(to_dict(cfg), sort_keys=True).encode()).hexdigest()[:12]
+    # the thread count is part of the key: CPU-seconds at 1 thread and at the default are not comparable
+    ident = {**to_dict(cfg), "torch_threads": torch.get_num_threads()}
+    key = hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:12]
     cfg.out_dir = str(a.cache / "runs" / f"{arm}_s{seed}_{key}")
     done = Path(cfg.out_dir) / "evals.json"
     if done.is_file():
