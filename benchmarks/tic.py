@@ -126,10 +126,10 @@ def main() -> int:
 
     # the mix format is in the folder name: runs trained on mixes in another order are not reused
     out = Path(a.out) / f"C{a.steps}-s{a.image_size}-b{a.batch_size}-{MIX_ORDER.replace('/', '')}"
-    if a.set:  # runs under other settings are not reused either
+    if a.set:  # runs under other settings are not reused either (in the given order: a later --set wins)
         import hashlib
 
-        out = out.with_name(out.name + "-" + hashlib.sha256("|".join(sorted(a.set)).encode()).hexdigest()[:8])
+        out = out.with_name(out.name + "-" + hashlib.sha256("|".join(a.set).encode()).hexdigest()[:8])
     stream_dir = Path(a.out) / "stream"
     t0 = time.perf_counter()
     s = prepare(stream_dir, emoji=Path(a.data) / "emoji")

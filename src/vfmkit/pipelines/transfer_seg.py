@@ -158,7 +158,7 @@ def store_teacher_outputs(folder: Path, o: SegTransferOptions, teacher: nn.Modul
     """The teacher's outputs on every stored view, once, into ``folder/store`` (pseudo-label shard layout)."""
     from vfmkit.data.lock import FolderLock, probe_writable
     from vfmkit.data.shards import list_shards
-    from vfmkit.pipelines.pseudolabel import PseudoLabelArgs, labels_record, open_sample, run_shard
+    from vfmkit.pipelines.pseudolabel import LABELS, PseudoLabelArgs, labels_record, open_sample, run_shard
     from vfmkit.pipelines.reinforce import (
         check_or_write_meta,
         out_name,
@@ -187,7 +187,7 @@ def store_teacher_outputs(folder: Path, o: SegTransferOptions, teacher: nn.Modul
         for a in range(o.n_aug):
             sample[f"{TEACHER_NAME}.{a}.npy"] = _npy(logits[a])
         experts = {TEACHER_NAME: {"kind": "logits", "crop": True, "id": teacher_id}}
-        sample["labels.json"] = labels_record(uid, jpg, image, experts, params)
+        sample[LABELS] = labels_record(uid, jpg, image, experts, params)
         return sample
 
     urls = list_shards(o.transfer)
@@ -228,11 +228,12 @@ def replay_store(store: str | Path, o: SegTransferOptions, teacher_images: bool 
     from vfmkit.data.decode import decode_uint8
     from vfmkit.data.dense import DenseAugParams
     from vfmkit.data.shards import iter_shard, list_shards
+    from vfmkit.pipelines.pseudolabel import LABELS
 
     uids, augs, ims, lgs, tims = [], [], [], [], []
     for url in list_shards(str(store)):
         for raw in iter_shard(url):
-            meta = json.loads(raw["labels.json"])
+            meta = json.loads(raw[LABELS])
             jpg = raw.get("jpg") or raw.get("jpeg") or raw.get("png")
             if hashlib.sha256(jpg).hexdigest() != meta["sha256"]:
                 raise ValueError(
