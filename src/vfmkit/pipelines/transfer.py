@@ -605,10 +605,13 @@ def _student_norm(model: nn.Module):
 def distill(folder: Path, o: TransferOptions, reinforced: str, n_cls: int) -> dict:
     from vfmkit.methods.registry import run_job
 
+    # a transfer set smaller than one batch (a small pool, a teacher whose neighbours collide so the balanced
+    # set is small) still trains: the engine's loader drops the last partial batch
+    n_set = int(json.loads((Path(reinforced) / "manifest.json").read_text())["count"])
     common = {
         "steps": o.distill_steps,
         "lr": o.lr,
-        "batch": o.batch_size,
+        "batch": max(1, min(o.batch_size, n_set)),
         "seed": o.seed,
         "wd": o.weight_decay,
     }
