@@ -62,6 +62,9 @@ def one_seed(a: argparse.Namespace, seed: int) -> None:
         forget_tol_b=a.forget_tol_b,
         forget_w_a=a.forget_w_a,
         forget_w_b=a.forget_w_b,
+        lr_stage1=a.lr_stage1,
+        lr_stage2=a.lr_stage2,
+        method_args={"lr_mult_backbone": a.lr_mult_backbone, "lr_mult_head_b": a.lr_mult_head_b},
     )
     run_merge(o, log=lambda m: print(f"[seed {seed}] {m}", flush=True))
 
@@ -105,6 +108,12 @@ def main() -> None:
     p.add_argument("--forget-w-b", type=float, default=1.0)
     p.add_argument("--stage2-steps", type=int, default=60)
     p.add_argument("--baseline-steps", type=int, default=30)
+    p.add_argument("--lr-stage1", type=float, default=8e-4, help="Stage I lr (the paper's 8e-4)")
+    p.add_argument("--lr-stage2", type=float, default=4e-4, help="Stage II and A-only baseline base lr")
+    p.add_argument(
+        "--lr-mult-backbone", type=float, default=0.1, help="Stage II lr multiplier of the shared backbone"
+    )
+    p.add_argument("--lr-mult-head-b", type=float, default=0.1, help="Stage II lr multiplier of Head_B")
     p.add_argument("--batch-a", type=int, default=8)
     p.add_argument("--batch-b", type=int, default=4)
     p.add_argument("--retrieval-max", type=int, default=200)
@@ -160,7 +169,8 @@ def report(a, reports, wall: float) -> None:
         else ""
     )
     lines = [
-        f"SAM-CLIP-style merge on CPU: Stage I {s1_what}, lr 8e-4; Stage II {a.stage2_steps} steps, A-only "
+        f"SAM-CLIP-style merge on CPU: Stage I {s1_what}, lr {a.lr_stage1:g}; Stage II {a.stage2_steps} steps, "
+        f"lr {a.lr_stage2:g} (backbone x{a.lr_mult_backbone:g}, Head_B x{a.lr_mult_head_b:g}), A-only "
         f"baseline {a.baseline_steps} (batch A {a.batch_a}, B {a.batch_b}){keep}; seeds {a.seeds}; "
         f"wall {wall / 60:.1f} min",
         "",

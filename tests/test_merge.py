@@ -328,6 +328,13 @@ def test_rising_forgetting_keeps_the_earlier_checkpoint(tmp_path, teachers):
     rec2 = json.loads((cut / FORGET_FILE).read_text())
     assert [e["b"] for e in rec2["curve"]] == b  # the same run, measured the same
     assert rec2["kept_step"] == 2 and rec2["last_step"] == 4 and "step 3" in rec2["why"]
+    # building the finished run's job again (as `vfmkit merge run` does to load a finished stage) leaves its
+    # record and its kept weights as they are
+    from vfmkit.methods.registry import build_job
+
+    before = {f: (cut / f).read_bytes() for f in (FORGET_FILE, "model.safetensors")}
+    build_job(cfg_cut, _one_process(), **kw["build_kwargs"])
+    assert {f: (cut / f).read_bytes() for f in before} == before
     # model.safetensors is the step-2 weights (the engine's own step-2 checkpoint), the last step's are kept aside
     ckpt = tmp_path / "last" / "checkpoints"
     assert _same_weights(cut / "model.safetensors", ckpt / "step-000000002" / "model.safetensors")
@@ -518,3 +525,32 @@ def test_probe_cache_resumes_and_refuses_another_view(tmp_path, teachers, few_im
 
     with pytest.raises(ConfigError, match="method_args.probe_cache"):
         parse_args(_cfg(tmp_path, {"stage": "multitask", "probe_cache": str(folder)}))
+
+
+def test_merge_run_cli_passes_the_learning_rates(tmp_path, monkeypatch):
+    """`vfmkit merge run --lr-stage2 --lr-mult-backbone --lr-mult-head-b` reach the pipeline's options (the
+    Stage II backbone multiplier is what docs/merge.md measured as the lever)."""
+    import vfmkit.pipelines.merge as pm
+    from vfmkit.cli import main
+
+    seen = {}
+
+    def fake_run(o):
+        seen["o"] = o
+        return {"merged": {}}
+
+    monkeypatch.setattr(pm, "run_merge", fake_run)
+    out = tmp_path / "m"
+    argv = ["merge", "run", "--out", str(out), "--teacher-b", str(tmp_path / "b"), "--lr-stage2", "2e-4"]
+    argv += ["--lr-mult-backbone", "1.0"]
+    assert main(argv) == 0
+    o = seen["o"]
+    assert o.lr_stage2 == 2e-4 and o.lr_stage1 == 8e-4
+    assert o.method_args == {"lr_mult_backbone": 1.0, "lr_mult_head_b": 0.1}
+    # the options reach each stage's config; the A-only baseline keeps its own 1x multipliers
+    cfg = pm._stage_cfg(o, "stage2", "multitask", 10, o.lr_stage2, {})
+    assert cfg.method_args["lr_mult_backbone"] == 1.0 and cfg.optim.lr == 2e-4
+    base = pm._stage_cfg(
+        o, "a_only", "a_only", 10, o.lr_stage2, {"lr_mult_backbone": 1.0, "lr_mult_head_b": 1.0}
+    )
+    assert base.method_args["lr_mult_head_b"] == 1.0

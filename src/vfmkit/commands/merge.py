@@ -51,6 +51,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     r.add_argument("--stage1-eval-every", type=int, default=0, help="A's R@1 every N Stage I steps")
     r.add_argument("--stage2-steps", type=int, default=200)
     r.add_argument("--baseline-steps", type=int, default=100)
+    r.add_argument("--lr-stage1", type=float, default=8e-4, help="Stage I lr (the paper's 8e-4)")
+    r.add_argument("--lr-stage2", type=float, default=4e-4, help="Stage II and A-only baseline base lr")
+    r.add_argument(
+        "--lr-mult-backbone",
+        type=float,
+        default=0.1,
+        help="Stage II lr multiplier of the shared backbone (the paper's 0.1; docs/merge.md measures 1.0)",
+    )
+    r.add_argument("--lr-mult-head-b", type=float, default=0.1, help="Stage II lr multiplier of Head_B")
     r.add_argument("--batch-a", type=int, default=16)
     r.add_argument("--batch-b", type=int, default=4)
     r.add_argument("--w-b", type=float, default=10.0, help="weight of B's dense distillation loss")
@@ -96,6 +105,8 @@ def _run(args: argparse.Namespace) -> int:
         forget_n=args.forget_n, forget_tol_b=args.forget_tol_b, forget_w_a=args.forget_w_a,
         forget_w_b=args.forget_w_b, stage1_epochs=args.stage1_epochs, batch_stage1=args.batch_stage1,
         stage1_cache=args.stage1_cache, stage1_eval_every=args.stage1_eval_every,
+        lr_stage1=args.lr_stage1, lr_stage2=args.lr_stage2,
+        method_args={"lr_mult_backbone": args.lr_mult_backbone, "lr_mult_head_b": args.lr_mult_head_b},
     )  # fmt: skip
     rep = run_merge(o)
     keys = ("teachers", "stage1", "stage1_curve", "merged", "interpolation", "stage2_forgetting", "times")

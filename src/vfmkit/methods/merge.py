@@ -769,7 +769,8 @@ def build(
         tracker = ForgettingTracker(
             args, Path(cfg.out_dir), teacher_a, teacher_b, k, void, getattr(dist_info, "is_main", True), fresh
         )
-        tracker.record(model, 0)  # the initial weights (B's backbone and Head_B, or init_from's)
+        if not any(e["step"] == 0 for e in tracker.curve):  # a resumed or finished run measured them already
+            tracker.record(model, 0)  # the initial weights (B's backbone and Head_B, or init_from's)
 
     eval_fn = None
     if args.dense_val or cfg.data.val or args.zeroshot_cls or tracker is not None:
