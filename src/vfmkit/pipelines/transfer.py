@@ -603,11 +603,12 @@ def _student_norm(model: nn.Module):
 
 
 def distill(folder: Path, o: TransferOptions, reinforced: str, n_cls: int) -> dict:
+    from vfmkit.data.shards import read_manifest
     from vfmkit.methods.registry import run_job
 
     # a transfer set smaller than one batch (a small pool, a teacher whose neighbours collide so the balanced
     # set is small) still trains: the engine's loader drops the last partial batch
-    n_set = int(json.loads((Path(reinforced) / "manifest.json").read_text())["count"])
+    n_set = int(read_manifest(reinforced)["count"])
     common = {
         "steps": o.distill_steps,
         "lr": o.lr,
